@@ -1,0 +1,172 @@
+"""The channel dependency graph: every channel slot (tensor, index) is a node of a union-find.
+
+A tensor's channels live on one or more contiguous axes (usually axis 1; a channel shuffle's
+[N, g, C/g, H, W] spreads them over two). Op rules (see `rules.py`) give each output tensor its
+space, unite the slots that must live or die together, pin the ones that must not be touched,
+compute which slots carry an input-independent constant, and list the *reads*: the places where
+a linear layer (Conv, Gemm, MatMul ...) consumes a slot through one weight column.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from ..graph import Graph
+
+
+@dataclass(frozen=True)
+class Space:
+    axes: tuple[int, ...]  # contiguous axes of the tensor that carry its channels
+    dims: tuple[int, ...]  # their sizes; slots are numbered in row-major order over them
+    base: int              # id of the first slot
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.dims))
+
+    @property
+    def slots(self) -> np.ndarray:
+        return np.arange(self.base, self.base + self.size)
+
+
+@dataclass
+class Read:
+    """A linear layer reading one slot of a tensor through its own weights."""
+    node: str          # node name
+    tensor: str
+    index: int         # slot index within the tensor's space
+    zero: bool         # the weights that read it are all exactly zero
+    absorbable: bool   # its value is a known constant whose contribution can be folded exactly
+    why_not: str = ""  # when a known constant is not absorbable
+
+
+@dataclass
+class ChannelClass:
+    root: int
+    slots: list[int] = field(default_factory=list)
+    pins: set[str] = field(default_factory=set)
+    reads: list[Read] = field(default_factory=list)
+
+
+class ChannelGraph:
+    def __init__(self, g: Graph):
+        self.g = g
+        self.shapes = g.shapes
+        self.spaces: dict[str, Space] = {}
+        self.parent: list[int] = []
+        self.slot_owner: list[str] = []       # slot id -> tensor name
+        self.pin_reasons: dict[int, str] = {}
+        self.values: dict[str, np.ndarray] = {}
+        self.reads: list[Read] = []
+        self.nodes: dict[str, onnx.NodeProto] = {}
+
+    # --- spaces ----------------------------------------------------------------------
+    def shape(self, name: str) -> tuple | None:
+        return self.shapes.get(name)
+
+    def rank(self, name: str) -> int | None:
+        s = self.shape(name)
+        return None if s is None else len(s)
+
+    def space(self, name: str) -> Space | None:
+        return self.spaces.get(name) if name else None
+
+    def new_space(self, name: str, axes: tuple[int, ...]) -> Space | None:
+        shape = self.shape(name)
+        if shape is None or not axes or max(axes) >= len(shape) or min(axes) < 0:
+            return None
+        dims = tuple(shape[a] for a in axes)
+        if any(d is None or d <= 0 for d in dims):
+            return None
+        sp = Space(tuple(axes), dims, len(self.parent))
+        n = sp.size
+        self.parent.extend(range(sp.base, sp.base + n))
+        self.slot_owner.extend([name] * n)
+        self.spaces[name] = sp
+        self.values[name] = np.full(n, np.nan)
+        return sp
+
+    def same_space(self, src: str, dst: str, axes: tuple[int, ...] | None = None) -> Space | None:
+        """Give `dst` a space slot-for-slot equal to `src`'s (on `axes`, default the same axes)."""
+        sp = self.space(src)
+        if sp is None:
+            return None
+        out = self.new_space(dst, axes if axes is not None else sp.axes)
+        if out is None or out.size != sp.size:
+            reason = f"{dst}: channel layout not understood"
+            self.pin_space(sp, reason)
+            return self.pin_space(out, reason)
+        self.unite(sp.slots, out.slots)
+        return out
+
+    # --- union-find ------------------------------------------------------------------
+    def find(self, a: int) -> int:
+        parent = self.parent
+        root = a
+        while parent[root] != root:
+            root = parent[root]
+        while parent[a] != root:
+            parent[a], a = root, parent[a]
+        return root
+
+    def unite(self, a, b) -> None:
+        for x, y in zip(np.asarray(a).ravel().tolist(), np.asarray(b).ravel().tolist()):
+            rx, ry = self.find(x), self.find(y)
+            if rx != ry:
+                self.parent[max(rx, ry)] = min(rx, ry)
+
+    def pin(self, slots, reason: str) -> None:
+        for s in np.asarray(slots).ravel().tolist():
+            self.pin_reasons.setdefault(s, reason)
+
+    def pin_space(self, sp: Space | None, reason: str):
+        if sp is not None:
+            self.pin(sp.slots, reason)
+        return sp
+
+    def pin_tensor(self, name: str, reason: str) -> None:
+        self.pin_space(self.space(name), reason)
+
+    # --- classes ---------------------------------------------------------------------
+    def roots(self) -> np.ndarray:
+        return np.array([self.find(i) for i in range(len(self.parent))], dtype=np.int64)
+
+    def classes(self) -> dict[int, ChannelClass]:
+        roots = self.roots()
+        out: dict[int, ChannelClass] = {}
+        for slot, root in enumerate(roots.tolist()):
+            out.setdefault(root, ChannelClass(root)).slots.append(slot)
+        for slot, reason in self.pin_reasons.items():
+            out[int(roots[slot])].pins.add(reason)
+        for r in self.reads:
+            out[int(roots[self.spaces[r.tensor].base + r.index])].reads.append(r)
+        return out
+
+    def value(self, name: str) -> np.ndarray | None:
+        return self.values.get(name)
+
+
+def build_channel_graph(g: Graph, pins: set[str] | frozenset = frozenset()) -> ChannelGraph:
+    from .rules import rule_for
+
+    cg = ChannelGraph(g)
+    for name in g.input_names:
+        rank = cg.rank(name)
+        if rank and rank >= 2:
+            cg.pin_space(cg.new_space(name, (1,)), f"graph input {name}")
+    nodes = g.nodes
+    for node in nodes:
+        cg.nodes[node.name] = node
+        rule_for(node).couple(node, cg)
+    for name in g.output_names:
+        cg.pin_tensor(name, f"graph output {name}")
+    for name in pins:
+        cg.pin_tensor(name, f"pinned by user ({name})")
+    for node in nodes:
+        rule_for(node).values(node, cg)
+    for node in nodes:
+        cg.reads.extend(rule_for(node).reads(node, cg))
+    return cg

@@ -1,0 +1,355 @@
+"""Ops that move channels around without computing: Concat, Split, Slice, Reshape / Flatten /
+Squeeze / Unsqueeze, Transpose (channel shuffle), Gather on the channel axis."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..graph import attrs, default_opset, set_attr
+from .rules import RULES, Rule, new_dims
+
+
+def _axis(node, rank, default=0) -> int:
+    a = int(attrs(node).get("axis", default))
+    return a + rank if a < 0 else a
+
+
+class Concat(Rule):
+    def couple(self, node, cg):
+        out = node.output[0]
+        rank = cg.rank(out)
+        spaced = [cg.space(i) for i in node.input if cg.space(i) is not None]
+        if rank is None or not spaced:
+            return self.pin_through(node, cg, f"Concat {node.name}: no input carries channels")
+        axes = spaced[0].axes
+        axis = _axis(node, rank)
+        if axis in axes and len(axes) > 1:
+            return self.pin_through(node, cg, f"Concat {node.name}: concatenates inside a split channel range")
+        sp_out = cg.new_space(out, axes)
+        if sp_out is None:
+            return self.pin_through(node, cg, f"Concat {node.name}: dynamic channel dim")
+        offset = 0
+        for name in node.input:
+            sp = cg.space(name)
+            shape = cg.shape(name)
+            if axis in axes:
+                n = shape[axis] if shape is not None else None
+                if n is None:
+                    return self.pin_through(node, cg, f"Concat {node.name}: dynamic input size")
+                part = sp_out.slots[offset: offset + n]
+                offset += n
+            else:
+                part = sp_out.slots
+            if sp is not None and sp.axes == axes and sp.size == len(part):
+                cg.unite(sp.slots, part)
+            else:
+                reason = f"Concat {node.name}: input {name} has no matching channels"
+                cg.pin(part, reason)
+                cg.pin_space(sp, reason)
+
+    def values(self, node, cg):
+        sp_out = cg.space(node.output[0])
+        if sp_out is None:
+            return
+        parts = [cg.values.get(n, np.full(cg.space(n).size if cg.space(n) else 0, np.nan)) for n in node.input]
+        if _axis(node, cg.rank(node.output[0])) in sp_out.axes:
+            vals = np.concatenate(parts) if parts else np.array([])
+            cg.values[node.output[0]] = vals if vals.size == sp_out.size else np.full(sp_out.size, np.nan)
+        elif all(p.size == sp_out.size for p in parts):
+            stacked = np.stack(parts)
+            same = np.all(stacked == stacked[0], axis=0)
+            cg.values[node.output[0]] = np.where(same, stacked[0], np.nan)
+
+
+class Split(Rule):
+    def sizes(self, node, cg) -> list[int] | None:
+        x = node.input[0]
+        dim = cg.shape(x)[_axis(node, cg.rank(x))]
+        if len(node.input) > 1 and node.input[1]:
+            s = cg.g.const(node.input[1])
+            return None if s is None else [int(v) for v in s]
+        if "split" in attrs(node):
+            return [int(v) for v in attrs(node)["split"]]
+        n = len(node.output)
+        if dim is None:
+            return None
+        chunk = -(-dim // n)  # opset 18 num_outputs: the last chunk may be smaller
+        return [min(chunk, dim - i * chunk) for i in range(n)]
+
+    def couple(self, node, cg):
+        x = node.input[0]
+        sp = cg.space(x)
+        if sp is None:
+            return self.pin_through(node, cg, f"Split {node.name}: input channels unknown")
+        axis = _axis(node, cg.rank(x))
+        if axis not in sp.axes:
+            for o in node.output:
+                cg.same_space(x, o)
+            return
+        sizes = self.sizes(node, cg)
+        if len(sp.axes) > 1 or sizes is None:
+            return self.pin_through(node, cg, f"Split {node.name}: split sizes unknown or inside a split range")
+        offset = 0
+        for o, n in zip(node.output, sizes):
+            sp_o = cg.new_space(o, sp.axes)
+            if sp_o is None or sp_o.size != n:
+                return self.pin_through(node, cg, f"Split {node.name}: output sizes do not match")
+            cg.unite(sp.slots[offset: offset + n], sp_o.slots)
+            offset += n
+
+    def values(self, node, cg):
+        sp = cg.space(node.input[0])
+        if sp is None:
+            return
+        v = cg.values[node.input[0]]
+        axis = _axis(node, cg.rank(node.input[0]))
+        offset = 0
+        for o in node.output:
+            sp_o = cg.space(o)
+            if sp_o is None:
+                continue
+            if axis in sp.axes:
+                cg.values[o] = v[offset: offset + sp_o.size]
+                offset += sp_o.size
+            else:
+                cg.values[o] = v.copy()
+
+    def rewrite(self, node, g, cg, keep):
+        x = node.input[0]
+        sp = cg.space(x)
+        if x not in keep or _axis(node, cg.rank(x)) not in sp.axes:
+            return
+        sizes = [len(keep[o]) if o in keep else cg.space(o).size for o in node.output]
+        if default_opset(g.model) >= 13:
+            g.set_input_const(node, 1, np.array(sizes, np.int64), base=f"{node.name}_split")
+            for i, a in enumerate(node.attribute):
+                if a.name == "num_outputs":
+                    del node.attribute[i]
+                    break
+        else:
+            set_attr(node, "split", sizes)
+
+
+class Slice(Rule):
+    def params(self, node, cg):
+        """(starts, ends, axes, steps) as int lists, or None if not constant."""
+        if default_opset(cg.g.model) < 10:
+            a = attrs(node)
+            starts, ends = list(a["starts"]), list(a["ends"])
+            return starts, ends, list(a.get("axes", range(len(starts)))), [1] * len(starts)
+        consts = [cg.g.const(n) if n else None for n in list(node.input[1:5]) + [""] * (5 - len(node.input))]
+        starts, ends, axes, steps = consts
+        if starts is None or ends is None or (len(node.input) > 3 and node.input[3] and axes is None):
+            return None
+        if len(node.input) > 4 and node.input[4] and steps is None:
+            return None
+        n = len(starts)
+        return ([int(v) for v in starts], [int(v) for v in ends],
+                [int(v) for v in axes] if axes is not None else list(range(n)),
+                [int(v) for v in steps] if steps is not None else [1] * n)
+
+    def channel_slice(self, node, cg):
+        """(position in the params lists, slice object) for the channel axis, or (None, None)."""
+        x = node.input[0]
+        sp = cg.space(x)
+        p = self.params(node, cg)
+        rank = cg.rank(x)
+        if p is None:
+            return "dynamic", None
+        starts, ends, axes, steps = p
+        axes = [a + rank if a < 0 else a for a in axes]
+        hits = [i for i, a in enumerate(axes) if a in sp.axes]
+        if not hits:
+            return None, None
+        if len(sp.axes) > 1 or len(hits) > 1 or steps[hits[0]] != 1:
+            return "unsupported", None
+        i = hits[0]
+        return i, slice(starts[i], ends[i], 1)
+
+    def couple(self, node, cg):
+        x = node.input[0]
+        sp = cg.space(x)
+        if sp is None:
+            return self.pin_through(node, cg, f"Slice {node.name}: input channels unknown")
+        i, s = self.channel_slice(node, cg)
+        if isinstance(i, str):
+            return self.pin_through(node, cg, f"Slice {node.name}: {i} slice of the channel axis")
+        if i is None:
+            cg.same_space(x, node.output[0])
+            return
+        idx = np.arange(sp.size)[s]
+        sp_o = cg.new_space(node.output[0], sp.axes)
+        if sp_o is None or sp_o.size != len(idx):
+            return self.pin_through(node, cg, f"Slice {node.name}: output size does not match")
+        cg.unite(sp.slots[idx], sp_o.slots)
+
+    def values(self, node, cg):
+        sp, sp_o = cg.space(node.input[0]), cg.space(node.output[0])
+        if sp is None or sp_o is None:
+            return
+        i, s = self.channel_slice(node, cg)
+        v = cg.values[node.input[0]]
+        cg.values[node.output[0]] = v[s] if s is not None else v.copy()
+
+    def rewrite(self, node, g, cg, keep):
+        x = node.input[0]
+        if x not in keep:
+            return
+        i, s = self.channel_slice(node, cg)
+        if s is None:
+            return
+        start, stop, _ = s.indices(cg.space(x).size)
+        kept = keep[x]
+        new_start, new_stop = int(np.sum(kept < start)), int(np.sum(kept < stop))
+        if default_opset(g.model) < 10:
+            a = attrs(node)
+            starts, ends = list(a["starts"]), list(a["ends"])
+            starts[i], ends[i] = new_start, new_stop
+            set_attr(node, "starts", starts)
+            set_attr(node, "ends", ends)
+            return
+        for k, value in ((1, new_start), (2, new_stop)):
+            arr = g.inits[node.input[k]].copy()
+            arr[i] = value
+            g.set_input_const(node, k, arr)
+
+
+def reshape_channel_map(in_shape, sp, out_shape):
+    """Where a reshape puts the channels: (output axes, output slot -> input slot) or None.
+
+    Elements keep their row-major order. The batch prefix must survive unchanged; the channel
+    range may be split over several axes (channel shuffle) or merged with the leading part of
+    the dims after it (flatten: slot k of the output belongs to channel k // I')."""
+    if in_shape is None or out_shape is None:
+        return None
+    a0, a1 = sp.axes[0], sp.axes[-1] + 1
+    inner = in_shape[a1:]
+    if any(d is None for d in inner):
+        return None
+    c, i_total = sp.size, int(np.prod(inner, dtype=np.int64))
+    prefix = in_shape[:a0]
+    start = None
+    for a in range(len(out_shape), -1, -1):
+        tail = out_shape[a:]
+        if any(d is None for d in tail) or int(np.prod(tail, dtype=np.int64)) != c * i_total:
+            continue
+        head = out_shape[:a]
+        static = all(d is not None for d in head) and all(d is not None for d in prefix)
+        if (static and np.prod(head, dtype=np.int64) == np.prod(prefix, dtype=np.int64)) or tuple(head) == tuple(prefix):
+            start = a
+            break
+    if start is None:
+        return None
+    for b in range(start + 1, len(out_shape) + 1):
+        p = int(np.prod(out_shape[start:b], dtype=np.int64))
+        if p % c == 0 and i_total % (p // c) == 0:
+            per = p // c
+            return tuple(range(start, b)), np.arange(p) // per
+    return None
+
+
+class Reshape(Rule):
+    """Reshape, Flatten, Squeeze, Unsqueeze: a reshape of the channel range (see reshape_channel_map)."""
+
+    def couple(self, node, cg):
+        x, out = node.input[0], node.output[0]
+        sp = cg.space(x)
+        if sp is None:
+            return
+        if node.op_type == "Reshape" and not cg.g.is_const(node.input[1]):
+            return self.pin_through(node, cg, f"Reshape {node.name}: shape is computed at run time")
+        m = reshape_channel_map(cg.shape(x), sp, cg.shape(out))
+        sp_o = cg.new_space(out, m[0]) if m is not None else None
+        if sp_o is None or sp_o.size != len(m[1]):
+            return self.pin_through(node, cg, f"{node.op_type} {node.name}: moves the channels in a way not understood")
+        cg.unite(sp.slots[m[1]], sp_o.slots)
+
+    def values(self, node, cg):
+        sp, sp_o = cg.space(node.input[0]), cg.space(node.output[0])
+        if sp is None or sp_o is None:
+            return
+        m = reshape_channel_map(cg.shape(node.input[0]), sp, cg.shape(node.output[0]))
+        cg.values[node.output[0]] = cg.values[node.input[0]][m[1]]
+
+    def rewrite(self, node, g, cg, keep):
+        out = node.output[0]
+        if node.op_type != "Reshape" or out not in keep:
+            return
+        sp_o = cg.space(out)
+        shape = g.inits[node.input[1]].copy()
+        for a, d in zip(sp_o.axes, new_dims(sp_o, keep[out])):
+            shape[a] = d
+        g.set_input_const(node, 1, shape)
+
+
+class Transpose(Rule):
+    @staticmethod
+    def channel_map(node, cg):
+        sp = cg.space(node.input[0])
+        rank = cg.rank(node.input[0])
+        perm = list(attrs(node).get("perm", range(rank - 1, -1, -1)))
+        positions = sorted(perm.index(a) for a in sp.axes)
+        if positions != list(range(positions[0], positions[0] + len(positions))):
+            return None
+        order = sorted(sp.axes, key=perm.index)
+        mapping = np.arange(sp.size).reshape(sp.dims).transpose([a - sp.axes[0] for a in order]).ravel()
+        return tuple(positions), mapping
+
+    def couple(self, node, cg):
+        sp = cg.space(node.input[0])
+        if sp is None:
+            return
+        m = self.channel_map(node, cg)
+        sp_o = cg.new_space(node.output[0], m[0]) if m is not None else None
+        if sp_o is None:
+            return self.pin_through(node, cg, f"Transpose {node.name}: scatters the channel axes")
+        cg.unite(sp.slots[m[1]], sp_o.slots)
+
+    def values(self, node, cg):
+        if cg.space(node.input[0]) is None or cg.space(node.output[0]) is None:
+            return
+        cg.values[node.output[0]] = cg.values[node.input[0]][self.channel_map(node, cg)[1]]
+
+
+class Gather(Rule):
+    """Gather of constant 1-D indices on the channel axis: a channel selection / permutation."""
+
+    def indices(self, node, cg):
+        sp = cg.space(node.input[0])
+        idx = cg.g.const(node.input[1])
+        if sp is None or idx is None or idx.ndim != 1 or len(sp.axes) != 1:
+            return None
+        if _axis(node, cg.rank(node.input[0])) != sp.axes[0]:
+            return None
+        return np.where(idx < 0, idx + sp.size, idx).astype(np.int64)
+
+    def couple(self, node, cg):
+        if cg.space(node.input[0]) is None:
+            return self.pin_through(node, cg, f"Gather {node.name}: input channels unknown")
+        idx = self.indices(node, cg)
+        sp_o = cg.new_space(node.output[0], cg.space(node.input[0]).axes) if idx is not None else None
+        if sp_o is None:
+            return self.pin_through(node, cg, f"Gather {node.name}: not a constant selection of channels")
+        cg.unite(cg.space(node.input[0]).slots[idx], sp_o.slots)
+
+    def values(self, node, cg):
+        if cg.space(node.output[0]) is not None:
+            cg.values[node.output[0]] = cg.values[node.input[0]][self.indices(node, cg)]
+
+    def rewrite(self, node, g, cg, keep):
+        x, out = node.input[0], node.output[0]
+        if x not in keep and out not in keep:
+            return
+        idx = self.indices(node, cg)
+        kept_out = keep.get(out, np.arange(len(idx)))
+        kept_in = keep.get(x, np.arange(cg.space(x).size))
+        g.set_input_const(node, 1, np.searchsorted(kept_in, idx[kept_out]).astype(g.inits[node.input[1]].dtype))
+
+
+RULES["Concat"] = Concat()
+RULES["Split"] = Split()
+RULES["Slice"] = Slice()
+for op in ("Reshape", "Flatten", "Squeeze", "Unsqueeze"):
+    RULES[op] = Reshape()
+RULES["Transpose"] = Transpose()
+RULES["Gather"] = Gather()

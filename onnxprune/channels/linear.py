@@ -1,0 +1,378 @@
+"""Linear layers: Conv (plain, depthwise, grouped), ConvTranspose, Gemm, MatMul.
+
+Their outputs open a new channel space owned by the weight rows; their inputs are consumed
+through weight columns (a `Read` per input slot). A known constant input channel c with value v
+contributes W[:, c]·v everywhere — except where zero padding replaces it by 0 at the border, so
+for padded k×k convs the exact contribution is a map, computed by running the layer on a ones image.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from onnx import helper
+
+from ..graph import attrs, set_attr
+from .core import Read
+from .rules import RULES, Rule, evaluate
+
+_REF_OPSET = [helper.make_opsetid("", 17)]
+
+
+def _bias(g, node, n_out, index=2) -> np.ndarray:
+    if len(node.input) > index and node.input[index]:
+        return np.broadcast_to(g.inits[node.input[index]].astype(np.float64).reshape(-1), (n_out,)).copy()
+    return np.zeros(n_out)
+
+
+def _write_bias(g, node, bias64: np.ndarray, dtype, index=2) -> None:
+    g.set_input_const(node, index, bias64.astype(dtype), base=f"{node.name or node.output[0]}_bias")
+
+
+def _insert_bias_map(g, node, bias_map: np.ndarray) -> None:
+    """out = layer(x) + map: the exact border correction of padded convolutions."""
+    out = node.output[0]
+    mid = g.fresh_name(f"{out}_before_border_correction")
+    name = g.fresh_name(f"{node.name or out}_border_correction")
+    g.inits[name] = bias_map
+    node.output[0] = mid
+    g.insert_after(node, [helper.make_node("Add", [mid, name], [out], name=name)])
+
+
+def _uniform_or_map(contribution: np.ndarray):
+    """[1, C, *spatial] -> (per-channel vector, None) if uniform, else (None, map)."""
+    flat = contribution.reshape(contribution.shape[1], -1)
+    if np.all(flat.max(axis=1) == flat.min(axis=1)):
+        return flat[:, 0].copy(), None
+    return None, contribution
+
+
+def _spatial_static(cg, name) -> bool:
+    shape = cg.shape(name)
+    return shape is not None and all(d is not None for d in shape[2:])
+
+
+class Conv(Rule):
+    @staticmethod
+    def geometry(g, node):
+        w = g.inits[node.input[1]]
+        group = int(attrs(node).get("group", 1))
+        c_out, c_in_g = w.shape[0], w.shape[1]
+        return w, group, c_out // group, c_in_g  # weights, groups, outputs per group, inputs per group
+
+    @staticmethod
+    def padded(node, w) -> bool:
+        a = attrs(node)
+        if all(k == 1 for k in w.shape[2:]):
+            return False
+        if a.get("auto_pad", b"NOTSET") in (b"SAME_UPPER", b"SAME_LOWER", "SAME_UPPER", "SAME_LOWER"):
+            return True
+        return any(p != 0 for p in a.get("pads", []))
+
+    def couple(self, node, cg):
+        g = cg.g
+        if not g.is_const(node.input[1]) or (len(node.input) > 2 and node.input[2] and not g.is_const(node.input[2])):
+            return self.pin_through(node, cg, f"Conv {node.name}: weights are not constants")
+        w, group, m, c_in_g = self.geometry(g, node)
+        sp_out = cg.new_space(node.output[0], (1,))
+        if sp_out is None:
+            return self.pin_through(node, cg, f"Conv {node.name}: unknown output shape")
+        sp_in = cg.space(node.input[0])
+        if sp_in is not None and sp_in.axes != (1,):
+            cg.pin_space(sp_in, f"Conv {node.name}: input channels not on axis 1")
+            sp_in = None
+        if group == 1:
+            return
+        if c_in_g == 1:  # depthwise: channel c and its m outputs live or die together
+            if sp_in is None:
+                return cg.pin_space(sp_out, f"Conv {node.name}: depthwise over channels that cannot be tracked")
+            cg.unite(np.repeat(sp_in.slots, m), sp_out.slots)
+            return
+        # grouped: every group shares the weight's column j and row j — remove by group-local index
+        for base, per_group in ((sp_in, c_in_g), (sp_out, m)):
+            if base is None:
+                continue
+            local = base.slots.reshape(group, per_group)
+            for j in range(per_group):
+                cg.unite(local[:, j], np.full(group, local[0, j]))
+
+    def values(self, node, cg):
+        sp_out = cg.space(node.output[0])
+        if sp_out is None or not cg.g.is_const(node.input[1]):
+            return
+        w, group, m, c_in_g = self.geometry(cg.g, node)
+        b = _bias(cg.g, node, w.shape[0])
+        row_zero = np.abs(w.reshape(w.shape[0], -1)).max(axis=1) == 0
+        vals = np.where(row_zero, b, np.nan)
+        sp_in = cg.space(node.input[0])
+        if c_in_g == 1 and group > 1 and sp_in is not None:
+            v = np.repeat(cg.values[node.input[0]], m)
+            ok = ~np.isnan(v) & ((v == 0) | (not self.padded(node, w)))
+            through = v * w.reshape(w.shape[0], -1).astype(np.float64).sum(axis=1) + b
+            vals = np.where(ok & ~row_zero, through, vals)
+        cg.values[node.output[0]] = vals
+
+    def reads(self, node, cg):
+        sp_in = cg.space(node.input[0])
+        if sp_in is None or cg.space(node.output[0]) is None or not cg.g.is_const(node.input[1]):
+            return []
+        w, group, m, c_in_g = self.geometry(cg.g, node)
+        if group > 1 and c_in_g == 1:
+            return []  # depthwise: inside the class, not a read
+        col_max = np.abs(w.reshape(group, m, c_in_g, -1)).max(axis=(1, 3)).reshape(-1)
+        exact_anywhere = not self.padded(node, w) or _spatial_static(cg, node.input[0])
+        return _reads(node, cg, col_max, exact_anywhere, "zero-padded conv with dynamic spatial size")
+
+    def absorb(self, node, g, cg, items):
+        w, group, m, c_in_g = self.geometry(g, node)
+        kernel = np.zeros((w.shape[0], 1) + w.shape[2:])
+        w_new = w.copy()
+        for k, v in items:
+            grp, j = divmod(k, c_in_g)
+            rows = slice(grp * m, (grp + 1) * m)
+            kernel[rows, 0] += v * w[rows, j].astype(np.float64)
+            w_new[rows, j] = 0
+        if not self.padded(node, w):
+            vec, bias_map = kernel.reshape(w.shape[0], -1).sum(axis=1), None
+        else:
+            a = {k: v for k, v in attrs(node).items() if k != "group"}
+            conv = helper.make_node("Conv", ["x", "w"], ["y"], **a)
+            ones = np.ones((1, 1) + tuple(cg.shape(node.input[0])[2:]))
+            vec, bias_map = _uniform_or_map(evaluate(conv, {"x": ones, "w": kernel}, _REF_OPSET)[0])
+        g.set_input_const(node, 1, w_new)
+        _add_contribution(g, node, vec, bias_map, w.dtype)
+
+    def rewrite(self, node, g, cg, keep):
+        w, group, m, c_in_g = self.geometry(g, node)
+        ko, ki = keep.get(node.output[0]), keep.get(node.input[0])
+        if ko is None and ki is None:
+            return
+        b = _bias(g, node, w.shape[0]) if len(node.input) > 2 and node.input[2] else None
+        if ko is not None:
+            w = w[ko]
+            b = b[ko] if b is not None else None
+        if ki is not None:
+            if group == 1:
+                w = w[:, ki]
+            elif c_in_g == 1:
+                set_attr(node, "group", len(ki))
+            else:
+                w = w[:, ki[ki < c_in_g]]
+        g.set_input_const(node, 1, np.ascontiguousarray(w))
+        if b is not None:
+            _write_bias(g, node, b, w.dtype)
+
+
+def _reads(node, cg, col_max, exact_anywhere: bool, why_not: str) -> list[Read]:
+    x = node.input[0]
+    values = cg.values[x]
+    out = []
+    for k in range(len(col_max)):
+        v = values[k]
+        known = not np.isnan(v)
+        absorbable = known and (v == 0 or exact_anywhere)
+        out.append(Read(node.name, x, k, bool(col_max[k] == 0), absorbable, "" if absorbable or not known else why_not))
+    return out
+
+
+def _add_contribution(g, node, vec, bias_map, dtype) -> None:
+    if vec is not None:
+        n_out = len(vec)
+        _write_bias(g, node, _bias(g, node, n_out) + vec, dtype)
+    else:
+        _insert_bias_map(g, node, bias_map.astype(dtype))
+
+
+class ConvTranspose(Rule):
+    """Group-1 ConvTranspose: W is [C_in, C_out, k...]; rows read inputs, columns own outputs."""
+
+    def couple(self, node, cg):
+        g = cg.g
+        ok = g.is_const(node.input[1]) and (len(node.input) < 3 or not node.input[2] or g.is_const(node.input[2]))
+        if not ok or int(attrs(node).get("group", 1)) != 1:
+            return self.pin_through(node, cg, f"ConvTranspose {node.name}: grouped or non-constant weights")
+        if cg.new_space(node.output[0], (1,)) is None:
+            return self.pin_through(node, cg, f"ConvTranspose {node.name}: unknown output shape")
+        sp_in = cg.space(node.input[0])
+        if sp_in is not None and sp_in.axes != (1,):
+            cg.pin_space(sp_in, f"ConvTranspose {node.name}: input channels not on axis 1")
+
+    def values(self, node, cg):
+        if cg.space(node.output[0]) is None:
+            return
+        w = cg.g.inits[node.input[1]]
+        col_zero = np.abs(np.moveaxis(w, 1, 0).reshape(w.shape[1], -1)).max(axis=1) == 0
+        cg.values[node.output[0]] = np.where(col_zero, _bias(cg.g, node, w.shape[1]), np.nan)
+
+    def reads(self, node, cg):
+        sp_in = cg.space(node.input[0])
+        if sp_in is None or sp_in.axes != (1,) or cg.space(node.output[0]) is None:
+            return []
+        w = cg.g.inits[node.input[1]]
+        row_max = np.abs(w.reshape(w.shape[0], -1)).max(axis=1)
+        return _reads(node, cg, row_max, _spatial_static(cg, node.input[0]), "ConvTranspose with dynamic spatial size")
+
+    def absorb(self, node, g, cg, items):
+        w = g.inits[node.input[1]]
+        kernel = np.zeros((1,) + w.shape[1:])
+        w_new = w.copy()
+        for k, v in items:
+            kernel[0] += v * w[k].astype(np.float64)
+            w_new[k] = 0
+        convt = helper.make_node("ConvTranspose", ["x", "w"], ["y"], **attrs(node))
+        ones = np.ones((1, 1) + tuple(cg.shape(node.input[0])[2:]))
+        vec, bias_map = _uniform_or_map(evaluate(convt, {"x": ones, "w": kernel}, _REF_OPSET)[0])
+        g.set_input_const(node, 1, w_new)
+        _add_contribution(g, node, vec, bias_map, w.dtype)
+
+    def rewrite(self, node, g, cg, keep):
+        ko, ki = keep.get(node.output[0]), keep.get(node.input[0])
+        if ko is None and ki is None:
+            return
+        w = g.inits[node.input[1]]
+        b = _bias(g, node, w.shape[1]) if len(node.input) > 2 and node.input[2] else None
+        if ki is not None:
+            w = w[ki]
+        if ko is not None:
+            w = w[:, ko]
+            b = b[ko] if b is not None else None
+        g.set_input_const(node, 1, np.ascontiguousarray(w))
+        if b is not None:
+            _write_bias(g, node, b, w.dtype)
+
+
+class Gemm(Rule):
+    """Y = alpha·A·op(B) + beta·C with A [N, F] carrying channels on axis 1."""
+
+    @staticmethod
+    def weights_in_out(g, node) -> np.ndarray:
+        b = g.inits[node.input[1]]
+        return b.T if int(attrs(node).get("transB", 0)) else b  # [F_in, F_out] view
+
+    def couple(self, node, cg):
+        g = cg.g
+        a = attrs(node)
+        ok = g.is_const(node.input[1]) and g.inits[node.input[1]].ndim == 2
+        ok &= len(node.input) < 3 or not node.input[2] or g.is_const(node.input[2])
+        if not ok or int(a.get("transA", 0)) or g.is_const(node.input[0]):
+            return self.pin_through(node, cg, f"Gemm {node.name}: transposed A or non-constant weights")
+        if cg.new_space(node.output[0], (1,)) is None:
+            return self.pin_through(node, cg, f"Gemm {node.name}: unknown output shape")
+        sp_in = cg.space(node.input[0])
+        if sp_in is not None and sp_in.axes != (1,):
+            cg.pin_space(sp_in, f"Gemm {node.name}: input channels not on axis 1")
+
+    def values(self, node, cg):
+        if cg.space(node.output[0]) is None:
+            return
+        w = self.weights_in_out(cg.g, node)
+        beta = float(attrs(node).get("beta", 1.0))
+        col_zero = np.abs(w).max(axis=0) == 0
+        cg.values[node.output[0]] = np.where(col_zero, beta * _bias(cg.g, node, w.shape[1]), np.nan)
+
+    def reads(self, node, cg):
+        sp_in = cg.space(node.input[0])
+        if sp_in is None or sp_in.axes != (1,) or cg.space(node.output[0]) is None:
+            return []
+        return _reads(node, cg, np.abs(self.weights_in_out(cg.g, node)).max(axis=1), True, "")
+
+    def absorb(self, node, g, cg, items):
+        a = attrs(node)
+        trans_b = int(a.get("transB", 0))
+        b = g.inits[node.input[1]]
+        w = b.T if trans_b else b
+        alpha, beta = float(a.get("alpha", 1.0)), float(a.get("beta", 1.0))
+        vec = np.zeros(w.shape[1])
+        w_new = w.copy()
+        for k, v in items:
+            vec += alpha * v * w[k].astype(np.float64)
+            w_new[k] = 0
+        c = _bias(g, node, w.shape[1])
+        if beta == 0:
+            c, beta = np.zeros_like(c), 1.0
+            set_attr(node, "beta", 1.0)
+        g.set_input_const(node, 1, np.ascontiguousarray(w_new.T if trans_b else w_new))
+        _write_bias(g, node, c + vec / beta, b.dtype)
+
+    def rewrite(self, node, g, cg, keep):
+        ko, ki = keep.get(node.output[0]), keep.get(node.input[0])
+        if ko is None and ki is None:
+            return
+        trans_b = int(attrs(node).get("transB", 0))
+        w = self.weights_in_out(g, node)
+        if ki is not None:
+            w = w[ki]
+        if ko is not None:
+            c = g.const(node.input[2]) if len(node.input) > 2 else None
+            if c is not None and c.size == w.shape[1] > 1:  # a scalar C broadcasts: leave it
+                g.set_input_const(node, 2, c.reshape(-1)[ko])
+            w = w[:, ko]
+        g.set_input_const(node, 1, np.ascontiguousarray(w.T if trans_b else w))
+
+
+class MatMul(Rule):
+    """A [..., F] @ W [F, K] with a constant 2-D W: channels on A's last axis."""
+
+    def couple(self, node, cg):
+        g = cg.g
+        a, w = node.input
+        rank = cg.rank(a)
+        if g.is_const(a) or not g.is_const(w) or g.inits[w].ndim != 2 or rank is None:
+            return self.pin_through(node, cg, f"MatMul {node.name}: not activations × constant matrix")
+        if cg.new_space(node.output[0], (rank - 1,)) is None:
+            return self.pin_through(node, cg, f"MatMul {node.name}: unknown output shape")
+        sp_in = cg.space(a)
+        if sp_in is not None and sp_in.axes != (rank - 1,):
+            cg.pin_space(sp_in, f"MatMul {node.name}: channels not on the last axis")
+
+    def values(self, node, cg):
+        if cg.space(node.output[0]) is None:
+            return
+        w = cg.g.inits[node.input[1]]
+        cg.values[node.output[0]] = np.where(np.abs(w).max(axis=0) == 0, 0.0, np.nan)
+
+    def reads(self, node, cg):
+        a = node.input[0]
+        sp_in = cg.space(a)
+        if sp_in is None or sp_in.axes != (cg.rank(a) - 1,) or cg.space(node.output[0]) is None:
+            return []
+        return _reads(node, cg, np.abs(cg.g.inits[node.input[1]]).max(axis=1), True, "")
+
+    def absorb(self, node, g, cg, items):
+        w = g.inits[node.input[1]]
+        vec = np.zeros(w.shape[1])
+        w_new = w.copy()
+        for k, v in items:
+            vec += v * w[k].astype(np.float64)
+            w_new[k] = 0
+        g.set_input_const(node, 1, w_new)
+        out = node.output[0]
+        users = g.consumers().get(out, [])
+        if len(users) == 1 and users[0].op_type == "Add" and out not in g.output_names:
+            add = users[0]
+            i = 1 - list(add.input).index(out)
+            c = g.const(add.input[i])
+            if c is not None and c.size == w.shape[1] and c.shape[-1] == w.shape[1]:
+                g.set_input_const(add, i, (c.astype(np.float64) + vec.reshape(c.shape)).astype(c.dtype))
+                return
+        mid = g.fresh_name(f"{out}_before_bias")
+        name = g.fresh_name(f"{node.name or out}_absorbed_bias")
+        g.inits[name] = vec.astype(w.dtype)
+        node.output[0] = mid
+        g.insert_after(node, [helper.make_node("Add", [mid, name], [out], name=name)])
+
+    def rewrite(self, node, g, cg, keep):
+        ko, ki = keep.get(node.output[0]), keep.get(node.input[0])
+        if ko is None and ki is None:
+            return
+        w = g.inits[node.input[1]]
+        if ki is not None:
+            w = w[ki]
+        if ko is not None:
+            w = w[:, ko]
+        g.set_input_const(node, 1, np.ascontiguousarray(w))
+
+
+RULES["Conv"] = Conv()
+RULES["ConvTranspose"] = ConvTranspose()
+RULES["Gemm"] = Gemm()
+RULES["MatMul"] = MatMul()

@@ -1,0 +1,303 @@
+"""Op rules for the channel graph: one class per op family, a registry op_type -> rule.
+
+Each rule answers four questions about a node:
+  couple   which channel space each output has, which slots are united, which are pinned;
+  values   which output slots carry a known, input-independent constant (NaN: unknown);
+  reads    where a linear layer reads a slot through one weight column (Conv, Gemm, MatMul);
+  rewrite  how the node's parameters change when the slots not in `keep` disappear.
+Linear layers also know how to `absorb` known constants into their bias.
+Anything not in the registry pins every channel it touches: never guess.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from ..graph import Graph, _subgraph_inputs, attrs
+from .core import ChannelGraph, Read, Space
+
+
+class NonRectangular(Exception):
+    """Removing these slots would leave a multi-axis channel range that is not a box."""
+
+
+# --- helpers shared by the rules ----------------------------------------------------------
+
+def new_dims(space: Space, keep: np.ndarray) -> tuple[int, ...]:
+    """Sizes of the channel axes once only `keep` (flat slot indices) remains."""
+    if len(space.dims) == 1:
+        return (len(keep),)
+    mask = np.zeros(space.size, bool)
+    mask[keep] = True
+    mask = mask.reshape(space.dims)
+    kept_per_axis = [mask.any(axis=tuple(j for j in range(mask.ndim) if j != i)) for i in range(mask.ndim)]
+    box = np.ones((), bool)
+    for k in kept_per_axis:
+        box = np.multiply.outer(box, k)
+    if not np.array_equal(box, mask):
+        raise NonRectangular(str(space.dims))
+    return tuple(int(k.sum()) for k in kept_per_axis)
+
+
+def take_channels(arr: np.ndarray, axes: tuple[int, ...], space: Space, keep: np.ndarray) -> np.ndarray:
+    """Keep the slots `keep` of `arr`, whose axes `axes` hold the channel range of `space`."""
+    a0, a1 = axes[0], axes[-1] + 1
+    flat = arr.reshape(arr.shape[:a0] + (-1,) + arr.shape[a1:])
+    kept = np.take(flat, keep, axis=a0)
+    return kept.reshape(arr.shape[:a0] + new_dims(space, keep) + arr.shape[a1:])
+
+
+def aligned_axes(space_axes: tuple[int, ...], out_rank: int, in_rank: int) -> tuple[int, ...] | None:
+    """The axes of a broadcast operand of rank `in_rank` that line up with `space_axes` of the output."""
+    shift = out_rank - in_rank
+    axes = tuple(a - shift for a in space_axes)
+    return axes if min(axes) >= 0 else None
+
+
+def channel_vector_shape(rank: int, space: Space) -> tuple[int, ...]:
+    shape = [1] * rank
+    for a, d in zip(space.axes, space.dims):
+        shape[a] = d
+    return tuple(shape)
+
+
+def per_channel_values(result: np.ndarray, space: Space) -> np.ndarray:
+    """Collapse an evaluated output to one value per slot; NaN where it is not uniform."""
+    if tuple(result.shape[a] for a in space.axes) != space.dims:
+        return np.full(space.size, np.nan)
+    moved = np.moveaxis(result, space.axes, tuple(range(len(space.axes)))).reshape(space.size, -1)
+    lo, hi = moved.min(axis=1), moved.max(axis=1)
+    return np.where(lo == hi, lo, np.nan).astype(np.float64)
+
+
+def evaluate(node: onnx.NodeProto, feeds: dict[str, np.ndarray], opsets) -> list[np.ndarray]:
+    """Run one node with the ONNX reference evaluator (numpy, exact ONNX semantics)."""
+    from onnx.reference import ReferenceEvaluator
+
+    inputs = [helper.make_tensor_value_info(k, helper.np_dtype_to_tensor_dtype(v.dtype), v.shape) for k, v in feeds.items()]
+    outputs = [helper.make_tensor_value_info(o, onnx.TensorProto.UNDEFINED, None) for o in node.output if o]
+    tiny = helper.make_model(helper.make_graph([node], "eval", inputs, outputs), opset_imports=opsets)
+    return [np.asarray(r) for r in ReferenceEvaluator(tiny).run(None, feeds)]
+
+
+def float_dtype(g: Graph, node: onnx.NodeProto) -> np.dtype:
+    for i in node.input:
+        c = g.const(i)
+        if c is not None and c.dtype.kind == "f":
+            return c.dtype
+    return np.dtype(np.float32)
+
+
+def pin_all(node: onnx.NodeProto, cg: ChannelGraph, reason: str, names=None) -> None:
+    for name in names if names is not None else list(node.input) + list(_subgraph_inputs(node)):
+        cg.pin_tensor(name, reason)
+
+
+# --- the rules -----------------------------------------------------------------------------
+
+class Rule:
+    def couple(self, node, cg: ChannelGraph) -> None:
+        self.pin_through(node, cg, f"{node.op_type} {node.name}: op not understood")
+
+    def values(self, node, cg: ChannelGraph) -> None:
+        pass
+
+    def reads(self, node, cg: ChannelGraph) -> list[Read]:
+        return []
+
+    def rewrite(self, node, g: Graph, cg: ChannelGraph, keep: dict[str, np.ndarray]) -> None:
+        pass
+
+    @staticmethod
+    def pin_through(node, cg: ChannelGraph, reason: str) -> None:
+        """Pin every input and give each output a pinned space (axis 1), so that ops further on
+        that couple with it are pinned too."""
+        pin_all(node, cg, reason)
+        for o in node.output:
+            rank = cg.rank(o)
+            if o and rank and rank >= 2:
+                cg.pin_space(cg.new_space(o, (1,)), reason)
+
+    @staticmethod
+    def pin_extra_inputs(node, cg: ChannelGraph, data_inputs: int) -> None:
+        """Inputs past the data inputs (shapes, scales, weights ...) must not carry channels."""
+        for name in node.input[data_inputs:]:
+            if cg.space(name) is not None:
+                cg.pin_tensor(name, f"{node.op_type} {node.name}: reads channels as a parameter")
+
+
+class Elementwise(Rule):
+    """Unary and broadcasting n-ary elementwise ops: out[c] ≡ in[c] for every operand that has the
+    channel axes; constant operands are per-channel parameters or broadcasts."""
+
+    def __init__(self, data_inputs: int | None = None):
+        self.data_inputs = data_inputs  # None: all inputs are data (Add, Mul ...); Clip: 1
+
+    def operands(self, node):
+        names = list(node.input) if self.data_inputs is None else list(node.input[: self.data_inputs])
+        return [n for n in names if n]
+
+    def couple(self, node, cg):
+        out = node.output[0]
+        out_rank = cg.rank(out)
+        if self.data_inputs is not None:
+            self.pin_extra_inputs(node, cg, self.data_inputs)
+        for extra in node.output[1:]:
+            if extra and cg.g.uses(extra):
+                return self.pin_through(node, cg, f"{node.op_type} {node.name}: second output in use")
+        operands = [n for n in self.operands(node) if not cg.g.is_const(n)]
+        if out_rank is None:
+            return self.pin_through(node, cg, f"{node.op_type} {node.name}: unknown output shape")
+        out_shape = cg.shape(out)
+        ref = None
+        for n in operands:
+            sp = cg.space(n)
+            if sp is None:
+                continue
+            axes = tuple(a + out_rank - cg.rank(n) for a in sp.axes)
+            if all(out_shape[a] == d for a, d in zip(axes, sp.dims)):
+                ref = axes
+                break
+        if ref is None:
+            return self.pin_through(node, cg, f"{node.op_type} {node.name}: no operand carries the channels")
+        sp_out = cg.new_space(out, ref)
+        if sp_out is None:
+            return self.pin_through(node, cg, f"{node.op_type} {node.name}: dynamic channel dim")
+        for n in self.operands(node):
+            rank = cg.rank(n)
+            axes = aligned_axes(ref, out_rank, rank) if rank is not None else None
+            dims = None if axes is None else tuple(cg.shape(n)[a] for a in axes)
+            if dims is not None and all(d == 1 for d in dims):
+                continue  # broadcast along the channels: no coupling
+            sp = cg.space(n)
+            if cg.g.is_const(n):
+                if dims != sp_out.dims:
+                    cg.pin_space(sp_out, f"{node.op_type} {node.name}: constant operand shape not per-channel")
+                continue
+            if sp is not None and sp.axes == axes and sp.dims == sp_out.dims:
+                cg.unite(sp.slots, sp_out.slots)
+            else:
+                reason = f"{node.op_type} {node.name}: operand {n} has the channel axes but no matching channels"
+                cg.pin_space(sp_out, reason)
+                cg.pin_space(sp, reason)
+
+    def coupled(self, node, cg, name) -> bool:
+        sp, out = cg.space(name), cg.space(node.output[0])
+        if sp is None or out is None or sp.dims != out.dims:
+            return False
+        return cg.find(sp.base) == cg.find(out.base)
+
+    def values(self, node, cg):
+        out = cg.space(node.output[0])
+        if out is None:
+            return
+        known = np.ones(out.size, bool)
+        zero = np.zeros(out.size, bool)
+        feeds = {}
+        dtype = float_dtype(cg.g, node)
+        for n in node.input:
+            if not n:
+                continue
+            if cg.g.is_const(n):
+                feeds[n] = cg.g.inits[n]
+            elif self.coupled(node, cg, n):
+                v = cg.values[n]
+                known &= ~np.isnan(v)
+                zero |= v == 0
+                shape = channel_vector_shape(cg.rank(n), cg.space(n))
+                feeds[n] = np.nan_to_num(v).astype(dtype).reshape(shape)
+            else:  # data broadcast along the channels: unknown per-channel value
+                known[:] = False
+                r = cg.rank(n) or 1
+                feeds[n] = np.zeros((1,) * r, dtype)
+        result = np.full(out.size, np.nan)
+        if known.any():
+            try:
+                res = evaluate(node, feeds, cg.g.model.opset_import)[0]
+                result = np.where(known, per_channel_values(res.astype(np.float64), out), np.nan)
+            except Exception:
+                pass
+        if node.op_type == "Mul":  # 0 · anything finite = 0
+            result = np.where(zero, 0.0, result)
+        cg.values[node.output[0]] = result
+
+    def rewrite(self, node, g, cg, keep):
+        out = node.output[0]
+        sp = cg.space(out)
+        if out not in keep or sp is None:
+            return
+        out_rank = cg.rank(out)
+        for i, n in enumerate(node.input):
+            if not g.is_const(n) or (self.data_inputs is not None and i >= self.data_inputs):
+                continue
+            c = g.inits[n]
+            axes = aligned_axes(sp.axes, out_rank, c.ndim)
+            if axes is None or all(c.shape[a] == 1 for a in axes):
+                continue
+            g.set_input_const(node, i, take_channels(c, axes, sp, keep[out]))
+
+
+class BatchNorm(Rule):
+    """BatchNormalization / InstanceNormalization: out[c] ≡ in[c] ≡ param[c] on axis 1."""
+
+    def couple(self, node, cg):
+        x = node.input[0]
+        sp = cg.space(x)
+        self.pin_extra_inputs(node, cg, 1)
+        if any(not cg.g.is_const(p) for p in node.input[1:]) or any(o and cg.g.uses(o) for o in node.output[1:]):
+            return self.pin_through(node, cg, f"{node.op_type} {node.name}: non-constant parameters or extra outputs")
+        if sp is None or sp.axes != (1,):
+            return self.pin_through(node, cg, f"{node.op_type} {node.name}: input channels not on axis 1")
+        cg.same_space(x, node.output[0])
+
+    def values(self, node, cg):
+        out = cg.space(node.output[0])
+        if out is None:
+            return
+        v = cg.values[node.input[0]]
+        params = [cg.g.inits[p].astype(np.float64).reshape(-1) for p in node.input[1:]]
+        eps = float(attrs(node).get("epsilon", 1e-5))
+        if node.op_type == "BatchNormalization":
+            gamma, beta, mean, var = params
+            res = gamma * (v - mean) / np.sqrt(var + eps) + beta
+            res = np.where(gamma == 0, beta, res)
+        else:  # InstanceNormalization of a constant is 0·γ + β
+            gamma, beta = params
+            res = np.where(np.isnan(v), np.nan, beta)
+        cg.values[node.output[0]] = res
+
+    def rewrite(self, node, g, cg, keep):
+        k = keep.get(node.input[0])
+        if k is None:
+            return
+        for i in range(1, len(node.input)):
+            g.set_input_const(node, i, g.inits[node.input[i]].reshape(-1)[k])
+
+
+UNARY = """Relu LeakyRelu Sigmoid HardSigmoid HardSwish Tanh Erf Softplus Softsign Mish Elu Selu Celu Gelu
+Exp Log Abs Neg Sqrt Reciprocal Floor Ceil Round Sign Sin Cos Identity Cast ThresholdedRelu Shrink""".split()
+BINARY = "Add Sub Mul Div Max Min Sum Mean Pow PRelu".split()
+
+RULES: dict[str, Rule] = {}
+for op in UNARY:
+    RULES[op] = Elementwise(data_inputs=1)
+for op in BINARY:
+    RULES[op] = Elementwise()
+RULES["Clip"] = Elementwise(data_inputs=1)
+RULES["Dropout"] = Elementwise(data_inputs=1)
+RULES["BatchNormalization"] = BatchNorm()
+RULES["InstanceNormalization"] = BatchNorm()
+
+DEFAULT = Rule()
+
+
+def rule_for(node: onnx.NodeProto) -> Rule:
+    if node.domain not in ("", "ai.onnx"):
+        return DEFAULT
+    return RULES.get(node.op_type, DEFAULT)
+
+
+# the other families register themselves
+from . import linear, layout, spatial  # noqa: E402,F401

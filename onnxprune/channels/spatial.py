@@ -1,0 +1,131 @@
+"""Ops that work on each channel on its own over the other axes: pooling, spatial reductions,
+Pad and Resize. out[c] ≡ in[c]; a constant channel stays constant unless padding or a border
+average can change it."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..graph import attrs, default_opset
+from .rules import RULES, Rule
+
+POOLS = "MaxPool AveragePool GlobalAveragePool GlobalMaxPool LpPool GlobalLpPool".split()
+REDUCES = "ReduceMean ReduceMax ReduceMin ReduceSum ReduceL1 ReduceL2 ReduceLogSumExp ReduceProd ReduceSumSquare".split()
+CONSTANT_PRESERVING = {"MaxPool", "GlobalAveragePool", "GlobalMaxPool", "ReduceMean", "ReduceMax", "ReduceMin", "Resize", "Upsample"}
+
+
+class Spatial(Rule):
+    def out_axes(self, node, cg):
+        """The output's channel axes, or a reason string why the op touches the channels."""
+        x = node.input[0]
+        sp, rank = cg.space(x), cg.rank(x)
+        op = node.op_type
+        if op in POOLS:
+            return sp.axes if sp.axes == (1,) else "pools over the channel axis"
+        if op in REDUCES:
+            axes, keepdims = self.reduce_axes(node, cg)
+            if axes is None or any(a in sp.axes for a in axes):
+                return "reduces over the channel axis"
+            shift = 0 if keepdims else sum(1 for a in axes if a < sp.axes[0])
+            return tuple(a - shift for a in sp.axes)
+        if op == "Pad":
+            pads = self.pads(node, cg)
+            if pads is None or any(pads[a] or pads[a + rank] for a in sp.axes):
+                return "pads the channel axis"
+            return sp.axes
+        if op in ("Resize", "Upsample"):
+            in_shape, out_shape = cg.shape(x), cg.shape(node.output[0])
+            if out_shape is None or any(in_shape[a] != out_shape[a] for a in sp.axes):
+                return "resizes the channel axis"
+            return sp.axes
+        return "unknown"
+
+    @staticmethod
+    def reduce_axes(node, cg):
+        rank = cg.rank(node.input[0])
+        a = attrs(node)
+        keepdims = int(a.get("keepdims", 1))
+        if "axes" in a:
+            axes = list(a["axes"])
+        elif len(node.input) > 1 and node.input[1]:
+            c = cg.g.const(node.input[1])
+            if c is None:
+                return None, keepdims
+            axes = [int(v) for v in c.reshape(-1)]
+        else:
+            axes = [] if int(a.get("noop_with_empty_axes", 0)) else list(range(rank))
+        return [v + rank if v < 0 else v for v in axes], keepdims
+
+    @staticmethod
+    def pads(node, cg):
+        rank = cg.rank(node.input[0])
+        if default_opset(cg.g.model) < 11:
+            return list(attrs(node).get("pads", [0] * 2 * rank))
+        p = cg.g.const(node.input[1]) if len(node.input) > 1 else None
+        if p is None:
+            return None
+        p = [int(v) for v in p]
+        if len(node.input) > 3 and node.input[3]:  # opset 18 axes: expand to full pads
+            axes = cg.g.const(node.input[3])
+            if axes is None:
+                return None
+            full = [0] * 2 * rank
+            n = len(axes)
+            for k, ax in enumerate(int(v) + rank if v < 0 else int(v) for v in axes):
+                full[ax], full[ax + rank] = p[k], p[k + n]
+            return full
+        return p
+
+    def couple(self, node, cg):
+        x = node.input[0]
+        if cg.space(x) is None:
+            return
+        self.pin_extra_inputs(node, cg, 1)
+        if node.op_type == "MaxPool" and len(node.output) > 1 and node.output[1] and cg.g.uses(node.output[1]):
+            return self.pin_through(node, cg, f"MaxPool {node.name}: flat indices output in use")
+        axes = self.out_axes(node, cg)
+        if isinstance(axes, str):
+            return self.pin_through(node, cg, f"{node.op_type} {node.name}: {axes}")
+        cg.same_space(x, node.output[0], axes)
+
+    def values(self, node, cg):
+        out = node.output[0]
+        if cg.space(out) is None or cg.space(node.input[0]) is None:
+            return
+        v = cg.values[node.input[0]]
+        op, a = node.op_type, attrs(node)
+        if op in CONSTANT_PRESERVING:
+            res = v
+        elif op == "AveragePool":
+            padded = any(a.get("pads", [])) or a.get("auto_pad", b"NOTSET") not in (b"NOTSET", b"VALID", "NOTSET", "VALID")
+            res = v if not padded or not a.get("count_include_pad", 0) else np.where(v == 0, 0.0, np.nan)
+        elif op == "Pad":
+            mode = a.get("mode", b"constant")
+            if mode in (b"constant", "constant"):
+                fill = a.get("value", 0.0)
+                if default_opset(cg.g.model) >= 11:
+                    c = cg.g.const(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+                    fill = float(c.reshape(())) if c is not None else 0.0
+                res = np.where(v == fill, v, np.nan)
+            else:  # edge / reflect / wrap repeat the channel's own values
+                res = v
+        elif op == "ReduceSum":
+            axes, _ = self.reduce_axes(node, cg)
+            dims = [cg.shape(node.input[0])[ax] for ax in axes]
+            res = v * float(np.prod(dims)) if all(d is not None for d in dims) else np.full_like(v, np.nan)
+        else:
+            res = np.full_like(v, np.nan)
+        cg.values[out] = res.copy()
+
+    def rewrite(self, node, g, cg, keep):
+        x = node.input[0]
+        if node.op_type != "Resize" or x not in keep or len(node.input) < 4 or not node.input[3]:
+            return
+        sizes = g.inits[node.input[3]].copy()
+        (axis,) = cg.space(x).axes
+        sizes[axis] = len(keep[x])
+        g.set_input_const(node, 3, sizes)
+
+
+for op in POOLS + REDUCES + ["Pad", "Resize", "Upsample"]:
+    RULES[op] = Spatial()

@@ -1,0 +1,45 @@
+"""What can be done with a channel class: remove it, absorb its constant first, or nothing (and why)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .core import ChannelClass, ChannelGraph
+
+UNREAD = "unread"        # no layer reads it with a non-zero weight: remove it
+ABSORB = "absorb"        # every non-zero read sees a known constant: fold it into the readers' biases
+PINNED = "pinned"        # touches a graph input/output, an op we do not understand, a user pin ...
+BLOCKED = "blocked"      # carries a constant somewhere, but a reader cannot absorb it exactly
+LIVE = "live"            # an ordinary channel in use
+
+
+@dataclass
+class Verdict:
+    kind: str
+    reason: str = ""
+
+
+def judge(cls: ChannelClass, cg: ChannelGraph) -> Verdict:
+    if cls.pins:
+        return Verdict(PINNED, sorted(cls.pins)[0])
+    live = [r for r in cls.reads if not r.zero]
+    if not live:
+        return Verdict(UNREAD)
+    stuck = [r for r in live if not r.absorbable]
+    if not stuck:
+        return Verdict(ABSORB)
+    if not _has_constant(cls, cg):
+        return Verdict(LIVE)
+    r = stuck[0]
+    why = r.why_not or f"the constant is lost before {r.node} reads {r.tensor} (an input-dependent op such as an SE gate)"
+    return Verdict(BLOCKED, why)
+
+
+def _has_constant(cls: ChannelClass, cg: ChannelGraph) -> bool:
+    for slot in cls.slots:
+        name = cg.slot_owner[slot]
+        if not np.isnan(cg.values[name][slot - cg.spaces[name].base]):
+            return True
+    return False

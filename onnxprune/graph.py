@@ -1,0 +1,290 @@
+"""Load, save and edit ONNX models: a thin mutable view over a ModelProto.
+
+Initializers live as numpy arrays in `Graph.inits` while passes run; `Graph.to_model()`
+writes them back. Nodes are the ModelProto's own NodeProtos, edited in place.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from .errors import OnnxPruneError
+
+# onnxruntime 1.2x/1.3x accepts IR versions up to 10.
+MAX_IR_VERSION = 10
+PROTOBUF_LIMIT = 2**31 - 1
+SUPPORTED_OPSET = (7, 23)
+
+
+def load_model(src: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
+    """A private copy of the model, external data loaded; bad input raises OnnxPruneError."""
+    if isinstance(src, onnx.ModelProto):
+        model = onnx.ModelProto()
+        model.CopyFrom(src)
+        return _validated(model, "model")
+    path = Path(src)
+    if not path.exists():
+        raise OnnxPruneError(f"{path}: no such file")
+    if not path.is_file():
+        raise OnnxPruneError(f"{path}: not a file")
+    try:
+        model = onnx.load(str(path), load_external_data=True)
+    except Exception as e:  # protobuf raises DecodeError and friends
+        raise OnnxPruneError(f"{path}: not a readable ONNX model ({_first_line(e)})") from None
+    return _validated(model, str(path))
+
+
+def _validated(model: onnx.ModelProto, what: str) -> onnx.ModelProto:
+    if not model.graph.node:
+        raise OnnxPruneError(f"{what}: not an ONNX model (empty graph)")
+    try:
+        onnx.checker.check_model(model, full_check=False)
+    except Exception as e:
+        raise OnnxPruneError(f"{what}: invalid ONNX model ({_first_line(e)})") from None
+    opset = default_opset(model)
+    if not SUPPORTED_OPSET[0] <= opset <= SUPPORTED_OPSET[1]:
+        raise OnnxPruneError(
+            f"{what}: opset {opset} is outside the supported range "
+            f"{SUPPORTED_OPSET[0]}..{SUPPORTED_OPSET[1]}"
+        )
+    return model
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:200] if text else type(e).__name__
+
+
+def default_opset(model: onnx.ModelProto) -> int:
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            return imp.version
+    return 0
+
+
+def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> None:
+    """Write atomically (temp file + rename); models over 2 GB go to external data."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model = _with_supported_ir(model)
+    big = model.ByteSize() > PROTOBUF_LIMIT - 2**20
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        if big:
+            data_name = path.name + ".data"
+            onnx.save_model(model, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=data_name, size_threshold=1024)
+            # the data file was written under its final name next to the temp file
+        else:
+            onnx.save_model(model, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _with_supported_ir(model: onnx.ModelProto) -> onnx.ModelProto:
+    if model.ir_version > MAX_IR_VERSION:
+        model.ir_version = MAX_IR_VERSION
+    return model
+
+
+def serialize(model: onnx.ModelProto) -> bytes:
+    return _with_supported_ir(model).SerializeToString()
+
+
+def static_shapes(model: onnx.ModelProto) -> dict[str, tuple]:
+    """Tensor name -> shape tuple (None for a dynamic dim) after ONNX shape inference."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except Exception:
+        inferred = model
+    shapes: dict[str, tuple] = {}
+    g = inferred.graph
+    for vi in list(g.input) + list(g.value_info) + list(g.output):
+        t = vi.type.tensor_type
+        if not t.HasField("shape"):
+            continue
+        shapes[vi.name] = tuple(d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim)
+    for init in g.initializer:
+        shapes[init.name] = tuple(init.dims)
+    return shapes
+
+
+def elem_types(model: onnx.ModelProto) -> dict[str, int]:
+    g = model.graph
+    types = {}
+    for vi in list(g.input) + list(g.value_info) + list(g.output):
+        types[vi.name] = vi.type.tensor_type.elem_type
+    for init in g.initializer:
+        types[init.name] = init.data_type
+    return types
+
+
+def attrs(node: onnx.NodeProto) -> dict:
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def set_attr(node: onnx.NodeProto, name: str, value) -> None:
+    for i, a in enumerate(node.attribute):
+        if a.name == name:
+            del node.attribute[i]
+            break
+    node.attribute.append(helper.make_attribute(name, value))
+
+
+class Graph:
+    """Mutable working view of a model for the passes."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self.model = model
+        self.g = model.graph
+        self.inits: dict[str, np.ndarray] = {t.name: numpy_helper.to_array(t) for t in self.g.initializer}
+        self.input_names = [i.name for i in self.g.input if i.name not in self.inits]
+        self.output_names = [o.name for o in self.g.output]
+        self._names = {n for node in self.g.node for n in list(node.input) + list(node.output)} | set(self.inits)
+        self._shapes: dict[str, tuple] | None = None
+
+    # --- structure -------------------------------------------------------------------
+    @property
+    def nodes(self) -> list[onnx.NodeProto]:
+        return list(self.g.node)
+
+    def producers(self) -> dict[str, onnx.NodeProto]:
+        return {o: n for n in self.g.node for o in n.output if o}
+
+    def consumers(self) -> dict[str, list[onnx.NodeProto]]:
+        users = defaultdict(list)
+        for n in self.g.node:
+            for i in n.input:
+                if i:
+                    users[i].append(n)
+        return users
+
+    def uses(self, name: str) -> int:
+        count = sum(1 for n in self.g.node for i in n.input if i == name)
+        return count + (name in self.output_names)
+
+    @property
+    def shapes(self) -> dict[str, tuple]:
+        if self._shapes is None:
+            self._shapes = static_shapes(self.to_model(copy=False))
+        return self._shapes
+
+    def invalidate_shapes(self) -> None:
+        self._shapes = None
+        del self.g.value_info[:]
+
+    def fresh_name(self, base: str) -> str:
+        name, i = base, 0
+        while name in self._names:
+            i += 1
+            name = f"{base}_{i}"
+        self._names.add(name)
+        return name
+
+    # --- constants -------------------------------------------------------------------
+    def const(self, name: str) -> np.ndarray | None:
+        return self.inits.get(name) if name else None
+
+    def is_const(self, name: str) -> bool:
+        return bool(name) and name in self.inits
+
+    def set_input_const(self, node: onnx.NodeProto, index: int, value: np.ndarray, base: str | None = None) -> None:
+        """Give `node` input `index` the constant `value`, without touching other users of the old one."""
+        old = node.input[index] if index < len(node.input) else ""
+        if old and old in self.inits and self.uses(old) == 1 and old not in self.output_names:
+            self.inits[old] = value
+            return
+        name = self.fresh_name(base or (old or f"{node.name or node.op_type}_in{index}"))
+        self.inits[name] = value
+        while len(node.input) <= index:
+            node.input.append("")
+        node.input[index] = name
+
+    # --- editing ---------------------------------------------------------------------
+    def insert_after(self, node: onnx.NodeProto, new_nodes: list[onnx.NodeProto]) -> None:
+        nodes = list(self.g.node)
+        at = nodes.index(node) + 1
+        for k, n in enumerate(new_nodes):
+            self.g.node.insert(at + k, n)
+
+    def remove_node(self, node: onnx.NodeProto) -> None:
+        self.g.node.remove(node)
+
+    def rename_input_everywhere(self, old: str, new: str) -> None:
+        for n in self.g.node:
+            for k, i in enumerate(n.input):
+                if i == old:
+                    n.input[k] = new
+
+    def to_model(self, copy: bool = True) -> onnx.ModelProto:
+        """Write initializers back (dropping unused ones) and return the ModelProto."""
+        used = {i for n in self.g.node for i in n.input} | set(self.output_names)
+        used |= {i for n in self.g.node for i in _subgraph_inputs(n)}
+        dtypes = {t.name: t.data_type for t in self.g.initializer}
+        del self.g.initializer[:]
+        for name, arr in self.inits.items():
+            if name in used:
+                t = numpy_helper.from_array(np.ascontiguousarray(arr), name)
+                if name in dtypes and t.data_type != dtypes[name]:
+                    raise AssertionError(f"initializer {name} changed dtype")
+                self.g.initializer.append(t)
+        # graph inputs that were initializers and are gone now
+        keep_inputs = [i for i in self.g.input if i.name not in self.inits or i.name in used]
+        if len(keep_inputs) != len(self.g.input):
+            del self.g.input[:]
+            self.g.input.extend(keep_inputs)
+        if copy:
+            out = onnx.ModelProto()
+            out.CopyFrom(self.model)
+            return out
+        return self.model
+
+
+def _subgraph_inputs(node: onnx.NodeProto):
+    """Names read by subgraphs (If/Loop/Scan bodies) so their outer constants are kept."""
+    for a in node.attribute:
+        graphs = [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)
+        for sub in graphs:
+            for n in sub.node:
+                yield from n.input
+                yield from _subgraph_inputs(n)
+
+
+def topo_sort(g: onnx.GraphProto) -> None:
+    """Sort nodes topologically in place (ONNX requires it; passes that insert nodes rely on it)."""
+    nodes = list(g.node)
+    produced = _all_outputs(nodes)
+    available = {i.name for i in g.input} | {t.name for t in g.initializer} | {""}
+    done: list[onnx.NodeProto] = []
+    pending = nodes
+    while pending:
+        progress = False
+        rest = []
+        for n in pending:
+            outer = set(_subgraph_inputs(n))
+            if all(i in available for i in n.input) and all(i in available or i not in produced for i in outer):
+                done.append(n)
+                available.update(n.output)
+                progress = True
+            else:
+                rest.append(n)
+        if not progress:
+            raise OnnxPruneError("graph has a cycle or reads a tensor nobody produces: " + rest[0].name)
+        pending = rest
+    del g.node[:]
+    g.node.extend(done)
+
+
+def _all_outputs(nodes):
+    return {o for n in nodes for o in n.output}

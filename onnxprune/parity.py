@@ -1,0 +1,164 @@
+"""The parity checker: run two models on onnxruntime (all graph optimizations off) with the same
+inputs and compare outputs polygraphy-style — an element fails only if it exceeds both atol and
+rtol·|reference|."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from .errors import OnnxPruneError
+from .graph import serialize
+
+DEFAULT_ATOL = 1e-4
+DEFAULT_RTOL = 1e-3
+
+
+@dataclass
+class OutputDiff:
+    name: str
+    shape: tuple
+    max_abs: float
+    max_rel: float
+    atol_needed: float   # the smallest atol that passes at the given rtol
+    passed: bool
+    top1: float | None = None  # agreement of argmax over the last axis, for [N, classes] outputs
+
+
+@dataclass
+class ParityReport:
+    atol: float
+    rtol: float
+    batches: int
+    outputs: list[OutputDiff] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return all(o.passed for o in self.outputs)
+
+    def lines(self) -> list[str]:
+        out = []
+        for o in self.outputs:
+            top1 = f"  top-1 agree {o.top1:.1%}" if o.top1 is not None else ""
+            verdict = "ok" if o.passed else "FAIL"
+            out.append(
+                f"{verdict:4} {o.name} {list(o.shape)}: max abs {o.max_abs:.3g}, max rel {o.max_rel:.3g}; "
+                f"passes at rtol {self.rtol:g} with atol >= {o.atol_needed:.3g}{top1}"
+            )
+        return out
+
+    def as_dict(self) -> dict:
+        return {
+            "passed": self.passed, "atol": self.atol, "rtol": self.rtol, "batches": self.batches,
+            "outputs": [o.__dict__ | {"shape": list(o.shape)} for o in self.outputs],
+        }
+
+
+def session(model: onnx.ModelProto, threads: int = 1, optimize: bool = False):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    try:
+        return ort.InferenceSession(serialize(model), so, providers=["CPUExecutionProvider"])
+    except Exception as e:
+        raise OnnxPruneError(f"onnxruntime cannot load the model: {str(e).splitlines()[0][:300]}") from None
+
+
+def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    inits = {t.name for t in model.graph.initializer}
+    return [i for i in model.graph.input if i.name not in inits]
+
+
+def random_inputs(model: onnx.ModelProto, seed: int = 0) -> dict[str, np.ndarray]:
+    """Seeded inputs for every graph input; a dynamic leading (batch) dim becomes 1."""
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for vi in graph_inputs(model):
+        t = vi.type.tensor_type
+        shape = []
+        for k, d in enumerate(t.shape.dim):
+            if d.HasField("dim_value"):
+                shape.append(d.dim_value)
+            elif k == 0:
+                shape.append(1)
+            else:
+                raise OnnxPruneError(
+                    f"input {vi.name} has a dynamic dim {d.dim_param or '?'} at axis {k}: give real inputs with --inputs file.npz"
+                )
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(t.elem_type)
+        if dtype.kind == "f":
+            feeds[vi.name] = rng.standard_normal(shape).astype(dtype)
+        elif dtype.kind in "iu":
+            feeds[vi.name] = rng.integers(0, 10, shape).astype(dtype)
+        elif dtype.kind == "b":
+            feeds[vi.name] = rng.random(shape) < 0.5
+        else:
+            raise OnnxPruneError(f"input {vi.name}: cannot make random data of type {dtype}")
+    return feeds
+
+
+def load_inputs(path: str | Path, model: onnx.ModelProto) -> list[dict[str, np.ndarray]]:
+    """Inputs from an .npz keyed by input name; a leading extra axis means several batches."""
+    try:
+        data = dict(np.load(path))
+    except Exception as e:
+        raise OnnxPruneError(f"{path}: cannot read inputs ({str(e).splitlines()[0][:200]})") from None
+    names = [vi.name for vi in graph_inputs(model)]
+    missing = [n for n in names if n not in data]
+    if missing:
+        raise OnnxPruneError(f"{path}: no array for input(s) {', '.join(missing)} (has {', '.join(data) or 'nothing'})")
+    ranks = {vi.name: len(vi.type.tensor_type.shape.dim) for vi in graph_inputs(model)}
+    first = names[0]
+    if data[first].ndim == ranks[first] + 1:
+        return [{n: data[n][b] for n in names} for b in range(data[first].shape[0])]
+    return [{n: data[n] for n in names}]
+
+
+def run(sess, feeds) -> list[np.ndarray]:
+    try:
+        return sess.run(None, feeds)
+    except Exception as e:
+        raise OnnxPruneError(f"onnxruntime failed to run the model: {str(e).splitlines()[0][:300]}") from None
+
+
+def compare(reference: onnx.ModelProto, candidate: onnx.ModelProto, inputs: list[dict] | None = None,
+            atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL, seed: int = 0, batches: int = 2) -> ParityReport:
+    if inputs is None:
+        inputs = [random_inputs(reference, seed + b) for b in range(batches)]
+    ref_sess, cand_sess = session(reference), session(candidate)
+    names = [o.name for o in ref_sess.get_outputs()]
+    if names != [o.name for o in cand_sess.get_outputs()]:
+        raise OnnxPruneError("the two models have different outputs: " f"{names} vs {[o.name for o in cand_sess.get_outputs()]}")
+    ref_out = [run(ref_sess, f) for f in inputs]
+    cand_out = [run(cand_sess, f) for f in inputs]
+    report = ParityReport(atol, rtol, len(inputs))
+    for k, name in enumerate(names):
+        a = np.concatenate([np.asarray(r[k], np.float64).reshape(1, -1) for r in cand_out], axis=1)
+        b = np.concatenate([np.asarray(r[k], np.float64).reshape(1, -1) for r in ref_out], axis=1)
+        report.outputs.append(diff(name, np.shape(ref_out[0][k]), a, b, atol, rtol, [(c[k], r[k]) for c, r in zip(cand_out, ref_out)]))
+    return report
+
+
+def diff(name, shape, a, b, atol, rtol, pairs=()) -> OutputDiff:
+    if a.shape != b.shape:
+        return OutputDiff(name, shape, float("inf"), float("inf"), float("inf"), False)
+    err = np.abs(a - b)
+    both_nan = np.isnan(a) & np.isnan(b)
+    err = np.where(both_nan, 0.0, err)
+    scale = np.abs(b)
+    rel = err / np.maximum(scale, np.finfo(np.float64).tiny)
+    over_rtol = err > rtol * scale
+    atol_needed = float(err[over_rtol].max()) if over_rtol.any() else 0.0
+    passed = not bool(np.any(np.isnan(err)) or np.any((err > atol) & over_rtol))
+    top1 = None
+    if len(shape) == 2 and shape[1] > 1:
+        agree = [np.mean(np.argmax(c, axis=1) == np.argmax(r, axis=1)) for c, r in pairs]
+        top1 = float(np.mean(agree)) if agree else None
+    return OutputDiff(name, tuple(shape), float(err.max(initial=0)), float(rel.max(initial=0)), atol_needed, passed, top1)

@@ -1,0 +1,38 @@
+"""Propagate constant channels into the layers that read them.
+
+A channel whose producers are all zero filters (or BN with γ = 0 ...) carries a known constant v
+(the bias, pushed through BN, activations, residual adds ...). Each layer that reads it adds its
+exact contribution W[:, c]·v to its bias — or, for zero-padded k×k convs, the exact border-aware
+map — and zeroes column c. The function is unchanged and the channel becomes unread, so
+remove_channels can drop it. Done only for classes whose every reader can absorb exactly.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+from ..channels.core import build_channel_graph
+from ..channels.rules import rule_for
+from ..channels.verdict import ABSORB, judge
+from ..graph import Graph
+from .base import Context
+
+PASS = "propagate_constants"
+
+
+def propagate_constants(g: Graph, ctx: Context) -> bool:
+    cg = build_channel_graph(g, ctx.pins)
+    items = defaultdict(list)
+    for cls in cg.classes().values():
+        if judge(cls, cg).kind != ABSORB:
+            continue
+        for r in cls.reads:
+            if not r.zero:
+                items[r.node].append((r.index, float(cg.values[r.tensor][r.index])))
+    for name, absorbed in items.items():
+        node = cg.nodes[name]
+        rule_for(node).absorb(node, g, cg, sorted(absorbed))
+        ctx.log(PASS, "absorb", name, f"{len(absorbed)} constant input channel(s) folded into the bias")
+    if items:
+        g.invalidate_shapes()
+    return bool(items)

@@ -1,0 +1,62 @@
+"""Remove dead channels: every class that no layer reads with a non-zero weight and that nothing
+pins disappears from all its slots at once — producer rows, consumer columns, BN parameters,
+per-channel constants, split sizes, reshape shapes, flatten→Gemm columns, depthwise groups."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..channels.core import ChannelGraph, build_channel_graph
+from ..channels.rules import NonRectangular, new_dims, rule_for
+from ..channels.verdict import UNREAD, judge
+from ..graph import Graph
+from .base import Context
+
+PASS = "remove_channels"
+
+
+def remove_channels(g: Graph, ctx: Context) -> bool:
+    cg = build_channel_graph(g, ctx.pins)
+    classes = cg.classes()
+    doomed = {root for root, cls in classes.items() if judge(cls, cg).kind == UNREAD}
+    keep = _keep_lists(cg, doomed, ctx)
+    if not keep:
+        return False
+    for node in g.nodes:
+        rule_for(node).rewrite(node, g, cg, keep)
+    for name, kept in keep.items():
+        producer = g.producers().get(name)
+        if producer is not None and producer.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul") and name == producer.output[0]:
+            ctx.log(PASS, "remove", producer.name, f"{cg.spaces[name].size - len(kept)} of {cg.spaces[name].size} output channels")
+    g.invalidate_shapes()
+    return True
+
+
+def _keep_lists(cg: ChannelGraph, doomed: set[int], ctx: Context) -> dict[str, np.ndarray]:
+    """Slots to keep per tensor; spares the classes whose removal is impossible to express
+    (a tensor left with no channel, a split channel range that would not stay a box)."""
+    roots = cg.roots()
+    while doomed:
+        dead = np.isin(roots, np.fromiter(doomed, np.int64))
+        spared = set()
+        keep = {}
+        for name, sp in cg.spaces.items():
+            d = dead[sp.base: sp.base + sp.size]
+            if not d.any():
+                continue
+            kept = np.flatnonzero(~d)
+            if kept.size == 0:
+                spared.add(int(roots[sp.base]))  # keep one channel: an empty tensor is not a layer
+                ctx.log(PASS, "spare", name, "last channel kept")
+                continue
+            try:
+                new_dims(sp, kept)
+            except NonRectangular:
+                spared |= {int(r) for r in roots[sp.base: sp.base + sp.size][d]}
+                ctx.log(PASS, "spare", name, "removal would break a split channel range (shuffle)")
+                continue
+            keep[name] = kept
+        if not spared:
+            return keep
+        doomed -= spared
+    return {}

@@ -1,0 +1,168 @@
+"""Before/after statistics, per-layer channel counts and the channel-class summary; text and JSON."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from .graph import Graph, attrs, default_opset, static_shapes
+
+LAYERS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+@dataclass
+class ModelStats:
+    ops: dict[str, int]
+    params: int
+    macs: int
+    size_bytes: int
+    opset: int
+    layers: dict[str, tuple[int, int]]  # layer name -> (in channels, out channels)
+
+    @classmethod
+    def of(cls, model: onnx.ModelProto) -> "ModelStats":
+        shapes = static_shapes(model)
+        inits = {t.name: t for t in model.graph.initializer}
+        params = sum(int(np.prod(t.dims)) for t in model.graph.initializer)
+        ops = Counter(n.op_type for n in model.graph.node)
+        macs, layers = 0, {}
+        for n in model.graph.node:
+            if n.op_type in LAYERS and len(n.input) > 1 and n.input[1] in inits:
+                m, io = layer_macs(n, shapes, list(inits[n.input[1]].dims))
+                macs += m
+                layers[n.name] = io
+        return cls(dict(sorted(ops.items())), params, macs, model.ByteSize(), default_opset(model), layers)
+
+
+def layer_macs(node, shapes, w) -> tuple[int, tuple[int, int]]:
+    out = shapes.get(node.output[0])
+    a = attrs(node)
+    static = out is not None and all(d is not None for d in out)
+    if node.op_type == "Conv":
+        g = int(a.get("group", 1))
+        io = (w[1] * g, w[0])
+        macs = int(np.prod(out)) * w[1] * int(np.prod(w[2:])) if static else 0
+    elif node.op_type == "ConvTranspose":
+        g = int(a.get("group", 1))
+        inp = shapes.get(node.input[0])
+        io = (w[0], w[1] * g)
+        ok = inp is not None and all(d is not None for d in inp)
+        macs = int(np.prod(inp)) * w[1] * int(np.prod(w[2:])) if ok else 0
+    elif node.op_type == "Gemm":
+        trans_b = int(a.get("transB", 0))
+        io = (w[1], w[0]) if trans_b else (w[0], w[1])
+        macs = int(np.prod(out)) * io[0] if static else 0
+    else:  # MatMul with a 2-D constant
+        io = (w[0], w[-1])
+        macs = int(np.prod(out)) * w[0] if static else 0
+    return macs, io
+
+
+@dataclass
+class Report:
+    before: ModelStats
+    after: ModelStats
+    seconds: float
+    events: list
+    classes: dict = field(default_factory=dict)
+    parity: object = None
+
+    @classmethod
+    def build(cls, original, result, events, seconds, classes) -> "Report":
+        return cls(ModelStats.of(original), ModelStats.of(result), seconds, list(events), classes)
+
+    def changed_layers(self) -> list[tuple[str, tuple[int, int], tuple[int, int] | None]]:
+        rows = []
+        for name, io in self.before.layers.items():
+            new = self.after.layers.get(name)
+            if new != io:
+                rows.append((name, io, new))
+        return rows
+
+    def table(self, verbose: bool = False) -> str:
+        b, a = self.before, self.after
+        ops = sorted(set(b.ops) | set(a.ops))
+
+        def ratio(x, y):
+            return f"{y / x:.2f}x" if x else "-"
+
+        rows = [
+            ("nodes", sum(b.ops.values()), sum(a.ops.values())),
+            ("parameters", b.params, a.params),
+            ("MACs", b.macs, a.macs),
+            ("file size (bytes)", b.size_bytes, a.size_bytes),
+            ("opset", b.opset, a.opset),
+        ]
+        lines = [f"{'':28}{'before':>14}{'after':>14}{'ratio':>9}"]
+        for label, x, y in rows:
+            lines.append(f"{label:28}{x:>14,}{y:>14,}{ratio(x, y) if label != 'opset' else '':>9}")
+        for op in ops:
+            x, y = b.ops.get(op, 0), a.ops.get(op, 0)
+            if verbose or x != y:
+                lines.append(f"  {op:26}{x:>14}{y:>14}")
+        lines.append(f"{'time (s)':28}{self.seconds:>28.2f}")
+        counts = Counter(e.what for e in self.events)
+        lines.append(
+            f"BN folded: {counts.get('fold_bn', 0)}   constants absorbed into: {counts.get('absorb', 0)} layer(s)   "
+            f"layers shrunk: {len(self.changed_layers())}"
+        )
+        if self.classes:
+            c = self.classes
+            lines.append(f"channel classes: {c['total']} ({', '.join(f'{k} {v}' for k, v in c['by_kind'].items())})")
+            for reason, n in c.get("blocked", {}).items():
+                lines.append(f"  kept ({n}): {reason}")
+        if verbose:
+            lines.append("channels per layer (in, out): before -> after")
+            for name, old, new in self.changed_layers():
+                lines.append(f"  {name:40} {old} -> {new if new else 'removed'}")
+            if self.classes:
+                for reason, n in self.classes.get("pinned", {}).items():
+                    lines.append(f"  pinned ({n}): {reason}")
+        if self.parity is not None:
+            lines.append(f"parity (onnxruntime, atol {self.parity.atol:g}, rtol {self.parity.rtol:g}, {self.parity.batches} batches): "
+                         + ("PASS" if self.parity.passed else "FAIL"))
+            lines.extend("  " + line for line in self.parity.lines())
+        return "\n".join(lines)
+
+    def as_dict(self) -> dict:
+        return {
+            "before": self.before.__dict__, "after": self.after.__dict__, "seconds": self.seconds,
+            "layers_changed": [{"name": n, "before": list(o), "after": list(a) if a else None} for n, o, a in self.changed_layers()],
+            "events": [e.__dict__ for e in self.events],
+            "classes": self.classes,
+            "parity": self.parity.as_dict() if self.parity is not None else None,
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.as_dict(), indent=2, default=lambda o: list(o) if isinstance(o, tuple) else str(o))
+
+
+def channel_summary(model: onnx.ModelProto, pins=()) -> dict:
+    """Count channel classes by verdict and group the pin / keep reasons (for reports and inspect)."""
+    from .channels.core import build_channel_graph
+    from .channels.verdict import BLOCKED, PINNED, judge
+
+    g = Graph(model)
+    cg = build_channel_graph(g, set(pins))
+    by_kind, pinned, blocked = Counter(), Counter(), Counter()
+    for cls in cg.classes().values():
+        v = judge(cls, cg)
+        by_kind[v.kind] += 1
+        if v.kind == PINNED:
+            pinned[_generic(v.reason)] += 1
+        elif v.kind == BLOCKED:
+            blocked[v.reason] += 1
+    return {
+        "total": sum(by_kind.values()),
+        "by_kind": dict(by_kind.most_common()),
+        "pinned": dict(pinned.most_common()),
+        "blocked": dict(blocked.most_common(10)),
+    }
+
+
+def _generic(reason: str) -> str:
+    return reason

@@ -1,0 +1,68 @@
+"""The simplify pipeline: cleanup → fold BN → (propagate constants → remove dead channels →
+cleanup) to a fixed point → parity gate."""
+
+from __future__ import annotations
+
+import time
+
+import onnx
+
+from .errors import ParityError
+from .graph import Graph, load_model
+from .parity import DEFAULT_ATOL, DEFAULT_RTOL, compare
+from .passes.base import Context, run_to_fixed_point
+from .passes.cleanup import cleanup
+from .passes.fold_bn import fold_bn as fold_bn_pass
+from .passes.propagate_constants import propagate_constants
+from .passes.remove_channels import remove_channels
+from .report import Report, channel_summary
+
+
+def simplify(model, *, fold_bn: bool = True, propagate: bool = True, remove: bool = True,
+             pins=(), check: bool = True, inputs: list[dict] | None = None,
+             atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL, seed: int = 0,
+             verbose: bool = False) -> tuple[onnx.ModelProto, Report]:
+    """Simplify a pruned model (a path or a ModelProto; never modified).
+
+    Returns the new model and a Report. With `check` (the default) the result is compared with
+    the input on onnxruntime and ParityError (carrying the report) is raised if they differ."""
+    original = load_model(model)
+    start = time.perf_counter()
+    g = Graph(load_model(original))
+    _name_nodes(g)
+    ctx = Context(pins=set(pins), verbose=verbose)
+    unknown = sorted(set(pins) - _tensor_names(g))
+    if unknown:
+        from .errors import OnnxPruneError
+        raise OnnxPruneError(f"--pin: no tensor named {', '.join(unknown)} in the model")
+    cleanup(g, ctx)
+    if fold_bn:
+        fold_bn_pass(g, ctx)
+    passes = ([propagate_constants] if propagate else []) + ([remove_channels] if remove else [])
+    if passes:
+        run_to_fixed_point(passes + [cleanup], g, ctx)
+    result = g.to_model()
+    del result.graph.value_info[:]
+    seconds = time.perf_counter() - start
+    report = Report.build(original, result, ctx.events, seconds, channel_summary(result, ctx.pins))
+    if check:
+        report.parity = compare(original, result, inputs=inputs, atol=atol, rtol=rtol, seed=seed)
+        if not report.parity.passed:
+            err = ParityError("simplified model differs from the input: " + "; ".join(
+                line for line in report.parity.lines() if line.startswith("FAIL")))
+            err.report, err.model = report, result
+            raise err
+    return result, report
+
+
+def _name_nodes(g: Graph) -> None:
+    """Passes refer to nodes by name: make every name present and unique."""
+    seen = set()
+    for i, node in enumerate(g.g.node):
+        if not node.name or node.name in seen:
+            node.name = g.fresh_name(f"{node.op_type}_{i}")
+        seen.add(node.name)
+
+
+def _tensor_names(g: Graph) -> set[str]:
+    return {n for node in g.g.node for n in list(node.input) + list(node.output)} | set(g.input_names)
