@@ -261,11 +261,11 @@ def _subgraph_inputs(node: onnx.NodeProto):
                 yield from _subgraph_inputs(n)
 
 
-def topo_sort(g: onnx.GraphProto) -> None:
+def topo_sort(g: onnx.GraphProto, constants=()) -> None:
     """Sort nodes topologically in place (ONNX requires it; passes that insert nodes rely on it)."""
     nodes = list(g.node)
     produced = _all_outputs(nodes)
-    available = {i.name for i in g.input} | {t.name for t in g.initializer} | {""}
+    available = {i.name for i in g.input} | {t.name for t in g.initializer} | set(constants) | {""}
     done: list[onnx.NodeProto] = []
     pending = nodes
     while pending:

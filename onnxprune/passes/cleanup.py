@@ -20,7 +20,7 @@ def cleanup(g: Graph, ctx: Context) -> bool:
     changed |= remove_identities(g, ctx)
     changed |= fold_constants(g, ctx)
     changed |= remove_dead_nodes(g)
-    topo_sort(g.g)
+    topo_sort(g.g, g.inits)
     return changed
 
 

@@ -1,0 +1,53 @@
+"""Masks that make zeros in PyTorch models (weights only: biases and BN stay, so that the constant
+outputs of zeroed filters are really exercised)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def _layers(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+
+
+@torch.no_grad()
+def zero_random_filters(model: nn.Module, fraction: float = 0.5, seed: int = 0, keep_classifier: bool = True) -> int:
+    """Zero a random `fraction` of the output filters of every Conv2d/Linear; returns how many."""
+    gen = torch.Generator().manual_seed(seed)
+    layers = _layers(model)
+    if keep_classifier and layers and isinstance(layers[-1], nn.Linear):
+        layers = layers[:-1]
+    total = 0
+    for m in layers:
+        n = m.weight.shape[0]
+        k = int(n * fraction)
+        idx = torch.randperm(n, generator=gen)[:k]
+        m.weight[idx] = 0
+        total += k
+    return total
+
+
+@torch.no_grad()
+def zero_upper_half(model: nn.Module, keep_classifier: bool = True) -> None:
+    """Zero the upper half of every layer's filters (per group for grouped convs): with the
+    models/ zoo at its default width, what survives is exactly the half-width model."""
+    layers = _layers(model)
+    if keep_classifier and layers and isinstance(layers[-1], nn.Linear):
+        layers = layers[:-1]
+    for m, nxt in zip(layers, layers[1:] + [None]):
+        # a grouped conv removes channels by group-local index: its own outputs, and the outputs
+        # of the layer feeding it, are halved inside each group
+        groups = max(_grouping(m), _grouping(nxt))
+        per_group = m.weight.shape[0] // groups
+        w = m.weight.view(groups, per_group, *m.weight.shape[1:])
+        w[:, per_group // 2:] = 0
+
+
+def _grouping(m) -> int:
+    grouped = isinstance(m, nn.Conv2d) and m.groups > 1 and m.in_channels // m.groups > 1
+    return m.groups if grouped else 1
+
+
+def conv_linear_weight_count(model: nn.Module) -> int:
+    return sum(m.weight.numel() for m in _layers(model))

@@ -1,0 +1,79 @@
+"""The Python API; mirrors the CLI (`onnxprune simplify | check | inspect`)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import OnnxPruneError
+from .graph import load_model, save_model
+from .parity import DEFAULT_ATOL, DEFAULT_RTOL, ParityReport, compare, load_inputs
+from .report import ModelStats, Report, channel_summary
+from .simplify import simplify
+
+
+def _inputs(inputs, model):
+    if inputs is None or isinstance(inputs, list):
+        return inputs
+    if isinstance(inputs, dict):
+        return [inputs]
+    return load_inputs(inputs, model)
+
+
+def simplify_file(src, dst, *, check: bool = True, inputs=None, progress=None, **options) -> Report:
+    """Simplify the model at `src` and write it atomically to `dst` (only if it passes the check)."""
+    say = progress or (lambda msg: None)
+    if Path(dst).resolve() == Path(src).resolve():
+        raise OnnxPruneError(f"output {dst} is the input: the input file is never modified, choose another -o")
+    model = load_model(src)
+    say(f"loaded {src}: {len(model.graph.node)} nodes")
+    t = time.perf_counter()
+    result, report = simplify(model, check=check, inputs=_inputs(inputs, model), **options)
+    say(f"simplified in {time.perf_counter() - t:.2f} s" + (", parity checked" if check else " (parity check skipped)"))
+    save_model(result, dst)
+    say(f"wrote {dst}")
+    return report
+
+
+def check(reference, candidate, *, inputs=None, atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL,
+          seed: int = 0) -> ParityReport:
+    """Compare two models (paths or ModelProtos) on onnxruntime."""
+    ref, cand = load_model(reference), load_model(candidate)
+    return compare(ref, cand, inputs=_inputs(inputs, ref), atol=atol, rtol=rtol, seed=seed)
+
+
+@dataclass
+class Inspection:
+    stats: ModelStats
+    classes: dict
+
+    def text(self, verbose: bool = False) -> str:
+        s = self.stats
+        lines = [f"opset {s.opset}, {sum(s.ops.values())} nodes, {s.params:,} parameters, {s.macs:,} MACs, {s.size_bytes:,} bytes"]
+        lines.append("ops: " + ", ".join(f"{k} {v}" for k, v in s.ops.items()))
+        c = self.classes
+        lines.append(f"channel classes: {c['total']} ({', '.join(f'{k} {v}' for k, v in c['by_kind'].items())})")
+        lines.extend(f"  pinned ({n}): {r}" for r, n in c["pinned"].items())
+        lines.extend(f"  kept ({n}): {r}" for r, n in c["blocked"].items())
+        if verbose:
+            lines.append("layers (in, out channels):")
+            lines.extend(f"  {name:40} {io}" for name, io in s.layers.items())
+        return "\n".join(lines)
+
+    def as_dict(self) -> dict:
+        return {"stats": self.stats.__dict__, "classes": self.classes}
+
+
+def inspect(model, pins=()) -> Inspection:
+    from .graph import Graph
+    from .passes.base import Context
+    from .passes.cleanup import cleanup
+
+    m = load_model(model)
+    g = Graph(load_model(m))
+    cleanup(g, Context())  # Constant nodes and Identities would otherwise hide the structure
+    return Inspection(ModelStats.of(m), channel_summary(g.to_model(), pins))
+
+
+__all__ = ["simplify", "simplify_file", "check", "inspect"]

@@ -1,0 +1,61 @@
+"""Parity PyTorch <-> onnxruntime for the simplified zoo models, under random and group-consistent masks."""
+
+import numpy as np
+import pytest
+import torch
+
+from models import ZOO, build, example_input
+from models.masks import conv_linear_weight_count, zero_random_filters, zero_upper_half
+from onnxprune import simplify
+
+from .zoo_util import assert_matches_torch, export, layer_weight_count, run_ort
+
+# dynamo export takes seconds per model: three representative models in CI, all with ONNXPRUNE_SLOW=1
+DYNAMO_IN_CI = {"resnet18", "mobilenet_v2", "shufflenet_v2"}
+
+
+def cases():
+    for name in ZOO:
+        for mode in ("ts_folded", "ts_bn", "dynamo"):
+            marks = [pytest.mark.slow] if mode == "dynamo" and name not in DYNAMO_IN_CI else []
+            yield pytest.param(name, mode, marks=marks, id=f"{name}-{mode}")
+
+
+@pytest.mark.parametrize("name,mode", list(cases()))
+def test_random_half_of_filters_zeroed(name, mode):
+    """50% of every layer's filters zeroed at random (weights only): exact, and MACs drop."""
+    model = build(name)
+    zero_random_filters(model, 0.5, seed=1)
+    x = example_input(name)
+    with torch.no_grad():
+        ref = model(x).numpy()
+    small, report = simplify(export(model, x, mode))
+    assert_matches_torch(run_ort(small, x.numpy()), ref, rel=1e-4)
+    assert report.after.macs < report.before.macs
+
+
+@pytest.mark.parametrize("name,mode", [(n, m) for n in ZOO for m in ("ts_folded", "ts_bn")])
+def test_group_consistent_masks_give_the_half_width_model(name, mode):
+    """Zeroing the upper half of every class (all its producers) removes exactly those channels:
+    the Conv/Gemm weight count equals that of the independently built half-width model."""
+    model = build(name)
+    zero_upper_half(model)
+    x = example_input(name)
+    with torch.no_grad():
+        ref = model(x).numpy()
+    small, report = simplify(export(model, x, mode))
+    assert_matches_torch(run_ort(small, x.numpy()), ref, rel=1e-4)
+    half = build(name, width=ZOO[name].width / 2)
+    assert layer_weight_count(small) == conv_linear_weight_count(half)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2"])
+def test_unpruned_model_only_loses_batchnorm(name):
+    """Nothing zeroed: simplify folds BN and must not change any layer's channels."""
+    model = build(name)
+    x = example_input(name)
+    small, report = simplify(export(model, x, "ts_bn"))
+    assert report.changed_layers() == []
+    assert "BatchNormalization" not in report.after.ops
+    with torch.no_grad():
+        assert_matches_torch(run_ort(small, x.numpy()), model(x).numpy(), rel=1e-4)
