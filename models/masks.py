@@ -3,6 +3,8 @@ outputs of zeroed filters are really exercised)."""
 
 from __future__ import annotations
 
+import re
+
 import torch
 from torch import nn
 
@@ -35,13 +37,26 @@ def zero_upper_half(model: nn.Module, keep_classifier: bool = True) -> None:
     layers = _layers(model)
     if keep_classifier and layers and isinstance(layers[-1], nn.Linear):
         layers = layers[:-1]
-    for m, nxt in zip(layers, layers[1:] + [None]):
-        # a grouped conv removes channels by group-local index: its own outputs, and the outputs
-        # of the layer feeding it, are halved inside each group
-        groups = max(_grouping(m), _grouping(nxt))
+    # a grouped conv removes channels by group-local index: its own outputs, the outputs of the
+    # layer feeding it and the SE gate over its outputs are halved inside each group
+    groups_of = {id(m): max(_grouping(m), _grouping(nxt)) for m, nxt in zip(layers, layers[1:] + [None])}
+    for se in model.modules():
+        if hasattr(se, "fc1") and hasattr(se, "fc2") and se.fc1 in layers and layers.index(se.fc1) > 0:
+            groups_of[id(se.fc2)] = groups_of[id(layers[layers.index(se.fc1) - 1])]
+    for name, m in model.named_modules():
+        if m in layers and _SHUFFLE_PAIRS.search(name):
+            groups_of[id(m)] = 2
+    for m in layers:
+        groups = groups_of[id(m)]
         per_group = m.weight.shape[0] // groups
         w = m.weight.view(groups, per_group, *m.weight.shape[1:])
         w[:, per_group // 2:] = 0
+
+
+# ShuffleNetV2 splits the *shuffled* tensor in halves: a channel of the half model sits in the
+# lower half of each half. So the layers writing into the shuffle (and the depthwise conv of a
+# stage's first block, which reads a shuffled tensor) are halved inside each of 2 groups.
+_SHUFFLE_PAIRS = re.compile(r"(branch1\.1\.0|branch2\.2\.0)$|stages\.[1-9]\d*\.0\.branch1\.0\.0$")
 
 
 def _grouping(m) -> int:

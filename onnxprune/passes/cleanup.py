@@ -18,6 +18,7 @@ FOLD_LIMIT = 1 << 22  # don't materialize constant outputs above 4M elements
 def cleanup(g: Graph, ctx: Context) -> bool:
     changed = constants_to_initializers(g)
     changed |= remove_identities(g, ctx)
+    changed |= fold_static_shapes(g, ctx)
     changed |= fold_constants(g, ctx)
     changed |= remove_dead_nodes(g)
     topo_sort(g.g, g.inits)
@@ -66,6 +67,30 @@ def remove_identities(g: Graph, ctx: Context) -> bool:
             g.rename_input_everywhere(dst, src)
         g.remove_node(node)
         ctx.log(PASS, "remove", node.name or node.op_type, node.op_type)
+        changed = True
+    return changed
+
+
+def fold_static_shapes(g: Graph, ctx: Context) -> bool:
+    """Shape / Size of a tensor whose shape is fully static is a constant (exporters emit them
+    for x.view(x.size(0), ...)); folding them lets the reshapes they feed be understood."""
+    targets = [n for n in g.nodes if n.op_type in ("Shape", "Size") and n.domain in ("", "ai.onnx")]
+    if not targets:
+        return False
+    g.invalidate_shapes()
+    changed = False
+    for node in targets:
+        shape = g.shapes.get(node.input[0])
+        if shape is None or any(d is None for d in shape) or node.output[0] in g.output_names:
+            continue
+        if node.op_type == "Size":
+            value = np.array(int(np.prod(shape, dtype=np.int64)), dtype=np.int64)
+        else:
+            a = {x.name: helper.get_attribute_value(x) for x in node.attribute}
+            value = np.array(shape[a.get("start", 0): a.get("end", len(shape))], dtype=np.int64)
+        g.inits[node.output[0]] = value
+        g.remove_node(node)
+        ctx.log(PASS, "fold", node.name or node.op_type, node.op_type)
         changed = True
     return changed
 
