@@ -44,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--sparsity", type=float, default=0.5, help="fraction of filters zeroed per layer (default %(default)s)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--threads", type=int, default=1, help="onnxruntime threads for timing (default %(default)s)")
+    d.add_argument("--scale", type=float, default=4, help="width and input size relative to the zoo's test size (default %(default)s)")
     d.add_argument("--out", metavar="DIR", help="keep the exported and simplified models in DIR")
 
     s = sub.add_parser("simplify", help="fold BN, propagate constants, remove dead channels, check parity",
@@ -126,7 +127,7 @@ def cmd_demo(args) -> int:
     if args.list:
         print("\n".join(list_models()))
         return 0
-    print(run_demo(args.model, sparsity=args.sparsity, seed=args.seed, threads=args.threads, out_dir=args.out, progress=_progress))
+    print(run_demo(args.model, sparsity=args.sparsity, seed=args.seed, threads=args.threads, out_dir=args.out, progress=_progress, scale=args.scale))
     return 0
 
 

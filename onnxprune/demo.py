@@ -33,11 +33,30 @@ def export(model, x, fold: bool = False) -> onnx.ModelProto:
     return onnx.load_from_string(buf.getvalue())
 
 
-def run_demo(name: str = "mobilenet_v2", sparsity: float = 0.5, seed: int = 0, threads: int = 1,
-             out_dir: str | None = None, progress=None) -> str:
+def scaled_model(name: str, scale: float, seed: int):
+    """The zoo model `scale` times wider, on a `scale` times larger input where it accepts one
+    (models that flatten a fixed-size map into a Linear keep their input size)."""
     import torch
 
     from models import ZOO, build, example_input
+
+    spec = ZOO[name]
+    model = build(name, width=spec.width * scale, seed=seed)
+    x = example_input(name, seed)
+    big = torch.nn.functional.interpolate(x, scale_factor=scale) if scale != 1 else x
+    try:
+        with torch.no_grad():
+            model(big)
+        return model, big
+    except RuntimeError:
+        return model, x
+
+
+def run_demo(name: str = "mobilenet_v2", sparsity: float = 0.5, seed: int = 0, threads: int = 1,
+             out_dir: str | None = None, progress=None, scale: float = 4) -> str:
+    import torch
+
+    from models import ZOO
     from models.masks import zero_random_filters
 
     say = progress or (lambda msg: None)
@@ -46,8 +65,7 @@ def run_demo(name: str = "mobilenet_v2", sparsity: float = 0.5, seed: int = 0, t
     if not 0 <= sparsity < 1:
         raise OnnxPruneError(f"--sparsity must be in [0, 1), got {sparsity}")
     t0 = time.perf_counter()
-    model = build(name, seed=seed)
-    x = example_input(name, seed)
+    model, x = scaled_model(name, scale, seed)
     dense = export(model, x)
     n = zero_random_filters(model, sparsity, seed)
     say(f"{name}: zeroed {n} filters ({sparsity:.0%} of every layer but the classifier), exported to ONNX")

@@ -34,24 +34,7 @@ def test_random_half_of_filters_zeroed(name, mode):
     assert report.after.macs < report.before.macs
 
 
-KNOWN_GAPS = {
-    # AvgPool(3, stride 1, pad 1, count_include_pad) turns a constant channel into an input-independent
-    # but non-uniform map; readers can only absorb uniform constants so far, so the class is kept.
-    "inception": "constant through a padded AveragePool becomes a map: not absorbed yet",
-    # chunk-after-shuffle: the upper half of every producer is not the half-width model's layout, and
-    # the hand-written mask in models/masks.py does not reproduce it exactly yet.
-    "shufflenet_v2": "hand-written half mask does not match the half model's layout after chunk(shuffle(x))",
-}
-
-
-def half_cases():
-    for n in ZOO:
-        for m in ("ts_folded", "ts_bn"):
-            marks = [pytest.mark.xfail(strict=True, reason=KNOWN_GAPS[n])] if n in KNOWN_GAPS else []
-            yield pytest.param(n, m, marks=marks, id=f"{n}-{m}")
-
-
-@pytest.mark.parametrize("name,mode", list(half_cases()))
+@pytest.mark.parametrize("name,mode", [(n, m) for n in ZOO for m in ("ts_folded", "ts_bn")])
 def test_group_consistent_masks_give_the_half_width_model(name, mode):
     """Zeroing the upper half of every class (all its producers) removes exactly those channels:
     the Conv/Gemm weight count equals that of the independently built half-width model."""

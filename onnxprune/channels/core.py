@@ -59,7 +59,10 @@ class ChannelGraph:
         self.parent: list[int] = []
         self.slot_owner: list[str] = []       # slot id -> tensor name
         self.pin_reasons: dict[int, str] = {}
+        # per slot: a uniform constant (values, NaN = unknown) or an input-independent but
+        # non-uniform map over the other axes (maps: tensor -> slot -> array of rest_shape)
         self.values: dict[str, np.ndarray] = {}
+        self.maps: dict[str, dict[int, np.ndarray]] = {}
         self.reads: list[Read] = []
         self.nodes: dict[str, onnx.NodeProto] = {}
 
@@ -145,8 +148,56 @@ class ChannelGraph:
             out[int(roots[self.spaces[r.tensor].base + r.index])].reads.append(r)
         return out
 
-    def value(self, name: str) -> np.ndarray | None:
-        return self.values.get(name)
+    # --- known values ----------------------------------------------------------------
+    def known(self, name: str) -> np.ndarray:
+        k = ~np.isnan(self.values[name])
+        for slot in self.maps.get(name, {}):
+            k[slot] = True
+        return k
+
+    def value(self, name: str, k: int):
+        """A float (uniform constant), an array (input-independent map) or None (unknown)."""
+        m = self.maps.get(name, {}).get(k)
+        if m is not None:
+            return m
+        v = self.values[name][k]
+        return None if np.isnan(v) else float(v)
+
+    def rest_shape(self, name: str) -> tuple | None:
+        """Shape of one channel's values at batch 1: the tensor's shape without its channel axes."""
+        sp, shape = self.space(name), self.shape(name)
+        rest = tuple(1 if i == 0 else d for i, d in enumerate(shape) if i not in sp.axes)
+        return None if any(d is None for d in rest) else rest
+
+    def full_values(self, name: str) -> np.ndarray | None:
+        """The tensor at batch 1 with every known slot filled in (unknown slots 0)."""
+        sp, rest = self.space(name), self.rest_shape(name)
+        if rest is None:
+            return None
+        arr = np.zeros((sp.size,) + rest)
+        v = self.values[name]
+        arr[~np.isnan(v)] = v[~np.isnan(v)].reshape((-1,) + (1,) * len(rest))
+        for k, m in self.maps.get(name, {}).items():
+            arr[k] = m
+        arr = arr.reshape(sp.dims + rest)
+        return np.moveaxis(arr, tuple(range(len(sp.axes))), sp.axes)
+
+    def store(self, name: str, result: np.ndarray, known: np.ndarray) -> None:
+        """Record an evaluated batch-1 tensor: uniform channels as constants, the others as maps."""
+        sp = self.space(name)
+        per = np.moveaxis(np.asarray(result, np.float64), sp.axes, tuple(range(len(sp.axes)))).reshape(sp.size, -1)
+        lo, hi = per.min(axis=1), per.max(axis=1)
+        uniform = lo == hi
+        self.values[name] = np.where(known & uniform, lo, np.nan)
+        rest = self.rest_shape(name)
+        self.maps[name] = {int(k): per[k].reshape(rest) for k in np.flatnonzero(known & ~uniform)}
+
+    def take(self, src: str, dst: str, index: np.ndarray) -> None:
+        """dst slot i carries src slot index[i] (layout ops that keep the other axes as they are)."""
+        self.values[dst] = self.values[src][index]
+        src_maps = self.maps.get(src, {})
+        if src_maps:
+            self.maps[dst] = {i: src_maps[int(k)] for i, k in enumerate(index) if int(k) in src_maps}
 
 
 def build_channel_graph(g: Graph, pins: set[str] | frozenset = frozenset()) -> ChannelGraph:

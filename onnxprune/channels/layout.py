@@ -48,17 +48,25 @@ class Concat(Rule):
                 cg.pin_space(sp, reason)
 
     def values(self, node, cg):
-        sp_out = cg.space(node.output[0])
+        out = node.output[0]
+        sp_out = cg.space(out)
         if sp_out is None:
             return
-        parts = [cg.values.get(n, np.full(cg.space(n).size if cg.space(n) else 0, np.nan)) for n in node.input]
-        if _axis(node, cg.rank(node.output[0])) in sp_out.axes:
-            vals = np.concatenate(parts) if parts else np.array([])
-            cg.values[node.output[0]] = vals if vals.size == sp_out.size else np.full(sp_out.size, np.nan)
-        elif all(p.size == sp_out.size for p in parts):
-            stacked = np.stack(parts)
+        cg.values[out] = np.full(sp_out.size, np.nan)
+        parts = [n if cg.space(n) is not None else None for n in node.input]
+        if _axis(node, cg.rank(out)) in sp_out.axes:
+            offset = 0
+            for name in node.input:
+                n = cg.shape(name)[sp_out.axes[0]]
+                if cg.space(name) is not None and cg.space(name).size == n:
+                    cg.values[out][offset: offset + n] = cg.values[name]
+                    for k, m in cg.maps.get(name, {}).items():
+                        cg.maps.setdefault(out, {})[offset + k] = m
+                offset += n
+        elif all(p is not None for p in parts):  # joined along another axis: constant if all agree
+            stacked = np.stack([cg.values[p] for p in parts])
             same = np.all(stacked == stacked[0], axis=0)
-            cg.values[node.output[0]] = np.where(same, stacked[0], np.nan)
+            cg.values[out] = np.where(same, stacked[0], np.nan)
 
 
 class Split(Rule):
@@ -109,9 +117,9 @@ class Split(Rule):
             if sp_o is None:
                 continue
             if axis in sp.axes:
-                cg.values[o] = v[offset: offset + sp_o.size]
+                cg.take(node.input[0], o, np.arange(offset, offset + sp_o.size))
                 offset += sp_o.size
-            else:
+            else:  # split along another axis: uniform constants stay, maps would be cut
                 cg.values[o] = v.copy()
 
     def rewrite(self, node, g, cg, keep):
@@ -188,8 +196,10 @@ class Slice(Rule):
         if sp is None or sp_o is None:
             return
         i, s = self.channel_slice(node, cg)
-        v = cg.values[node.input[0]]
-        cg.values[node.output[0]] = v[s] if s is not None else v.copy()
+        if s is not None:
+            cg.take(node.input[0], node.output[0], np.arange(sp.size)[s])
+        else:  # sliced along another axis: uniform constants stay, maps would be cut
+            cg.values[node.output[0]] = cg.values[node.input[0]].copy()
 
     def rewrite(self, node, g, cg, keep):
         x = node.input[0]
@@ -268,8 +278,23 @@ class Reshape(Rule):
         sp, sp_o = cg.space(node.input[0]), cg.space(node.output[0])
         if sp is None or sp_o is None:
             return
-        m = reshape_channel_map(cg.shape(node.input[0]), sp, cg.shape(node.output[0]))
-        cg.values[node.output[0]] = cg.values[node.input[0]][m[1]]
+        x, out = node.input[0], node.output[0]
+        axes, mapping = reshape_channel_map(cg.shape(x), sp, cg.shape(out))
+        cg.values[out] = cg.values[x][mapping]
+        maps = cg.maps.get(x, {})
+        if not maps:
+            return
+        per = len(mapping) // sp.size  # output slots per input channel
+        rest = cg.rest_shape(out)
+        cg.maps[out] = {}
+        for k in range(len(mapping)):
+            m = maps.get(int(mapping[k]))
+            if m is None:
+                continue
+            if per == 1 and rest is not None and int(np.prod(rest)) == m.size:
+                cg.maps[out][k] = m.reshape(rest)
+            elif per == m.size:  # flatten: each output slot is one element of the map
+                cg.values[out][k] = m.reshape(-1)[k % per]
 
     def rewrite(self, node, g, cg, keep):
         out = node.output[0]
@@ -308,7 +333,15 @@ class Transpose(Rule):
     def values(self, node, cg):
         if cg.space(node.input[0]) is None or cg.space(node.output[0]) is None:
             return
-        cg.values[node.output[0]] = cg.values[node.input[0]][self.channel_map(node, cg)[1]]
+        x, out = node.input[0], node.output[0]
+        mapping = self.channel_map(node, cg)[1]
+        rank = cg.rank(x)
+        perm = list(attrs(node).get("perm", range(rank - 1, -1, -1)))
+        others = [a for a in perm if a not in cg.space(x).axes]
+        if others == sorted(others):  # the other axes keep their order: maps move with their slots
+            cg.take(x, out, mapping)
+        else:
+            cg.values[out] = cg.values[x][mapping]
 
 
 class Gather(Rule):
@@ -334,7 +367,7 @@ class Gather(Rule):
 
     def values(self, node, cg):
         if cg.space(node.output[0]) is not None:
-            cg.values[node.output[0]] = cg.values[node.input[0]][self.indices(node, cg)]
+            cg.take(node.input[0], node.output[0], self.indices(node, cg))
 
     def rewrite(self, node, g, cg, keep):
         x, out = node.input[0], node.output[0]

@@ -103,13 +103,28 @@ class Conv(Rule):
         b = _bias(cg.g, node, w.shape[0])
         row_zero = np.abs(w.reshape(w.shape[0], -1)).max(axis=1) == 0
         vals = np.where(row_zero, b, np.nan)
-        sp_in = cg.space(node.input[0])
-        if c_in_g == 1 and group > 1 and sp_in is not None:
-            v = np.repeat(cg.values[node.input[0]], m)
-            ok = ~np.isnan(v) & ((v == 0) | (not self.padded(node, w)))
-            through = v * w.reshape(w.shape[0], -1).astype(np.float64).sum(axis=1) + b
-            vals = np.where(ok & ~row_zero, through, vals)
         cg.values[node.output[0]] = vals
+        x = node.input[0]
+        if c_in_g == 1 and group > 1 and cg.space(x) is not None:
+            known = np.repeat(cg.known(x), m) & ~row_zero
+            if known.any():
+                try:  # depthwise over known channels: run it (padding turns constants into maps)
+                    cg.store(node.output[0], self.run_depthwise(node, cg, known, b, row_zero), known | row_zero)
+                except Exception:
+                    pass
+
+    def run_depthwise(self, node, cg, known_out, bias, row_zero) -> np.ndarray:
+        w, group, m, _ = self.geometry(cg.g, node)
+        x = node.input[0]
+        groups = np.flatnonzero(known_out.reshape(group, m).any(axis=1))
+        rows = (groups[:, None] * m + np.arange(m)).reshape(-1)
+        a = dict(attrs(node), group=len(groups))
+        conv = helper.make_node("Conv", ["x", "w"], ["y"], **a)
+        xs = cg.full_values(x)[:, groups]
+        res = evaluate(conv, {"x": xs, "w": w[rows].astype(np.float64)}, _REF_OPSET)[0]
+        out = np.zeros((1, w.shape[0]) + res.shape[2:])
+        out[0, rows] = res[0]
+        return out + bias.reshape((1, -1) + (1,) * (out.ndim - 2))
 
     def reads(self, node, cg):
         sp_in = cg.space(node.input[0])
@@ -124,22 +139,49 @@ class Conv(Rule):
 
     def absorb(self, node, g, cg, items):
         w, group, m, c_in_g = self.geometry(g, node)
-        kernel = np.zeros((w.shape[0], 1) + w.shape[2:])
         w_new = w.copy()
+        for k, _ in items:
+            grp, j = divmod(k, c_in_g)
+            w_new[grp * m:(grp + 1) * m, j] = 0
+        if not self.padded(node, w) and all(np.isscalar(v) for _, v in items):
+            vec, bias_map = self.uniform_contribution(w, group, m, c_in_g, items), None
+        else:
+            vec, bias_map = _uniform_or_map(self.contribution(node, cg, w, items))
+        g.set_input_const(node, 1, w_new)
+        _add_contribution(g, node, vec, bias_map, w.dtype)
+
+    @staticmethod
+    def uniform_contribution(w, group, m, c_in_g, items) -> np.ndarray:
+        vec = np.zeros(w.shape[0])
         for k, v in items:
             grp, j = divmod(k, c_in_g)
             rows = slice(grp * m, (grp + 1) * m)
-            kernel[rows, 0] += v * w[rows, j].astype(np.float64)
-            w_new[rows, j] = 0
-        if not self.padded(node, w):
-            vec, bias_map = kernel.reshape(w.shape[0], -1).sum(axis=1), None
+            vec[rows] += v * w[rows, j].reshape(m, -1).astype(np.float64).sum(axis=1)
+        return vec
+
+    @staticmethod
+    def contribution(node, cg, w, items) -> np.ndarray:
+        """Exactly what the absorbed input channels add to the output: the conv run on them alone."""
+        x = node.input[0]
+        group = int(attrs(node).get("group", 1))
+        spatial = tuple(cg.shape(x)[2:])
+        cols = [k for k, _ in items]
+        if group == 1:  # only the absorbed columns matter
+            xs = np.zeros((1, len(cols)) + spatial)
+            ws = w[:, cols].astype(np.float64)
+            for i, (_, v) in enumerate(items):
+                xs[0, i] = v if np.isscalar(v) else v[0]
         else:
-            a = {k: v for k, v in attrs(node).items() if k != "group"}
-            conv = helper.make_node("Conv", ["x", "w"], ["y"], **a)
-            ones = np.ones((1, 1) + tuple(cg.shape(node.input[0])[2:]))
-            vec, bias_map = _uniform_or_map(evaluate(conv, {"x": ones, "w": kernel}, _REF_OPSET)[0])
-        g.set_input_const(node, 1, w_new)
-        _add_contribution(g, node, vec, bias_map, w.dtype)
+            c_in_g = w.shape[1]
+            m = w.shape[0] // group
+            xs = np.zeros((1, group * c_in_g) + spatial)
+            ws = np.zeros(w.shape)
+            for k, v in items:
+                grp, j = divmod(k, c_in_g)
+                xs[0, k] = v if np.isscalar(v) else v[0]
+                ws[grp * m:(grp + 1) * m, j] = w[grp * m:(grp + 1) * m, j]
+        conv = helper.make_node("Conv", ["x", "w"], ["y"], **attrs(node))
+        return evaluate(conv, {"x": xs, "w": ws}, _REF_OPSET)[0]
 
     def rewrite(self, node, g, cg, keep):
         w, group, m, c_in_g = self.geometry(g, node)
@@ -162,15 +204,18 @@ class Conv(Rule):
             _write_bias(g, node, b, w.dtype)
 
 
-def _reads(node, cg, col_max, exact_anywhere: bool, why_not: str) -> list[Read]:
+def _reads(node, cg, col_max, exact_anywhere: bool, why_not: str, maps_ok: bool = True) -> list[Read]:
     x = node.input[0]
-    values = cg.values[x]
     out = []
     for k in range(len(col_max)):
-        v = values[k]
-        known = not np.isnan(v)
-        absorbable = known and (v == 0 or exact_anywhere)
-        out.append(Read(node.name, x, k, bool(col_max[k] == 0), absorbable, "" if absorbable or not known else why_not))
+        v = cg.value(x, k)
+        if v is None:
+            absorbable, why = False, ""
+        elif np.isscalar(v):
+            absorbable, why = v == 0 or exact_anywhere, why_not
+        else:
+            absorbable, why = maps_ok, f"{node.op_type} cannot absorb an input-independent map"
+        out.append(Read(node.name, x, k, bool(col_max[k] == 0), bool(absorbable), "" if absorbable else why))
     return out
 
 
@@ -213,14 +258,14 @@ class ConvTranspose(Rule):
 
     def absorb(self, node, g, cg, items):
         w = g.inits[node.input[1]]
-        kernel = np.zeros((1,) + w.shape[1:])
         w_new = w.copy()
-        for k, v in items:
-            kernel[0] += v * w[k].astype(np.float64)
-            w_new[k] = 0
+        cols = [k for k, _ in items]
+        w_new[cols] = 0
+        xs = np.zeros((1, len(cols)) + tuple(cg.shape(node.input[0])[2:]))
+        for i, (_, v) in enumerate(items):
+            xs[0, i] = v if np.isscalar(v) else v[0]
         convt = helper.make_node("ConvTranspose", ["x", "w"], ["y"], **attrs(node))
-        ones = np.ones((1, 1) + tuple(cg.shape(node.input[0])[2:]))
-        vec, bias_map = _uniform_or_map(evaluate(convt, {"x": ones, "w": kernel}, _REF_OPSET)[0])
+        vec, bias_map = _uniform_or_map(evaluate(convt, {"x": xs, "w": w[cols].astype(np.float64)}, _REF_OPSET)[0])
         g.set_input_const(node, 1, w_new)
         _add_contribution(g, node, vec, bias_map, w.dtype)
 
@@ -273,7 +318,7 @@ class Gemm(Rule):
         sp_in = cg.space(node.input[0])
         if sp_in is None or sp_in.axes != (1,) or cg.space(node.output[0]) is None:
             return []
-        return _reads(node, cg, np.abs(self.weights_in_out(cg.g, node)).max(axis=1), True, "")
+        return _reads(node, cg, np.abs(self.weights_in_out(cg.g, node)).max(axis=1), True, "", maps_ok=False)
 
     def absorb(self, node, g, cg, items):
         a = attrs(node)
@@ -335,7 +380,7 @@ class MatMul(Rule):
         sp_in = cg.space(a)
         if sp_in is None or sp_in.axes != (cg.rank(a) - 1,) or cg.space(node.output[0]) is None:
             return []
-        return _reads(node, cg, np.abs(cg.g.inits[node.input[1]]).max(axis=1), True, "")
+        return _reads(node, cg, np.abs(cg.g.inits[node.input[1]]).max(axis=1), True, "", maps_ok=False)
 
     def absorb(self, node, g, cg, items):
         w = g.inits[node.input[1]]

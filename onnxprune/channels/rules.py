@@ -72,6 +72,12 @@ def per_channel_values(result: np.ndarray, space: Space) -> np.ndarray:
     return np.where(lo == hi, lo, np.nan).astype(np.float64)
 
 
+def _varies_off_channels(c: np.ndarray, axes: tuple[int, ...], out_rank: int) -> bool:
+    """A constant operand with extent > 1 on an axis other than the channel axes (e.g. a bias map)."""
+    shift = out_rank - c.ndim
+    return any(d > 1 and (i + shift) not in axes for i, d in enumerate(c.shape))
+
+
 def evaluate(node: onnx.NodeProto, feeds: dict[str, np.ndarray], opsets) -> list[np.ndarray]:
     """Run one node with the ONNX reference evaluator (numpy, exact ONNX semantics)."""
     from onnx.reference import ReferenceEvaluator
@@ -190,38 +196,51 @@ class Elementwise(Rule):
         return cg.find(sp.base) == cg.find(out.base)
 
     def values(self, node, cg):
-        out = cg.space(node.output[0])
-        if out is None:
+        out = node.output[0]
+        if cg.space(out) is None:
             return
-        known = np.ones(out.size, bool)
-        zero = np.zeros(out.size, bool)
-        feeds = {}
+        coupled = [n for n in node.input if n and not cg.g.is_const(n) and self.coupled(node, cg, n)]
+        known = np.ones(cg.space(out).size, bool)
+        zero = np.zeros_like(known)
+        for n in coupled:
+            known &= cg.known(n)
+            zero |= cg.values[n] == 0
+        if any(n and not cg.g.is_const(n) and n not in coupled for n in node.input):
+            known[:] = False  # data broadcast along the channels: unknown per channel
+        cg.values[out] = np.full(known.size, np.nan)
+        if known.any():
+            try:
+                self.evaluate_known(node, cg, coupled, known)
+            except Exception:
+                cg.values[out], cg.maps[out] = np.full(known.size, np.nan), {}
+        if node.op_type == "Mul":  # 0 · anything finite = 0
+            cg.values[out] = np.where(zero, 0.0, cg.values[out])
+            for k in np.flatnonzero(zero):
+                cg.maps.get(out, {}).pop(int(k), None)
+
+    def evaluate_known(self, node, cg, coupled, known) -> None:
+        """Run the node on the known values: one value per channel when all are uniform, else at
+        full spatial size (maps, or a constant operand that varies over the other axes)."""
+        out = node.output[0]
+        sp_out = cg.space(out)
         dtype = float_dtype(cg.g, node)
+        full = any(cg.maps.get(n) for n in coupled) or any(
+            cg.g.is_const(n) and _varies_off_channels(cg.g.inits[n], sp_out.axes, cg.rank(out)) for n in node.input)
+        feeds = {}
         for n in node.input:
             if not n:
                 continue
             if cg.g.is_const(n):
                 feeds[n] = cg.g.inits[n]
-            elif self.coupled(node, cg, n):
-                v = cg.values[n]
-                known &= ~np.isnan(v)
-                zero |= v == 0
-                shape = channel_vector_shape(cg.rank(n), cg.space(n))
-                feeds[n] = np.nan_to_num(v).astype(dtype).reshape(shape)
-            else:  # data broadcast along the channels: unknown per-channel value
-                known[:] = False
-                r = cg.rank(n) or 1
-                feeds[n] = np.zeros((1,) * r, dtype)
-        result = np.full(out.size, np.nan)
-        if known.any():
-            try:
-                res = evaluate(node, feeds, cg.g.model.opset_import)[0]
-                result = np.where(known, per_channel_values(res.astype(np.float64), out), np.nan)
-            except Exception:
-                pass
-        if node.op_type == "Mul":  # 0 · anything finite = 0
-            result = np.where(zero, 0.0, result)
-        cg.values[node.output[0]] = result
+            elif full:
+                feeds[n] = cg.full_values(n).astype(dtype)
+            else:
+                feeds[n] = np.nan_to_num(cg.values[n]).astype(dtype).reshape(channel_vector_shape(cg.rank(n), cg.space(n)))
+        res = evaluate(node, feeds, cg.g.model.opset_import)[0].astype(np.float64)
+        if full:
+            cg.store(out, res, known)
+        else:
+            cg.values[out] = np.where(known, per_channel_values(res, sp_out), np.nan)
 
     def rewrite(self, node, g, cg, keep):
         out = node.output[0]
@@ -253,20 +272,22 @@ class BatchNorm(Rule):
         cg.same_space(x, node.output[0])
 
     def values(self, node, cg):
-        out = cg.space(node.output[0])
-        if out is None:
+        out = node.output[0]
+        if cg.space(out) is None:
             return
-        v = cg.values[node.input[0]]
+        x = node.input[0]
         params = [cg.g.inits[p].astype(np.float64).reshape(-1) for p in node.input[1:]]
         eps = float(attrs(node).get("epsilon", 1e-5))
+        v = cg.values[x]
         if node.op_type == "BatchNormalization":
             gamma, beta, mean, var = params
-            res = gamma * (v - mean) / np.sqrt(var + eps) + beta
-            res = np.where(gamma == 0, beta, res)
-        else:  # InstanceNormalization of a constant is 0·γ + β
+            scale = gamma / np.sqrt(var + eps)
+            cg.values[out] = np.where(gamma == 0, beta, scale * (v - mean) + beta)
+            cg.maps[out] = {k: scale[k] * (m - mean[k]) + beta[k] for k, m in cg.maps.get(x, {}).items() if gamma[k] != 0}
+        else:  # InstanceNormalization normalizes each channel over its own values
             gamma, beta = params
-            res = np.where(np.isnan(v), np.nan, beta)
-        cg.values[node.output[0]] = res
+            cg.values[out] = np.where(np.isnan(v), np.nan, beta)
+            cg.maps[out] = {k: gamma[k] * (m - m.mean()) / np.sqrt(m.var() + eps) + beta[k] for k, m in cg.maps.get(x, {}).items()}
 
     def rewrite(self, node, g, cg, keep):
         k = keep.get(node.input[0])

@@ -7,11 +7,12 @@ from __future__ import annotations
 import numpy as np
 
 from ..graph import attrs, default_opset
-from .rules import RULES, Rule
+from .rules import RULES, Rule, evaluate
 
 POOLS = "MaxPool AveragePool GlobalAveragePool GlobalMaxPool LpPool GlobalLpPool".split()
 REDUCES = "ReduceMean ReduceMax ReduceMin ReduceSum ReduceL1 ReduceL2 ReduceLogSumExp ReduceProd ReduceSumSquare".split()
 CONSTANT_PRESERVING = {"MaxPool", "GlobalAveragePool", "GlobalMaxPool", "ReduceMean", "ReduceMax", "ReduceMin", "Resize", "Upsample"}
+# (AveragePool with padding, Pad with another fill value, ReduceSum ... are evaluated instead)
 
 
 class Spatial(Rule):
@@ -89,33 +90,46 @@ class Spatial(Rule):
         cg.same_space(x, node.output[0], axes)
 
     def values(self, node, cg):
-        out = node.output[0]
-        if cg.space(out) is None or cg.space(node.input[0]) is None:
+        out, x = node.output[0], node.input[0]
+        if cg.space(out) is None or cg.space(x) is None:
             return
-        v = cg.values[node.input[0]]
-        op, a = node.op_type, attrs(node)
-        if op in CONSTANT_PRESERVING:
-            res = v
-        elif op == "AveragePool":
-            padded = any(a.get("pads", [])) or a.get("auto_pad", b"NOTSET") not in (b"NOTSET", b"VALID", "NOTSET", "VALID")
-            res = v if not padded or not a.get("count_include_pad", 0) else np.where(v == 0, 0.0, np.nan)
-        elif op == "Pad":
-            mode = a.get("mode", b"constant")
-            if mode in (b"constant", "constant"):
-                fill = a.get("value", 0.0)
-                if default_opset(cg.g.model) >= 11:
-                    c = cg.g.const(node.input[2]) if len(node.input) > 2 and node.input[2] else None
-                    fill = float(c.reshape(())) if c is not None else 0.0
-                res = np.where(v == fill, v, np.nan)
-            else:  # edge / reflect / wrap repeat the channel's own values
-                res = v
-        elif op == "ReduceSum":
-            axes, _ = self.reduce_axes(node, cg)
-            dims = [cg.shape(node.input[0])[ax] for ax in axes]
-            res = v * float(np.prod(dims)) if all(d is not None for d in dims) else np.full_like(v, np.nan)
-        else:
-            res = np.full_like(v, np.nan)
-        cg.values[out] = res.copy()
+        known = cg.known(x)
+        cg.values[out] = np.full(known.size, np.nan)
+        if not known.any():
+            return
+        if node.op_type in CONSTANT_PRESERVING and not cg.maps.get(x):
+            cg.values[out] = cg.values[x].copy()  # max / mean / resampling of a constant is that constant
+            return
+        try:  # padding, border averages and maps: run the op on the known channels
+            cg.store(out, self.run_on(node, cg, known), known)
+        except Exception:
+            cg.values[out], cg.maps[out] = np.full(known.size, np.nan), {}
+
+    @staticmethod
+    def run_on(node, cg, known) -> np.ndarray:
+        """The op's output at batch 1 for the known channels (the others zero): it works on each
+        channel on its own, so only the known ones are evaluated."""
+        x, out = node.input[0], node.output[0]
+        sp = cg.space(x)
+        full = cg.full_values(x)
+        axis = sp.axes[0]
+        idx = np.flatnonzero(known)
+        feeds = {x: np.take(full, idx, axis=axis).astype(np.float32)}
+        for name in node.input[1:]:
+            if name:
+                feeds[name] = cg.g.inits[name]
+        if node.op_type == "Resize" and len(node.input) > 3 and node.input[3]:
+            sizes = feeds[node.input[3]].copy()
+            sizes[axis] = len(idx)
+            feeds[node.input[3]] = sizes
+        res = evaluate(node, feeds, cg.g.model.opset_import)[0]
+        shape = list(res.shape)
+        shape[cg.space(out).axes[0]] = sp.size
+        result = np.zeros(shape)
+        index = [slice(None)] * len(shape)
+        index[cg.space(out).axes[0]] = idx
+        result[tuple(index)] = res
+        return result
 
     def rewrite(self, node, g, cg, keep):
         x = node.input[0]

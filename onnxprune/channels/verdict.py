@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
-
 from .core import ChannelClass, ChannelGraph
 
 UNREAD = "unread"        # no layer reads it with a non-zero weight: remove it
@@ -40,6 +38,6 @@ def judge(cls: ChannelClass, cg: ChannelGraph) -> Verdict:
 def _has_constant(cls: ChannelClass, cg: ChannelGraph) -> bool:
     for slot in cls.slots:
         name = cg.slot_owner[slot]
-        if not np.isnan(cg.values[name][slot - cg.spaces[name].base]):
+        if cg.value(name, slot - cg.spaces[name].base) is not None:
             return True
     return False

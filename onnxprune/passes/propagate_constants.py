@@ -28,10 +28,10 @@ def propagate_constants(g: Graph, ctx: Context) -> bool:
             continue
         for r in cls.reads:
             if not r.zero:
-                items[r.node].append((r.index, float(cg.values[r.tensor][r.index])))
+                items[r.node].append((r.index, cg.value(r.tensor, r.index)))
     for name, absorbed in items.items():
         node = cg.nodes[name]
-        rule_for(node).absorb(node, g, cg, sorted(absorbed))
+        rule_for(node).absorb(node, g, cg, sorted(absorbed, key=lambda kv: kv[0]))
         ctx.log(PASS, "absorb", name, f"{len(absorbed)} constant input channel(s) folded into the bias")
     if items:
         g.invalidate_shapes()
