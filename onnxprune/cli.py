@@ -56,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-propagate", action="store_true", help="skip folding constant channels into the layers that read them")
     s.add_argument("--no-remove", action="store_true", help="skip removing dead channels")
     s.add_argument("--pin", action="append", default=[], metavar="TENSOR", help="never touch the channels of this tensor (repeatable)")
+    s.add_argument("--align", type=int, default=8, metavar="N", help="keep layer widths multiples of N where they were, "
+                   "sparing a few dead channels: onnxruntime's fast conv kernels want it (default %(default)s; 1 removes all)")
     s.add_argument("--no-check", action="store_true", help="write the result without the parity check")
     s.add_argument("-v", "--verbose", action="store_true", help="channels removed per layer, pin reasons")
     s.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
@@ -89,7 +91,7 @@ def cmd_simplify(args) -> int:
 
     report = simplify_file(
         args.model, args.output or default_output(args.model), fold_bn=not args.no_fold_bn,
-        propagate=not args.no_propagate, remove=not args.no_remove, pins=args.pin, check=not args.no_check,
+        propagate=not args.no_propagate, remove=not args.no_remove, pins=args.pin, align=args.align, check=not args.no_check,
         inputs=args.inputs, atol=args.atol, rtol=args.rtol, seed=args.seed, progress=_progress,
     )
     print(report.to_json() if args.json else report.table(verbose=args.verbose))

@@ -110,6 +110,9 @@ class Report:
             f"BN folded: {counts.get('fold_bn', 0)}   constants absorbed into: {counts.get('absorb', 0)} layer(s)   "
             f"layers shrunk: {len(self.changed_layers())}"
         )
+        spared = {e.where: e.detail for e in self.events if e.what == "spare"}
+        if spared:
+            lines.append(f"dead channels kept in {len(spared)} tensor(s): " + "; ".join(sorted(set(spared.values()))))
         if self.classes:
             c = self.classes
             lines.append(f"channel classes: {c['total']} ({', '.join(f'{k} {v}' for k, v in c['by_kind'].items())})")

@@ -21,16 +21,18 @@ from .report import Report, channel_summary
 def simplify(model, *, fold_bn: bool = True, propagate: bool = True, remove: bool = True,
              pins=(), check: bool = True, inputs: list[dict] | None = None,
              atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL, seed: int = 0,
-             verbose: bool = False) -> tuple[onnx.ModelProto, Report]:
+             verbose: bool = False, align: int = 8) -> tuple[onnx.ModelProto, Report]:
     """Simplify a pruned model (a path or a ModelProto; never modified).
 
+    `align`: dead channels are spared so that layer widths stay multiples of it where they were
+    (onnxruntime's blocked conv kernels are much faster then); align=1 removes every dead channel.
     Returns the new model and a Report. With `check` (the default) the result is compared with
     the input on onnxruntime and ParityError (carrying the report) is raised if they differ."""
     original = load_model(model)
     start = time.perf_counter()
     g = Graph(load_model(original))
     _name_nodes(g)
-    ctx = Context(pins=set(pins), verbose=verbose)
+    ctx = Context(pins=set(pins), verbose=verbose, align=align)
     unknown = sorted(set(pins) - _tensor_names(g))
     if unknown:
         from .errors import OnnxPruneError

@@ -43,7 +43,7 @@ def test_group_consistent_masks_give_the_half_width_model(name, mode):
     x = example_input(name)
     with torch.no_grad():
         ref = model(x).numpy()
-    small, report = simplify(export(model, x, mode))
+    small, report = simplify(export(model, x, mode), align=1)
     assert_matches_torch(run_ort(small, x.numpy()), ref, rel=1e-4)
     half = build(name, width=ZOO[name].width / 2)
     assert layer_weight_count(small) == conv_linear_weight_count(half)

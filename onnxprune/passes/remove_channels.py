@@ -19,7 +19,8 @@ def remove_channels(g: Graph, ctx: Context) -> bool:
     cg = build_channel_graph(g, ctx.pins)
     classes = cg.classes()
     doomed = {root for root, cls in classes.items() if judge(cls, cg).kind == UNREAD}
-    keep = _keep_lists(cg, doomed, ctx)
+    layer_outputs = {n.output[0] for n in g.nodes if n.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul")}
+    keep = _keep_lists(cg, doomed, ctx, layer_outputs)
     if not keep:
         return False
     for node in g.nodes:
@@ -32,9 +33,10 @@ def remove_channels(g: Graph, ctx: Context) -> bool:
     return True
 
 
-def _keep_lists(cg: ChannelGraph, doomed: set[int], ctx: Context) -> dict[str, np.ndarray]:
+def _keep_lists(cg: ChannelGraph, doomed: set[int], ctx: Context, layer_outputs=frozenset()) -> dict[str, np.ndarray]:
     """Slots to keep per tensor; spares the classes whose removal is impossible to express
-    (a tensor left with no channel, a split channel range that would not stay a box)."""
+    (a tensor left with no channel, a split channel range that would not stay a box) and, with
+    ctx.align > 1, enough dead channels to keep layer widths multiples of `align`."""
     roots = cg.roots()
     while doomed:
         dead = np.isin(roots, np.fromiter(doomed, np.int64))
@@ -54,6 +56,11 @@ def _keep_lists(cg: ChannelGraph, doomed: set[int], ctx: Context) -> dict[str, n
             except NonRectangular:
                 spared |= {int(r) for r in roots[sp.base: sp.base + sp.size][d]}
                 ctx.log(PASS, "spare", name, "removal would break a split channel range (shuffle)")
+                continue
+            short = -kept.size % ctx.align
+            if name in layer_outputs and short and sp.size % ctx.align == 0:
+                spared |= {int(r) for r in roots[sp.base: sp.base + sp.size][d][:short]}
+                ctx.log(PASS, "spare", name, f"kept to stay a multiple of --align {ctx.align}")
                 continue
             keep[name] = kept
         if not spared:

@@ -1,0 +1,72 @@
+"""Measured, never asserted: what simplify buys on onnxruntime for every zoo model.
+
+For each model at `--scale` (width and input size times the test size) with 50% of every layer's
+filters zeroed at random: ORT latency (batch 1; 1 thread and all threads; runs of all variants
+interleaved; medians) of the dense, the masked and the simplified model (--align 8, the default,
+and --align 1), the MAC-ratio ideal speedup, and simplify's own wall time.
+
+    python benchmarks/simplify_speedup.py                 # all models, markdown table on stdout
+    python benchmarks/simplify_speedup.py --models resnet18 mobilenet_v2 --runs 50
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from models import ZOO  # noqa: E402
+from models.masks import zero_random_filters  # noqa: E402
+from onnxprune.demo import export, scaled_model  # noqa: E402
+from onnxprune.simplify import simplify  # noqa: E402
+from onnxprune.timing import time_models  # noqa: E402
+
+
+def measure(name: str, scale: float, sparsity: float, runs: int, threads_all: int) -> dict:
+    model, x = scaled_model(name, scale, seed=0)
+    dense = export(model, x)
+    zero_random_filters(model, sparsity, seed=0)
+    masked = export(model, x)
+    t = time.perf_counter()
+    small, report = simplify(masked)
+    seconds = time.perf_counter() - t
+    small1, report1 = simplify(masked, align=1)
+    variants = {"dense": dense, "masked": masked, "simplified": small, "align1": small1}
+    row = {"model": name, "input": "x".join(map(str, x.shape[1:])), "simplify_s": seconds,
+           "ideal": report.before.macs / max(report.after.macs, 1),
+           "ideal1": report1.before.macs / max(report1.after.macs, 1)}
+    for threads in (1, threads_all):
+        ms = time_models(variants, threads=threads, runs=runs)
+        for k, v in ms.items():
+            row[f"{k}_{threads}t"] = v
+    return row
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="*", default=list(ZOO))
+    ap.add_argument("--scale", type=float, default=4)
+    ap.add_argument("--sparsity", type=float, default=0.5)
+    ap.add_argument("--runs", type=int, default=30)
+    args = ap.parse_args(argv)
+    threads_all = os.cpu_count() or 1
+    print(f"# simplify speedup on onnxruntime: {args.sparsity:.0%} random filters zeroed, scale {args.scale}, "
+          f"{args.runs} interleaved runs, medians; T = {threads_all} threads\n")
+    print("| model | input | masked ms (1t) | simplified ms (1t) | speedup 1t | speedup align1 1t | speedup Tt | "
+          "MAC ideal (align 8 / 1) | simplify s |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name in args.models:
+        r = measure(name, args.scale, args.sparsity, args.runs, threads_all)
+        t = threads_all
+        print(f"| {name} | {r['input']} | {r['masked_1t']:.2f} | {r['simplified_1t']:.2f} | "
+              f"{r['masked_1t'] / r['simplified_1t']:.2f}x | {r['masked_1t'] / r['align1_1t']:.2f}x | "
+              f"{r[f'masked_{t}t'] / r[f'simplified_{t}t']:.2f}x | {r['ideal']:.2f}x / {r['ideal1']:.2f}x | "
+              f"{r['simplify_s']:.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
