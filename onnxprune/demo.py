@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -28,8 +29,10 @@ def export(model, x, fold: bool = False) -> onnx.ModelProto:
     import torch
 
     buf = io.BytesIO()
-    torch.onnx.export(model, (x,), buf, dynamo=False, opset_version=17, do_constant_folding=fold,
-                      input_names=["input"], output_names=["logits"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
+        torch.onnx.export(model, (x,), buf, dynamo=False, opset_version=17, do_constant_folding=fold,
+                          input_names=["input"], output_names=["logits"])
     return onnx.load_from_string(buf.getvalue())
 
 
