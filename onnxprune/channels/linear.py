@@ -51,6 +51,17 @@ def _spatial_static(cg, name) -> bool:
     return shape is not None and all(d is not None for d in shape[2:])
 
 
+def _open_layer(rule: Rule, node, cg, out_axes: tuple[int, ...], in_axes: tuple[int, ...]) -> bool:
+    """A layer's output opens a new channel space; its input must carry channels on `in_axes`."""
+    if cg.new_space(node.output[0], out_axes) is None:
+        rule.pin_through(node, cg, f"{node.op_type} {node.name}: unknown output shape")
+        return False
+    sp_in = cg.space(node.input[0])
+    if sp_in is not None and sp_in.axes != in_axes:
+        cg.pin_space(sp_in, f"{node.op_type} {node.name}: input channels not on axis {in_axes[0]}")
+    return True
+
+
 class Conv(Rule):
     @staticmethod
     def geometry(g, node):
@@ -73,13 +84,10 @@ class Conv(Rule):
         if not g.is_const(node.input[1]) or (len(node.input) > 2 and node.input[2] and not g.is_const(node.input[2])):
             return self.pin_through(node, cg, f"Conv {node.name}: weights are not constants")
         w, group, m, c_in_g = self.geometry(g, node)
-        sp_out = cg.new_space(node.output[0], (1,))
-        if sp_out is None:
-            return self.pin_through(node, cg, f"Conv {node.name}: unknown output shape")
-        sp_in = cg.space(node.input[0])
-        if sp_in is not None and sp_in.axes != (1,):
-            cg.pin_space(sp_in, f"Conv {node.name}: input channels not on axis 1")
-            sp_in = None
+        if not _open_layer(self, node, cg, (1,), (1,)):
+            return
+        sp_out, sp_in = cg.space(node.output[0]), cg.space(node.input[0])
+        sp_in = sp_in if sp_in is not None and sp_in.axes == (1,) else None
         if group == 1:
             return
         if c_in_g == 1:  # depthwise: channel c and its m outputs live or die together
@@ -235,11 +243,7 @@ class ConvTranspose(Rule):
         ok = g.is_const(node.input[1]) and (len(node.input) < 3 or not node.input[2] or g.is_const(node.input[2]))
         if not ok or int(attrs(node).get("group", 1)) != 1:
             return self.pin_through(node, cg, f"ConvTranspose {node.name}: grouped or non-constant weights")
-        if cg.new_space(node.output[0], (1,)) is None:
-            return self.pin_through(node, cg, f"ConvTranspose {node.name}: unknown output shape")
-        sp_in = cg.space(node.input[0])
-        if sp_in is not None and sp_in.axes != (1,):
-            cg.pin_space(sp_in, f"ConvTranspose {node.name}: input channels not on axis 1")
+        _open_layer(self, node, cg, (1,), (1,))
 
     def values(self, node, cg):
         if cg.space(node.output[0]) is None:
@@ -300,11 +304,7 @@ class Gemm(Rule):
         ok &= len(node.input) < 3 or not node.input[2] or g.is_const(node.input[2])
         if not ok or int(a.get("transA", 0)) or g.is_const(node.input[0]):
             return self.pin_through(node, cg, f"Gemm {node.name}: transposed A or non-constant weights")
-        if cg.new_space(node.output[0], (1,)) is None:
-            return self.pin_through(node, cg, f"Gemm {node.name}: unknown output shape")
-        sp_in = cg.space(node.input[0])
-        if sp_in is not None and sp_in.axes != (1,):
-            cg.pin_space(sp_in, f"Gemm {node.name}: input channels not on axis 1")
+        _open_layer(self, node, cg, (1,), (1,))
 
     def values(self, node, cg):
         if cg.space(node.output[0]) is None:
@@ -363,11 +363,7 @@ class MatMul(Rule):
         rank = cg.rank(a)
         if g.is_const(a) or not g.is_const(w) or g.inits[w].ndim != 2 or rank is None:
             return self.pin_through(node, cg, f"MatMul {node.name}: not activations × constant matrix")
-        if cg.new_space(node.output[0], (rank - 1,)) is None:
-            return self.pin_through(node, cg, f"MatMul {node.name}: unknown output shape")
-        sp_in = cg.space(a)
-        if sp_in is not None and sp_in.axes != (rank - 1,):
-            cg.pin_space(sp_in, f"MatMul {node.name}: channels not on the last axis")
+        _open_layer(self, node, cg, (rank - 1,), (rank - 1,))
 
     def values(self, node, cg):
         if cg.space(node.output[0]) is None:

@@ -31,7 +31,8 @@ def judge(cls: ChannelClass, cg: ChannelGraph) -> Verdict:
     if not _has_constant(cls, cg):
         return Verdict(LIVE)
     r = stuck[0]
-    why = r.why_not or f"the constant is lost before {r.node} reads {r.tensor} (an input-dependent op such as an SE gate)"
+    why = r.why_not or (f"its constant meets input-dependent data (a residual add with a live branch, an SE gate ...) "
+                        f"before {r.node} reads {r.tensor}")
     return Verdict(BLOCKED, why)
 
 
