@@ -38,14 +38,14 @@ def load_model(src: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
         model = onnx.load(str(path), load_external_data=True)
     except Exception as e:  # protobuf raises DecodeError and friends
         raise OnnxPruneError(f"{path}: not a readable ONNX model ({_first_line(e)})") from None
-    return _validated(model, str(path))
+    return _validated(model, str(path), checkable=str(path))
 
 
-def _validated(model: onnx.ModelProto, what: str) -> onnx.ModelProto:
+def _validated(model: onnx.ModelProto, what: str, checkable=None) -> onnx.ModelProto:
     if not model.graph.node:
         raise OnnxPruneError(f"{what}: not an ONNX model (empty graph)")
-    try:
-        onnx.checker.check_model(model, full_check=False)
+    try:  # the checker takes a path for models over 2 GB (external data)
+        onnx.checker.check_model(checkable if checkable and model.ByteSize() > PROTOBUF_LIMIT else model, full_check=False)
     except Exception as e:
         raise OnnxPruneError(f"{what}: invalid ONNX model ({_first_line(e)})") from None
     opset = default_opset(model)
@@ -78,8 +78,10 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        if big:
-            data_name = path.name + ".data"
+        if big:  # onnx moves the tensors out of the proto it saves: save a copy
+            copy = onnx.ModelProto()
+            copy.CopyFrom(model)
+            model, data_name = copy, path.name + ".data"
             onnx.save_model(model, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
                             location=data_name, size_threshold=1024)
             # the data file was written under its final name next to the temp file

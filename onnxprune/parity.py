@@ -4,6 +4,7 @@ rtol·|reference|."""
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import numpy as np
 import onnx
 
 from .errors import OnnxPruneError
-from .graph import serialize
+from .graph import PROTOBUF_LIMIT, save_model, serialize
 
 DEFAULT_ATOL = 1e-4
 DEFAULT_RTOL = 1e-3
@@ -66,6 +67,10 @@ def session(model: onnx.ModelProto, threads: int = 1, optimize: bool = False):
     so.inter_op_num_threads = 1
     so.log_severity_level = 3
     try:
+        if model.ByteSize() > PROTOBUF_LIMIT - 2**20:  # over 2 GB: onnxruntime reads it from disk
+            with tempfile.TemporaryDirectory() as tmp:
+                save_model(model, Path(tmp) / "model.onnx")
+                return ort.InferenceSession(str(Path(tmp) / "model.onnx"), so, providers=["CPUExecutionProvider"])
         return ort.InferenceSession(serialize(model), so, providers=["CPUExecutionProvider"])
     except Exception as e:
         raise OnnxPruneError(f"onnxruntime cannot load the model: {str(e).splitlines()[0][:300]}") from None
