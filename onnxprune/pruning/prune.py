@@ -1,0 +1,275 @@
+"""`onnxprune prune`: make the zeros, directly on the ONNX model.
+
+Granularities: "filter" (dependency-aware: a channel class is zeroed in every layer producing it,
+so that simplify removes it everywhere), "weight" (unstructured, level) and "1xN" blocks.
+A pruned filter keeps its bias: its channel becomes a constant that simplify folds exactly into
+the layers reading it, then removes.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from ..channels.core import build_channel_graph
+from ..errors import OnnxPruneError
+from ..graph import Graph, attrs, load_model
+from ..passes.base import Context
+from ..passes.cleanup import cleanup
+from . import criteria
+from .block import block_prune_weights, block_scores
+from .config import check_sparsity, default_config, load_config, resolve
+from .groups import Bucket, buckets, filters, layers
+
+GRANULARITIES = ("filter", "weight", "1xN")
+
+
+@dataclass
+class LayerResult:
+    name: str
+    op: str
+    shape: tuple[int, ...]
+    requested: float | None   # None: left alone
+    achieved: float           # fraction of filters / weights / blocks that are zero
+    note: str = ""
+
+
+@dataclass
+class PruneReport:
+    criterion: str
+    granularity: str
+    n: int
+    layers: list[LayerResult] = field(default_factory=list)
+    pinned: dict[str, int] = field(default_factory=dict)   # reason -> classes kept
+    masks: dict[str, np.ndarray] = field(default_factory=dict)
+    seconds: float = 0.0
+    rearranged: int = 0
+
+    def table(self) -> str:
+        unit = {"filter": "filters", "weight": "weights", "1xN": f"1x{self.n} blocks"}[self.granularity]
+        lines = [f"prune: criterion {self.criterion}, granularity {self.granularity}, {len(self.masks)} layer(s) pruned "
+                 f"in {self.seconds:.2f} s" + (f", {self.rearranged} layer(s) rearranged" if self.rearranged else "")]
+        lines.append(f"{'layer':48}{'op':>6}{'shape':>20}{'asked':>7}{'zero ' + unit:>16}  note")
+        for r in self.layers:
+            asked = f"{r.requested:.2f}" if r.requested is not None else "-"
+            lines.append(f"{r.name[-48:]:48}{r.op:>6}{'x'.join(map(str, r.shape)):>20}{asked:>7}{r.achieved:>16.3f}  {r.note}")
+        for reason, count in self.pinned.items():
+            lines.append(f"  pinned ({count} channels): {reason}")
+        return "\n".join(lines)
+
+    def as_dict(self) -> dict:
+        return {"criterion": self.criterion, "granularity": self.granularity, "n": self.n, "seconds": self.seconds,
+                "layers": [r.__dict__ | {"shape": list(r.shape)} for r in self.layers], "pinned": self.pinned}
+
+
+def prune(model, *, criterion: str = "l1", sparsity: float | None = None, granularity: str | None = None,
+          n: int = 4, rearrange: bool = False, config=None, group_reduce: str = "sum",
+          prune_first: bool = False, prune_last: bool = False, calib: list[dict] | None = None,
+          masks: dict[str, np.ndarray] | None = None, seed: int = 0) -> tuple[onnx.ModelProto, PruneReport]:
+    """Zero filters (dependency-aware), weights (level) or 1xN blocks of a model (path or ModelProto).
+
+    `sparsity` applies to every Conv/ConvTranspose/Gemm/MatMul but the first and the last; `config`
+    (an NNI-style list or a YAML/JSON path) gives per-layer sparsities instead. `masks` (initializer
+    name -> keep mask) applies masks made elsewhere and ignores the rest."""
+    start = time.perf_counter()
+    granularity = granularity or ("weight" if criterion == "level" else "filter")
+    _check_args(criterion, granularity, n, group_reduce, sparsity, config, masks)
+    g = Graph(load_model(model))
+    cleanup(g, Context())
+    report = PruneReport(criterion, granularity, n)
+    if masks is not None:
+        _apply_masks(g, masks, report)
+    else:
+        nodes = layers(g)
+        config = load_config(config) if config is not None else default_config(sparsity)
+        wanted, skipped = resolve(config, nodes, prune_first, prune_last)
+        if rearrange:
+            from ..passes.rearrange import rearrange_graph
+            report.rearranged = rearrange_graph(g, n, Context())
+        rng = np.random.default_rng(seed)
+        if granularity == "filter":
+            _prune_filters(g, wanted, skipped, criterion, group_reduce, calib, rng, report)
+        else:
+            _prune_weights(g, nodes, wanted, skipped, criterion, granularity, n, rng, report)
+    report.seconds = time.perf_counter() - start
+    return g.to_model(), report
+
+
+def _check_args(criterion, granularity, n, group_reduce, sparsity, config, masks) -> None:
+    if granularity not in GRANULARITIES:
+        raise OnnxPruneError(f"granularity must be one of {', '.join(GRANULARITIES)}, got {granularity!r}")
+    allowed = {"filter": criteria.STRUCTURED, "weight": ("level",), "1xN": ("l1", "random")}[granularity]
+    if criterion not in allowed:
+        raise OnnxPruneError(f"criterion {criterion!r} does not go with granularity {granularity} (use {', '.join(allowed)})")
+    if group_reduce not in criteria.REDUCE:
+        raise OnnxPruneError(f"group reduce must be one of {', '.join(criteria.REDUCE)}, got {group_reduce!r}")
+    if granularity == "1xN" and n < 1:
+        raise OnnxPruneError(f"N must be a positive integer, got {n}")
+    if masks is None and config is None:
+        if sparsity is None:
+            raise OnnxPruneError("give --sparsity, --config or --masks")
+        check_sparsity(sparsity, "--sparsity")
+
+
+def _apply_masks(g: Graph, masks: dict[str, np.ndarray], report: PruneReport) -> None:
+    for name, mask in masks.items():
+        w = g.const(name)
+        if w is None:
+            raise OnnxPruneError(f"masks: no initializer named {name}")
+        if mask.shape != w.shape:
+            raise OnnxPruneError(f"masks: {name} has shape {list(w.shape)}, the mask {list(mask.shape)}")
+        g.inits[name] = np.where(mask.astype(bool), w, np.zeros_like(w))
+        report.masks[name] = mask.astype(bool)
+    for node in layers(g):
+        if node.input[1] in masks:
+            w = g.inits[node.input[1]]
+            report.layers.append(LayerResult(node.name, node.op_type, w.shape, None, float((w == 0).mean()), "mask applied"))
+
+
+# --- filters, dependency-aware ----------------------------------------------------------------
+
+def _prune_filters(g, wanted, skipped, criterion, group_reduce, calib, rng, report) -> None:
+    cg = build_channel_graph(g)
+    nodes = {n.name: n for n in layers(g)}
+    stats = _activation_stats(g, cg, calib) if criterion in criteria.DATA_DRIVEN else None
+    pruned_rows: dict[str, set[int]] = {name: set() for name in nodes}
+    notes: dict[str, str] = {}
+    for b in buckets(g, cg):
+        ratio, why = _bucket_sparsity(b, wanted, skipped)
+        for reason in set(b.pinned.values()):
+            report.pinned[reason] = report.pinned.get(reason, 0) + sum(1 for r in b.pinned.values() if r == reason)
+        if ratio is None:
+            for name in b.layers:
+                notes.setdefault(name, why)
+            continue
+        scores = _importance(g, nodes, b, criterion, group_reduce, stats, cg, rng)
+        free = [i for i, root in enumerate(b.classes) if root not in b.pinned]
+        count = min(int(ratio * b.size + 1e-9), len(free))
+        if count < int(ratio * b.size + 1e-9):
+            for name in b.layers:
+                notes[name] = f"{b.size - len(free)} coupled channel(s) pinned"
+        for i in np.array(free)[criteria.lowest(scores[free], count)] if count else []:
+            for name in b.layers:
+                pruned_rows[name].update(b.rows[name][i])
+        if len(b.layers) > 1:
+            for name in b.layers:
+                notes.setdefault(name, f"coupled with {len(b.layers) - 1} other layer(s)")
+    for name, node in nodes.items():
+        rows = sorted(pruned_rows[name])
+        if rows:
+            w = g.inits[node.input[1]].copy()
+            _zero_rows(node, w, rows)
+            g.inits[node.input[1]] = w
+            mask = np.ones(w.shape, bool)
+            _zero_rows(node, mask, rows)
+            report.masks[node.input[1]] = mask
+        f = filters(g, node)
+        achieved = float((np.abs(f.reshape(f.shape[0], -1)).max(axis=1) == 0).mean())
+        report.layers.append(LayerResult(name, node.op_type, g.inits[node.input[1]].shape, wanted.get(name),
+                                         achieved, notes.get(name, skipped.get(name, ""))))
+
+
+def _zero_rows(node, w: np.ndarray, rows: list[int]) -> None:
+    if node.op_type == "ConvTranspose":
+        w[:, rows] = 0
+    elif node.op_type == "MatMul" or (node.op_type == "Gemm" and not int(attrs(node).get("transB", 0))):
+        w[:, rows] = 0
+    else:
+        w[rows] = 0
+
+
+def _bucket_sparsity(b: Bucket, wanted: dict, skipped: dict) -> tuple[float | None, str]:
+    """Coupled layers share one ratio: the smallest asked; none if any of them is left alone."""
+    for name in b.layers:
+        if name not in wanted:
+            why = skipped.get(name, "not selected")
+            return None, why if len(b.layers) == 1 else f"coupled with {name} ({why})"
+    return min(wanted[name] for name in b.layers), ""
+
+
+def _importance(g, nodes, b: Bucket, criterion, group_reduce, stats, cg, rng) -> np.ndarray:
+    if criterion == "random":
+        return rng.random(b.size)
+    if criterion in criteria.DATA_DRIVEN:
+        roots = cg.roots()
+        per_class = {root: [] for root in b.classes}
+        for r in cg.reads:
+            root = int(roots[cg.spaces[r.tensor].base + r.index])
+            if root in per_class and r.tensor in stats:
+                per_class[root].append(stats[r.tensor][criterion][r.index])
+        return np.array([np.mean(per_class[root]) if per_class[root] else 0.0 for root in b.classes])
+    fn = criteria.WEIGHT_CRITERIA[criterion]
+    per_layer = []
+    for name in b.layers:
+        layer_scores = fn(filters(g, nodes[name]))
+        per_layer.append(np.array([layer_scores[rows].sum() for rows in b.rows[name]]))
+    return criteria.reduce(per_layer, group_reduce)
+
+
+def _activation_stats(g: Graph, cg, calib: list[dict] | None) -> dict[str, dict[str, np.ndarray]]:
+    """Per-channel APoZ and mean activation of every tensor a layer reads, on calibration inputs."""
+    from ..parity import random_inputs, session
+
+    if calib is None:
+        import warnings
+        warnings.warn("no calibration inputs: activation statistics come from seeded random inputs")
+        calib = [random_inputs(g.model, seed) for seed in range(4)]
+    tensors = sorted({r.tensor for r in cg.reads if cg.spaces[r.tensor].axes and len(cg.spaces[r.tensor].axes) == 1})
+    model = g.to_model()
+    existing = {o.name for o in model.graph.output}
+    for t in tensors:
+        if t not in existing:
+            model.graph.output.append(onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None))
+    sess = session(model)
+    names = [o.name for o in sess.get_outputs()]
+    acc: dict[str, list[np.ndarray]] = {t: [] for t in tensors}
+    for feeds in calib:
+        for name, value in zip(names, sess.run(None, feeds)):
+            if name in acc:
+                acc[name].append(value)
+    out = {}
+    for t, values in acc.items():
+        act = np.concatenate(values, axis=0)
+        axis = cg.spaces[t].axes[0]
+        out[t] = {"apoz": criteria.apoz(act, axis), "mean_activation": criteria.mean_activation(act, axis)}
+    return out
+
+
+# --- weights and 1xN blocks --------------------------------------------------------------------
+
+def _prune_weights(g, nodes, wanted, skipped, criterion, granularity, n, rng, report) -> None:
+    for node in nodes:
+        w = g.inits[node.input[1]]
+        ratio = wanted.get(node.name)
+        note = skipped.get(node.name, "")
+        if ratio is not None and granularity == "1xN":
+            note = _block_skip_reason(node, w, n)
+            if note:
+                ratio = None
+        if ratio is not None:
+            if granularity == "weight":
+                mask = criteria.level_mask(w, ratio)
+            else:
+                mask = block_prune_weights(w, n, ratio, criterion=criterion, rng=rng)
+            w = np.where(mask, w, np.zeros_like(w))
+            g.inits[node.input[1]] = w
+            report.masks[node.input[1]] = mask
+        if granularity == "weight":
+            achieved = float((w == 0).mean())
+        else:
+            achieved = float((block_scores(w, n) == 0).mean()) if not _block_skip_reason(node, w, n) else 0.0
+        report.layers.append(LayerResult(node.name, node.op_type, w.shape, ratio, achieved, note))
+
+
+def _block_skip_reason(node, w, n) -> str:
+    """1xN blocks run along a conv's output channels: [C_out, C_in, k, k] with group 1."""
+    if node.op_type != "Conv":
+        return "1xN applies to Conv layers"
+    if int(attrs(node).get("group", 1)) != 1:
+        return "grouped or depthwise conv skipped"
+    if w.shape[0] % n:
+        return f"C_out {w.shape[0]} is not a multiple of N={n}: skipped, never split"
+    return ""
