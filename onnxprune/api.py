@@ -24,8 +24,7 @@ def _inputs(inputs, model):
 def simplify_file(src, dst, *, check: bool = True, inputs=None, progress=None, **options) -> Report:
     """Simplify the model at `src` and write it atomically to `dst` (only if it passes the check)."""
     say = progress or (lambda msg: None)
-    if Path(dst).resolve() == Path(src).resolve():
-        raise OnnxPruneError(f"output {dst} is the input: the input file is never modified, choose another -o")
+    _refuse_same(src, dst)
     model = load_model(src)
     say(f"loaded {src}: {len(model.graph.node)} nodes")
     t = time.perf_counter()
@@ -41,6 +40,84 @@ def check(reference, candidate, *, inputs=None, atol: float = DEFAULT_ATOL, rtol
     """Compare two models (paths or ModelProtos) on onnxruntime."""
     ref, cand = load_model(reference), load_model(candidate)
     return compare(ref, cand, inputs=_inputs(inputs, ref), atol=atol, rtol=rtol, seed=seed)
+
+
+def prune_file(src, dst, *, calib=None, masks=None, save_masks=None, simplify_after: bool = False,
+               progress=None, **options):
+    """`onnxprune prune`: prune the model at `src`, optionally simplify, write `dst` atomically.
+    Returns (PruneReport, simplify Report or None)."""
+    import numpy as np
+
+    from .pruning.prune import prune
+
+    say = progress or (lambda msg: None)
+    _refuse_same(src, dst)
+    model = load_model(src)
+    if masks is not None and not isinstance(masks, dict):
+        masks = _load_npz(masks, "masks")
+    result, report = prune(model, calib=_inputs(calib, model), masks=masks, **options)
+    say(f"pruned in {report.seconds:.2f} s")
+    simplified = None
+    if simplify_after:
+        result, simplified = simplify(result)
+        say(f"simplified; parity with the pruned model: {'PASS' if simplified.parity.passed else 'FAIL'}")
+    save_model(result, dst)
+    if save_masks:
+        _save_npz(save_masks, report.masks)
+        say(f"wrote masks to {save_masks}")
+    say(f"wrote {dst}")
+    return report, simplified
+
+
+def rearrange(model, *, n: int = 4, check: bool = True, inputs=None, atol: float = DEFAULT_ATOL,
+              rtol: float = DEFAULT_RTOL, seed: int = 0):
+    """Permute channels so that 1xN blocks group filters of similar norm; exact (parity-checked).
+    Returns (ModelProto, number of layers permuted, ParityReport or None)."""
+    from .graph import Graph
+    from .passes.base import Context
+    from .passes.cleanup import cleanup
+    from .passes.rearrange import rearrange_graph
+
+    original = load_model(model)
+    g = Graph(load_model(original))
+    ctx = Context()
+    cleanup(g, ctx)
+    moved = rearrange_graph(g, n, ctx)
+    result = g.to_model()
+    parity = None
+    if check:
+        parity = compare(original, result, inputs=_inputs(inputs, original), atol=atol, rtol=rtol, seed=seed)
+        if not parity.passed:
+            from .errors import ParityError
+            raise ParityError("rearranged model differs from the input: " + "; ".join(parity.lines()))
+    return result, moved, parity
+
+
+def _refuse_same(src, dst) -> None:
+    if Path(dst).resolve() == Path(src).resolve():
+        raise OnnxPruneError(f"output {dst} is the input: the input file is never modified, choose another -o")
+
+
+def _load_npz(path, what: str) -> dict:
+    import numpy as np
+
+    try:
+        return dict(np.load(path))
+    except Exception as e:
+        raise OnnxPruneError(f"{what} {path}: cannot read ({str(e).splitlines()[0][:200]})") from None
+
+
+def _save_npz(path, arrays: dict) -> None:
+    import os
+    import tempfile
+
+    import numpy as np
+
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(suffix=".npz", dir=path.parent if str(path.parent) else ".")
+    os.close(fd)
+    np.savez_compressed(tmp, **arrays)
+    os.replace(tmp, path)
 
 
 @dataclass
@@ -76,4 +153,4 @@ def inspect(model, pins=()) -> Inspection:
     return Inspection(ModelStats.of(m), channel_summary(g.to_model(), pins))
 
 
-__all__ = ["simplify", "simplify_file", "check", "inspect"]
+__all__ = ["simplify", "simplify_file", "check", "inspect", "prune_file", "rearrange"]

@@ -71,6 +71,38 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--json", action="store_true")
     _parity_args(c)
 
+    p = sub.add_parser("prune", help="make the zeros: dependency-aware filters, level, 1xN blocks, NNI-style configs",
+                       description="Prune an ONNX model: zero filters (a coupled channel is zeroed in every layer producing it), "
+                       "single weights (--criterion level) or 1xN blocks. The first layer and the classifier are left alone "
+                       "unless --prune-first / --prune-last.", epilog=EPILOG)
+    p.add_argument("model", help="input .onnx (never modified)")
+    p.add_argument("-o", "--output", help="output path (default: <input>.pruned.onnx)")
+    p.add_argument("--criterion", default="l1", choices=["l1", "l2", "fpgm", "random", "apoz", "mean_activation", "level"],
+                   help="importance: filter norms, FPGM (geometric median), random, activation-based (apoz, "
+                   "mean_activation: need --calib), or level (unstructured magnitude) (default %(default)s)")
+    p.add_argument("--sparsity", type=float, help="fraction to prune in every selected layer, in [0, 1)")
+    p.add_argument("--granularity", choices=["filter", "weight", "1xN"], help="default: filter (weight for level)")
+    p.add_argument("--n", type=int, default=4, help="block height N of 1xN blocks (default %(default)s)")
+    p.add_argument("--rearrange", action="store_true", help="permute channels first so that 1xN blocks group similar filters")
+    p.add_argument("--config", metavar="YAML", help="NNI-style config list: sparsity, op_types, op_names, exclude")
+    p.add_argument("--group-reduce", default="sum", choices=["sum", "mean", "max"], help="how coupled layers' scores combine")
+    p.add_argument("--prune-first", action="store_true", help="also prune the first layer")
+    p.add_argument("--prune-last", action="store_true", help="also prune the classifier")
+    p.add_argument("--calib", metavar="NPZ", help="calibration inputs for apoz / mean_activation (default: seeded random, with a warning)")
+    p.add_argument("--masks", metavar="NPZ", help="apply these keep-masks (keyed by initializer name) instead of computing them")
+    p.add_argument("--save-masks", metavar="NPZ", help="write the masks applied, keyed by initializer name")
+    p.add_argument("--simplify", action="store_true", help="simplify the pruned model (parity-checked) before writing it")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true")
+
+    r = sub.add_parser("rearrange", help="permute channels so 1xN blocks group similar filters; exact parity with the input",
+                       epilog=EPILOG)
+    r.add_argument("model")
+    r.add_argument("-o", "--output", help="output path (default: <input>.rearranged.onnx)")
+    r.add_argument("--n", type=int, default=4, help="block height N (default %(default)s)")
+    r.add_argument("--no-check", action="store_true", help="skip the parity check")
+    _parity_args(r)
+
     i = sub.add_parser("inspect", help="ops, parameters, MACs, channel classes and what is pinned and why",
                        epilog=EPILOG)
     i.add_argument("model")
@@ -80,10 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def default_output(path: str) -> Path:
+def default_output(path: str, suffix: str = "simplified") -> Path:
     p = Path(path)
     stem = p.name[:-5] if p.name.endswith(".onnx") else p.name
-    return p.with_name(stem + ".simplified.onnx")
+    return p.with_name(f"{stem}.{suffix}.onnx")
 
 
 def cmd_simplify(args) -> int:
@@ -95,6 +127,43 @@ def cmd_simplify(args) -> int:
         inputs=args.inputs, atol=args.atol, rtol=args.rtol, seed=args.seed, progress=_progress,
     )
     print(report.to_json() if args.json else report.table(verbose=args.verbose))
+    return 0
+
+
+def cmd_prune(args) -> int:
+    from .api import prune_file
+
+    report, simplified = prune_file(
+        args.model, args.output or default_output(args.model, "pruned"), criterion=args.criterion, sparsity=args.sparsity,
+        granularity=args.granularity, n=args.n, rearrange=args.rearrange, config=args.config,
+        group_reduce=args.group_reduce, prune_first=args.prune_first, prune_last=args.prune_last, calib=args.calib,
+        masks=args.masks, save_masks=args.save_masks, simplify_after=args.simplify, seed=args.seed, progress=_progress,
+    )
+    if args.json:
+        import json
+        print(json.dumps({"prune": report.as_dict(), "simplify": simplified.as_dict() if simplified else None}, indent=2, default=str))
+    else:
+        print(report.table())
+        if simplified is not None:
+            print()
+            print(simplified.table())
+    return 0
+
+
+def cmd_rearrange(args) -> int:
+    from .api import rearrange
+    from .graph import save_model
+
+    out = args.output or default_output(args.model, "rearranged")
+    from .api import _refuse_same
+    _refuse_same(args.model, out)
+    model, moved, parity = rearrange(args.model, n=args.n, check=not args.no_check, inputs=args.inputs,
+                                     atol=args.atol, rtol=args.rtol, seed=args.seed)
+    save_model(model, out)
+    print(f"rearranged {moved} layer group(s); wrote {out}")
+    if parity is not None:
+        print(f"parity with the input: {'PASS' if parity.passed else 'FAIL'}")
+        print("\n".join("  " + line for line in parity.lines()))
     return 0
 
 
@@ -133,7 +202,8 @@ def cmd_demo(args) -> int:
     return 0
 
 
-COMMANDS = {"demo": cmd_demo, "simplify": cmd_simplify, "check": cmd_check, "inspect": cmd_inspect}
+COMMANDS = {"demo": cmd_demo, "simplify": cmd_simplify, "prune": cmd_prune, "rearrange": cmd_rearrange,
+            "check": cmd_check, "inspect": cmd_inspect}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -50,7 +50,8 @@ class PruneReport:
 
     def table(self) -> str:
         unit = {"filter": "filters", "weight": "weights", "1xN": f"1x{self.n} blocks"}[self.granularity]
-        lines = [f"prune: criterion {self.criterion}, granularity {self.granularity}, {len(self.masks)} layer(s) pruned "
+        pruned = sum(1 for r in self.layers if r.requested is not None or r.note == "mask applied")
+        lines = [f"prune: criterion {self.criterion}, granularity {self.granularity}, {pruned} layer(s) pruned "
                  f"in {self.seconds:.2f} s" + (f", {self.rearranged} layer(s) rearranged" if self.rearranged else "")]
         lines.append(f"{'layer':48}{'op':>6}{'shape':>20}{'asked':>7}{'zero ' + unit:>16}  note")
         for r in self.layers:
@@ -139,11 +140,11 @@ def _prune_filters(g, wanted, skipped, criterion, group_reduce, calib, rng, repo
     notes: dict[str, str] = {}
     for b in buckets(g, cg):
         ratio, why = _bucket_sparsity(b, wanted, skipped)
-        for reason in set(b.pinned.values()):
-            report.pinned[reason] = report.pinned.get(reason, 0) + sum(1 for r in b.pinned.values() if r == reason)
+        for reason in b.pinned.values():
+            report.pinned[reason] = report.pinned.get(reason, 0) + 1
         if ratio is None:
-            for name in b.layers:
-                notes.setdefault(name, why)
+            for name, note in why.items():
+                notes.setdefault(name, note)
             continue
         scores = _importance(g, nodes, b, criterion, group_reduce, stats, cg, rng)
         free = [i for i, root in enumerate(b.classes) if root not in b.pinned]
@@ -160,16 +161,30 @@ def _prune_filters(g, wanted, skipped, criterion, group_reduce, calib, rng, repo
     for name, node in nodes.items():
         rows = sorted(pruned_rows[name])
         if rows:
-            w = g.inits[node.input[1]].copy()
-            _zero_rows(node, w, rows)
-            g.inits[node.input[1]] = w
-            mask = np.ones(w.shape, bool)
-            _zero_rows(node, mask, rows)
-            report.masks[node.input[1]] = mask
+            _zero_filters(g, node, rows, report)
         f = filters(g, node)
         achieved = float((np.abs(f.reshape(f.shape[0], -1)).max(axis=1) == 0).mean())
         report.layers.append(LayerResult(name, node.op_type, g.inits[node.input[1]].shape, wanted.get(name),
                                          achieved, notes.get(name, skipped.get(name, ""))))
+
+
+def _zero_filters(g: Graph, node, rows: list[int], report: PruneReport) -> None:
+    """Zero the filters and their bias entries: the channel is gone, as if the filter were removed
+    (a BN after it still adds its shift: a constant that simplify folds exactly)."""
+    params = [(1, node.input[1])]
+    if node.op_type in ("Conv", "ConvTranspose", "Gemm") and len(node.input) > 2 and node.input[2]:
+        params.append((2, node.input[2]))
+    for index, name in params:
+        value = g.inits[name]
+        if index == 2 and value.size != len(filters(g, node)):
+            continue  # a broadcast Gemm C is shared by every output: leave it
+        mask = np.ones(value.shape, bool)
+        if index == 1:
+            _zero_rows(node, mask, rows)
+        else:
+            mask.reshape(-1)[rows] = False
+        g.set_input_const(node, index, np.where(mask, value, np.zeros_like(value)))
+        report.masks[node.input[index]] = mask
 
 
 def _zero_rows(node, w: np.ndarray, rows: list[int]) -> None:
@@ -181,13 +196,14 @@ def _zero_rows(node, w: np.ndarray, rows: list[int]) -> None:
         w[rows] = 0
 
 
-def _bucket_sparsity(b: Bucket, wanted: dict, skipped: dict) -> tuple[float | None, str]:
-    """Coupled layers share one ratio: the smallest asked; none if any of them is left alone."""
-    for name in b.layers:
-        if name not in wanted:
-            why = skipped.get(name, "not selected")
-            return None, why if len(b.layers) == 1 else f"coupled with {name} ({why})"
-    return min(wanted[name] for name in b.layers), ""
+def _bucket_sparsity(b: Bucket, wanted: dict, skipped: dict) -> tuple[float | None, dict[str, str]]:
+    """Coupled layers share one ratio: the smallest asked; none if any of them is left alone
+    (then the note for each layer says why)."""
+    for culprit in b.layers:
+        if culprit not in wanted:
+            why = skipped.get(culprit, "not selected")
+            return None, {name: why if name == culprit else f"coupled with {culprit}: {why}" for name in b.layers}
+    return min(wanted[name] for name in b.layers), {}
 
 
 def _importance(g, nodes, b: Bucket, criterion, group_reduce, stats, cg, rng) -> np.ndarray:
