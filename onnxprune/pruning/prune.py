@@ -138,6 +138,7 @@ def _prune_filters(g, wanted, skipped, criterion, group_reduce, calib, rng, repo
     stats = _activation_stats(g, cg, calib) if criterion in criteria.DATA_DRIVEN else None
     pruned_rows: dict[str, set[int]] = {name: set() for name in nodes}
     notes: dict[str, str] = {}
+    applied: dict[str, float] = {}  # the ratio each layer really got (coupled layers share the smallest)
     for b in buckets(g, cg):
         ratio, why = _bucket_sparsity(b, wanted, skipped)
         for reason in b.pinned.values():
@@ -146,6 +147,7 @@ def _prune_filters(g, wanted, skipped, criterion, group_reduce, calib, rng, repo
             for name, note in why.items():
                 notes.setdefault(name, note)
             continue
+        applied.update({name: ratio for name in b.layers})
         scores = _importance(g, nodes, b, criterion, group_reduce, stats, cg, rng)
         free = [i for i, root in enumerate(b.classes) if root not in b.pinned]
         count = min(int(ratio * b.size + 1e-9), len(free))
@@ -164,7 +166,7 @@ def _prune_filters(g, wanted, skipped, criterion, group_reduce, calib, rng, repo
             _zero_filters(g, node, rows, report)
         f = filters(g, node)
         achieved = float((np.abs(f.reshape(f.shape[0], -1)).max(axis=1) == 0).mean())
-        report.layers.append(LayerResult(name, node.op_type, g.inits[node.input[1]].shape, wanted.get(name),
+        report.layers.append(LayerResult(name, node.op_type, g.inits[node.input[1]].shape, applied.get(name),
                                          achieved, notes.get(name, skipped.get(name, ""))))
 
 
@@ -257,6 +259,9 @@ def _activation_stats(g: Graph, cg, calib: list[dict] | None) -> dict[str, dict[
 # --- weights and 1xN blocks --------------------------------------------------------------------
 
 def _prune_weights(g, nodes, wanted, skipped, criterion, granularity, n, rng, report) -> None:
+    if granularity == "1xN" and wanted and all(_block_skip_reason(node, g.inits[node.input[1]], n)
+                                               for node in nodes if node.name in wanted):
+        raise OnnxPruneError(f"1xN with N={n}: no selected layer is a group-1 Conv whose output channels N divides")
     for node in nodes:
         w = g.inits[node.input[1]]
         ratio = wanted.get(node.name)
