@@ -25,8 +25,9 @@ def remove_channels(g: Graph, ctx: Context) -> bool:
         return False
     for node in g.nodes:
         rule_for(node).rewrite(node, g, cg, keep)
+    producers = g.producers()
     for name, kept in keep.items():
-        producer = g.producers().get(name)
+        producer = producers.get(name)
         if producer is not None and producer.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul") and name == producer.output[0]:
             ctx.log(PASS, "remove", producer.name, f"{cg.spaces[name].size - len(kept)} of {cg.spaces[name].size} output channels")
     g.invalidate_shapes()
