@@ -152,6 +152,9 @@ class Graph:
         self.g = model.graph
         self.inits: dict[str, np.ndarray] = {t.name: numpy_helper.to_array(t) for t in self.g.initializer}
         self.input_names = [i.name for i in self.g.input if i.name not in self.inits]
+        # an initializer also listed as a graph input is only a default the caller may override:
+        # never treat it as a constant we can fold or reshape
+        self.overridable = {i.name for i in self.g.input if i.name in self.inits}
         self.output_names = [o.name for o in self.g.output]
         self._names = {n for node in self.g.node for n in list(node.input) + list(node.output)} | set(self.inits)
         self._shapes: dict[str, tuple] | None = None
@@ -196,10 +199,10 @@ class Graph:
 
     # --- constants -------------------------------------------------------------------
     def const(self, name: str) -> np.ndarray | None:
-        return self.inits.get(name) if name else None
+        return self.inits.get(name) if self.is_const(name) else None
 
     def is_const(self, name: str) -> bool:
-        return bool(name) and name in self.inits
+        return bool(name) and name in self.inits and name not in self.overridable
 
     def set_input_const(self, node: onnx.NodeProto, index: int, value: np.ndarray, base: str | None = None) -> None:
         """Give `node` input `index` the constant `value`, without touching other users of the old one."""

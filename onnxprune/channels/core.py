@@ -204,10 +204,7 @@ def build_channel_graph(g: Graph, pins: set[str] | frozenset = frozenset()) -> C
     from .rules import rule_for
 
     cg = ChannelGraph(g)
-    for name in g.input_names:
-        rank = cg.rank(name)
-        if rank and rank >= 2:
-            cg.pin_space(cg.new_space(name, (1,)), f"graph input {name}")
+    # graph inputs get no channel space: any op that would couple channels with them pins its side
     nodes = g.nodes
     for node in nodes:
         cg.nodes[node.name] = node

@@ -43,7 +43,7 @@ class Concat(Rule):
             if sp is not None and sp.axes == axes and sp.size == len(part):
                 cg.unite(sp.slots, part)
             else:
-                reason = f"Concat {node.name}: input {name} has no matching channels"
+                reason = f"Concat {node.name}: input {name} is not tracked (a graph input, an unknown op's output ...)"
                 cg.pin(part, reason)
                 cg.pin_space(sp, reason)
 
@@ -238,6 +238,11 @@ def reshape_channel_map(in_shape, sp, out_shape):
         return None
     c, i_total = sp.size, int(np.prod(inner, dtype=np.int64))
     prefix = in_shape[:a0]
+    if c == 1:  # a size-1 channel axis could be any size-1 axis: only a reshape that keeps it in place
+        same = len(out_shape) > a0 and out_shape[a0] == 1 and tuple(out_shape[:a0]) == tuple(prefix)
+        rest_ok = same and all(d is not None for d in out_shape[a0 + 1:]) and \
+            int(np.prod(out_shape[a0 + 1:], dtype=np.int64)) == i_total
+        return ((a0,), np.zeros(1, np.int64)) if rest_ok else None
     start = None
     for a in range(len(out_shape), -1, -1):
         tail = out_shape[a:]

@@ -82,7 +82,8 @@ class Conv(Rule):
     def couple(self, node, cg):
         g = cg.g
         if not g.is_const(node.input[1]) or (len(node.input) > 2 and node.input[2] and not g.is_const(node.input[2])):
-            return self.pin_through(node, cg, f"Conv {node.name}: weights are not constants")
+            return self.pin_through(node, cg, f"Conv {node.name}: weights are not constant initializers "
+                                    "(or are graph inputs too, which callers may override)")
         w, group, m, c_in_g = self.geometry(g, node)
         if not _open_layer(self, node, cg, (1,), (1,)):
             return
@@ -139,6 +140,8 @@ class Conv(Rule):
         if sp_in is None or cg.space(node.output[0]) is None or not cg.g.is_const(node.input[1]):
             return []
         w, group, m, c_in_g = self.geometry(cg.g, node)
+        if sp_in.axes != (1,) or sp_in.size != group * c_in_g:
+            return []
         if group > 1 and c_in_g == 1:
             return []  # depthwise: inside the class, not a read
         col_max = np.abs(w.reshape(group, m, c_in_g, -1)).max(axis=(1, 3)).reshape(-1)
@@ -151,11 +154,14 @@ class Conv(Rule):
         for k, _ in items:
             grp, j = divmod(k, c_in_g)
             w_new[grp * m:(grp + 1) * m, j] = 0
+        g.set_input_const(node, 1, w_new)
+        items = _nonzero(items)  # a constant 0 contributes nothing, padded or not
+        if not items:
+            return
         if not self.padded(node, w) and all(np.isscalar(v) for _, v in items):
             vec, bias_map = self.uniform_contribution(w, group, m, c_in_g, items), None
         else:
             vec, bias_map = _uniform_or_map(self.contribution(node, cg, w, items))
-        g.set_input_const(node, 1, w_new)
         _add_contribution(g, node, vec, bias_map, w.dtype)
 
     @staticmethod
@@ -227,6 +233,10 @@ def _reads(node, cg, col_max, exact_anywhere: bool, why_not: str, maps_ok: bool 
     return out
 
 
+def _nonzero(items):
+    return [(k, v) for k, v in items if not (np.isscalar(v) and v == 0)]
+
+
 def _add_contribution(g, node, vec, bias_map, dtype) -> None:
     if vec is not None:
         n_out = len(vec)
@@ -254,23 +264,26 @@ class ConvTranspose(Rule):
 
     def reads(self, node, cg):
         sp_in = cg.space(node.input[0])
-        if sp_in is None or sp_in.axes != (1,) or cg.space(node.output[0]) is None:
-            return []
         w = cg.g.inits[node.input[1]]
+        if sp_in is None or sp_in.axes != (1,) or sp_in.size != w.shape[0] or cg.space(node.output[0]) is None:
+            return []
         row_max = np.abs(w.reshape(w.shape[0], -1)).max(axis=1)
         return _reads(node, cg, row_max, _spatial_static(cg, node.input[0]), "ConvTranspose with dynamic spatial size")
 
     def absorb(self, node, g, cg, items):
         w = g.inits[node.input[1]]
         w_new = w.copy()
+        w_new[[k for k, _ in items]] = 0
+        g.set_input_const(node, 1, w_new)
+        items = _nonzero(items)
+        if not items:
+            return
         cols = [k for k, _ in items]
-        w_new[cols] = 0
         xs = np.zeros((1, len(cols)) + tuple(cg.shape(node.input[0])[2:]))
         for i, (_, v) in enumerate(items):
             xs[0, i] = v if np.isscalar(v) else v[0]
         convt = helper.make_node("ConvTranspose", ["x", "w"], ["y"], **attrs(node))
         vec, bias_map = _uniform_or_map(evaluate(convt, {"x": xs, "w": w[cols].astype(np.float64)}, _REF_OPSET)[0])
-        g.set_input_const(node, 1, w_new)
         _add_contribution(g, node, vec, bias_map, w.dtype)
 
     def rewrite(self, node, g, cg, keep):
@@ -316,9 +329,10 @@ class Gemm(Rule):
 
     def reads(self, node, cg):
         sp_in = cg.space(node.input[0])
-        if sp_in is None or sp_in.axes != (1,) or cg.space(node.output[0]) is None:
+        w = self.weights_in_out(cg.g, node)
+        if sp_in is None or sp_in.axes != (1,) or sp_in.size != w.shape[0] or cg.space(node.output[0]) is None:
             return []
-        return _reads(node, cg, np.abs(self.weights_in_out(cg.g, node)).max(axis=1), True, "", maps_ok=False)
+        return _reads(node, cg, np.abs(w).max(axis=1), True, "", maps_ok=False)
 
     def absorb(self, node, g, cg, items):
         a = attrs(node)
@@ -374,7 +388,8 @@ class MatMul(Rule):
     def reads(self, node, cg):
         a = node.input[0]
         sp_in = cg.space(a)
-        if sp_in is None or sp_in.axes != (cg.rank(a) - 1,) or cg.space(node.output[0]) is None:
+        w = cg.g.inits[node.input[1]]
+        if sp_in is None or sp_in.axes != (cg.rank(a) - 1,) or sp_in.size != w.shape[0] or cg.space(node.output[0]) is None:
             return []
         return _reads(node, cg, np.abs(cg.g.inits[node.input[1]]).max(axis=1), True, "", maps_ok=False)
 

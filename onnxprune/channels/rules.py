@@ -118,13 +118,9 @@ class Rule:
 
     @staticmethod
     def pin_through(node, cg: ChannelGraph, reason: str) -> None:
-        """Pin every input and give each output a pinned space (axis 1), so that ops further on
-        that couple with it are pinned too."""
+        """Pin every input; the outputs carry no channel space (which axis holds channels there is
+        not known), so any op that would couple channels with them pins its side too."""
         pin_all(node, cg, reason)
-        for o in node.output:
-            rank = cg.rank(o)
-            if o and rank and rank >= 2:
-                cg.pin_space(cg.new_space(o, (1,)), reason)
 
     @staticmethod
     def pin_extra_inputs(node, cg: ChannelGraph, data_inputs: int) -> None:
@@ -174,6 +170,8 @@ class Elementwise(Rule):
         for n in self.operands(node):
             rank = cg.rank(n)
             axes = aligned_axes(ref, out_rank, rank) if rank is not None else None
+            if rank is not None and axes is None:
+                continue  # a lower-rank operand (a scalar, x / 6 ...) broadcasts over the channels
             dims = None if axes is None else tuple(cg.shape(n)[a] for a in axes)
             if dims is not None and all(d == 1 for d in dims):
                 continue  # broadcast along the channels: no coupling
@@ -185,7 +183,8 @@ class Elementwise(Rule):
             if sp is not None and sp.axes == axes and sp.dims == sp_out.dims:
                 cg.unite(sp.slots, sp_out.slots)
             else:
-                reason = f"{node.op_type} {node.name}: operand {n} has the channel axes but no matching channels"
+                reason = (f"{node.op_type} {node.name}: operand {n} is not tracked (a graph input, an unknown op's output ...)"
+                          if sp is None else f"{node.op_type} {node.name}: operand {n} carries its channels differently")
                 cg.pin_space(sp_out, reason)
                 cg.pin_space(sp, reason)
 

@@ -97,7 +97,8 @@ class Spatial(Rule):
         cg.values[out] = np.full(known.size, np.nan)
         if not known.any():
             return
-        if node.op_type in CONSTANT_PRESERVING and not cg.maps.get(x):
+        crop = attrs(node).get("coordinate_transformation_mode") in (b"tf_crop_and_resize", "tf_crop_and_resize")
+        if node.op_type in CONSTANT_PRESERVING and not cg.maps.get(x) and not crop:
             cg.values[out] = cg.values[x].copy()  # max / mean / resampling of a constant is that constant
             return
         try:  # padding, border averages and maps: run the op on the known channels

@@ -31,7 +31,7 @@ class Context:
 Pass = Callable[[Graph, Context], bool]
 
 
-def run_to_fixed_point(passes: list[Pass], g: Graph, ctx: Context, max_rounds: int = 8) -> int:
+def run_to_fixed_point(passes: list[Pass], g: Graph, ctx: Context, max_rounds: int = 100) -> int:
     """Run the passes in order until a round changes nothing; returns the number of rounds."""
     for rounds in range(1, max_rounds + 1):
         changed = False
