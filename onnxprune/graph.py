@@ -240,7 +240,7 @@ class Graph:
         del self.g.initializer[:]
         for name, arr in self.inits.items():
             if name in used:
-                t = numpy_helper.from_array(np.ascontiguousarray(arr), name)
+                t = numpy_helper.from_array(np.asarray(arr, order="C"), name)  # keeps 0-d scalars 0-d
                 if name in dtypes and t.data_type != dtypes[name]:
                     raise AssertionError(f"initializer {name} changed dtype")
                 self.g.initializer.append(t)

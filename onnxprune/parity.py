@@ -1,6 +1,7 @@
 """The parity checker: run two models on onnxruntime (all graph optimizations off) with the same
 inputs and compare outputs polygraphy-style — an element fails only if it exceeds both atol and
-rtol·|reference|."""
+rtol·|reference| — and, so that tiny outputs are not waved through by atol, the largest error must
+also stay below rtol × the output's largest magnitude (or atol/100)."""
 
 from __future__ import annotations
 
@@ -161,7 +162,10 @@ def diff(name, shape, a, b, atol, rtol, pairs=()) -> OutputDiff:
     rel = err / np.maximum(scale, np.finfo(np.float64).tiny)
     over_rtol = err > rtol * scale
     atol_needed = float(err[over_rtol].max()) if over_rtol.any() else 0.0
-    passed = not bool(np.any(np.isnan(err)) or np.any((err > atol) & over_rtol))
+    # atol alone cannot see a wrong result whose outputs are all tiny: the largest error must also
+    # stay within rtol of the output's own scale
+    scale_limit = max(rtol * float(scale.max(initial=0)), atol * 1e-2)
+    passed = not bool(np.any(np.isnan(err)) or np.any((err > atol) & over_rtol) or err.max(initial=0) > scale_limit)
     top1 = None
     if len(shape) == 2 and shape[1] > 1:
         agree = [np.mean(np.argmax(c, axis=1) == np.argmax(r, axis=1)) for c, r in pairs]
