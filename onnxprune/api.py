@@ -132,6 +132,10 @@ class Inspection:
         c = self.classes
         lines.append(f"channel classes: {c['total']} ({', '.join(f'{k} {v}' for k, v in c['by_kind'].items())})")
         lines.extend(f"  pinned ({n}): {r}" for r, n in c["pinned"].items())
+        ready = c["by_kind"].get("unread", 0) + c["by_kind"].get("absorb", 0)
+        if ready:
+            lines.append(f"  removable now ({ready}): dead or constant channels; `onnxprune simplify` removes them "
+                         "(--align 1 removes every one)")
         lines.extend(f"  kept ({n}): {r}" for r, n in c["blocked"].items())
         if verbose:
             lines.append("layers (in, out channels):")

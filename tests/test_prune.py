@@ -70,6 +70,7 @@ def onnx_model(name):
     return export(build(name), example_input(name), "ts_folded")
 
 
+@pytest.mark.filterwarnings("ignore:no calibration inputs")
 @pytest.mark.parametrize("criterion", ["l1", "l2", "fpgm", "random", "apoz", "mean_activation"])
 @pytest.mark.parametrize("name", list(zoo_params(["resnet18", "mobilenet_v2"])))
 def test_filter_sparsity_per_layer_is_as_requested(name, criterion):
