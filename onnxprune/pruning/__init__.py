@@ -1,3 +1,5 @@
-from .block import LayerPruneInfo, block_prune_weights, block_sparsity, prune_1xn
+"""Making zeros: importance criteria, channel groups, config lists, and the prune entry point."""
 
-__all__ = ["LayerPruneInfo", "block_prune_weights", "block_sparsity", "prune_1xn"]
+from .block import block_prune_weights, block_sparsity
+
+__all__ = ["block_prune_weights", "block_sparsity"]

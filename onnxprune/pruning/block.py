@@ -7,12 +7,7 @@ output channels of a block in registers and skip the zero blocks entirely.
 
 from __future__ import annotations
 
-import copy
-from dataclasses import dataclass
-
 import numpy as np
-import onnx
-from onnx import numpy_helper
 
 CRITERIA = ("l1", "random")
 
@@ -34,8 +29,9 @@ def block_scores(w: np.ndarray, n: int) -> np.ndarray:
 
 
 def blocks_to_prune(num_blocks: int, sparsity: float) -> int:
-    # ceil, so that the achieved block sparsity is never below the request
-    return min(num_blocks, int(np.ceil(sparsity * num_blocks - 1e-9)))
+    # ceil, so that the achieved block sparsity is never below the request; but a layer keeps at
+    # least one block (an all-zero layer is a constant, not a pruned layer)
+    return min(max(num_blocks - 1, 0), int(np.ceil(sparsity * num_blocks - 1e-9)))
 
 
 def block_prune_weights(
@@ -72,69 +68,3 @@ def block_prune_weights(
 def block_sparsity(w: np.ndarray, n: int) -> float:
     """Fraction of 1xN blocks of `w` that are entirely zero."""
     return float((block_scores(w, n) == 0).mean())
-
-
-@dataclass(frozen=True)
-class LayerPruneInfo:
-    node: str
-    weight: str
-    shape: tuple[int, ...]
-    pruned: bool
-    reason: str  # why it was skipped, "" when pruned
-    sparsity: float  # achieved 1xN block sparsity (0 when skipped)
-
-
-def _attr(node: onnx.NodeProto, name: str, default):
-    for a in node.attribute:
-        if a.name == name:
-            return onnx.helper.get_attribute_value(a)
-    return default
-
-
-def _skip_reason(node, w, n, is_first, keep_first) -> str:
-    if w is None:
-        return "weight is not an initializer"
-    if w.ndim != 4:
-        return f"not a 2-D conv (weight rank {w.ndim})"
-    if _attr(node, "group", 1) != 1:
-        return "grouped/depthwise conv"
-    if w.shape[0] % n:
-        return f"C_out={w.shape[0]} not a multiple of N={n}"
-    if is_first and keep_first:
-        return "first conv kept dense"
-    return ""
-
-
-def prune_1xn(
-    model: onnx.ModelProto,
-    n: int,
-    sparsity: float,
-    *,
-    criterion: str = "l1",
-    keep_first: bool = True,
-    rng: np.random.Generator | None = None,
-) -> tuple[onnx.ModelProto, list[LayerPruneInfo]]:
-    """Zero the lowest-L1 1xN blocks of every eligible Conv; returns (new model, per-conv info).
-
-    Depthwise/grouped convs and convs with C_out % N != 0 are skipped and reported, never split.
-    """
-    _check_args(n, sparsity, criterion)
-    model = copy.deepcopy(model)
-    inits = {t.name: t for t in model.graph.initializer}
-    infos: list[LayerPruneInfo] = []
-    convs = [node for node in model.graph.node if node.op_type == "Conv"]
-    for i, node in enumerate(convs):
-        init = inits.get(node.input[1]) if len(node.input) > 1 else None
-        w = numpy_helper.to_array(init) if init is not None else None
-        reason = _skip_reason(node, w, n, i == 0, keep_first)
-        if reason:
-            shape = tuple(w.shape) if w is not None else ()
-            infos.append(LayerPruneInfo(node.name, node.input[1], shape, False, reason, 0.0))
-            continue
-        mask = block_prune_weights(w, n, sparsity, criterion=criterion, rng=rng)
-        pruned = np.where(mask, w, np.zeros_like(w))
-        init.CopyFrom(numpy_helper.from_array(pruned, init.name))
-        infos.append(
-            LayerPruneInfo(node.name, init.name, tuple(w.shape), True, "", block_sparsity(pruned, n))
-        )
-    return model, infos

@@ -1,0 +1,151 @@
+"""model_tune end to end on a small conv net (tiny budgets), and its error handling."""
+
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+
+tvm = pytest.importorskip("tvm")
+torch = pytest.importorskip("torch")
+
+from tvm_kernels import model_tune  # noqa: E402
+from tvm_kernels.api import ParityError, check_parity  # noqa: E402
+from tvm_kernels.cli import main  # noqa: E402
+
+pytestmark = pytest.mark.tvm
+TARGET = '{"kind": "llvm", "num-cores": 2}'
+MEAN_LINE = re.compile(r"^Mean inference time \(std dev\): \d+\.\d+ ms \(\d+\.\d+ ms\)$")
+
+
+class SmallNet(torch.nn.Module):
+    """First conv, pointwise + BN + ReLU, depthwise, plain 1x1, strided 3x3, residual, head."""
+
+    def __init__(self):
+        super().__init__()
+        nn = torch.nn
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU())
+        self.pw = nn.Sequential(nn.Conv2d(8, 16, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        self.dw = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1, groups=16), nn.ReLU())
+        self.project = nn.Conv2d(16, 16, 1)
+        self.down = nn.Sequential(nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.ReLU())
+        self.odd = nn.Conv2d(32, 6, 1)  # C_out % 4 != 0: stays dense
+        self.head = nn.Linear(6, 10)
+
+    def forward(self, x):
+        y = self.pw(self.stem(x))
+        y = y + self.project(self.dw(y))
+        y = self.odd(self.down(y))
+        return self.head(y.mean(dim=(2, 3)))
+
+
+@pytest.fixture(scope="module")
+def small_onnx(tmp_path_factory):
+    torch.manual_seed(0)
+    net = SmallNet().eval()
+    with torch.no_grad():
+        net.pw[1].running_mean.uniform_(-0.2, 0.2)
+        net.pw[1].running_var.uniform_(0.5, 2.0)
+    path = str(tmp_path_factory.mktemp("model") / "small.onnx")
+    torch.onnx.export(net, (torch.randn(1, 3, 16, 16),), path, dynamo=False, opset_version=17)
+    return path
+
+
+def _ort(model_path, x):
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(model_path)
+    return session.run(None, {session.get_inputs()[0].name: x})[0]
+
+
+def test_model_tune_prunes_converts_checks_times_and_exports(small_onnx, tmp_path):
+    work = str(tmp_path / "tuned")
+    result = model_tune(small_onnx, 4, 1, 0.7, prune=True, trials=0, target=TARGET,
+                        work_dir=work, rounds=3, verbose=False)
+    # pw, project, down are eligible; stem (first) and dw (depthwise) and odd (C_out=6) are not
+    assert len(result.converted) == 3
+    assert any("relu" in line for line in result.converted)
+    assert len(result.skipped) == 3
+    assert result.parity_max_abs_err < 1e-3
+    assert set(result.timings) == {"sparse TVM", "dense TVM", "onnxruntime"}
+    assert all(t.median_ms > 0 for t in result.timings.values())
+    assert MEAN_LINE.match(result.table.splitlines()[-1])
+    # the exported library is deployable on its own and computes the pruned model
+    from tvm import relax
+
+    x = np.random.default_rng(1).standard_normal((1, 3, 16, 16)).astype(np.float32)
+    vm = relax.VirtualMachine(tvm.runtime.load_module(result.library_path), tvm.cpu())
+    out = vm["main"](tvm.runtime.tensor(x)).numpy()
+    ref = _ort(os.path.join(work, "pruned.onnx"), x)
+    np.testing.assert_allclose(out, ref, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_cli_tiny_budget_tunes_into_work_dir_and_reuses_it(small_onnx, tmp_path, capsys):
+    work = str(tmp_path / "tuned")
+    argv = ["--onnx_path", small_onnx, "--bsr", "4", "--bsc", "1", "--sparsity", "0.5",
+            "--prune", "--trials", "3", "--target", TARGET, "--work-dir", work,
+            "--no-dense-baseline", "--rounds", "2", "--quiet"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert MEAN_LINE.match(out[-1])
+    records = os.path.join(work, "database_tuning_record.json")
+    with open(records) as f:
+        assert len(f.readlines()) > 0
+    tiles = os.path.join(work, "bsr_tiles.json")
+    mtime = os.path.getmtime(tiles)
+    # second run, no budget: reuses the database and the tile cache (not re-measured)
+    assert main(argv[:argv.index("--trials")] + ["--trials", "0"] + argv[argv.index("--trials") + 2:]) == 0
+    assert os.path.getmtime(tiles) == mtime
+
+
+BAD_INPUTS = {
+    "missing": lambda m, tmp: ["--onnx_path", str(tmp / "nope.onnx")],
+    "not_onnx": lambda m, tmp: ["--onnx_path", str(tmp / "junk.onnx")],
+    "bad_target": lambda m, tmp: ["--onnx_path", m, "--target", "{kind: llvm"],
+    "unknown_target": lambda m, tmp: ["--onnx_path", m, "--target", '{"kind": "nokind"}'],
+    "sparsity_1": lambda m, tmp: ["--onnx_path", m, "--sparsity", "1.0"],
+    "bad_rpc": lambda m, tmp: ["--onnx_path", m, "--rpc-tracker", "nohost", "--rpc-key", "k"],
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_is_one_line_and_exit_2(case, small_onnx, tmp_path, capsys):
+    (tmp_path / "junk.onnx").write_text("not a model")
+    argv = BAD_INPUTS[case](small_onnx, tmp_path) + ["--work-dir", str(tmp_path / "w")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("model_tune: error:")
+
+
+def test_bad_input_from_the_shell_has_no_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "tvm_kernels.cli", "--onnx_path",
+                           str(tmp_path / "nope.onnx"), "--sparsity", "0.5"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"model_tune: error: no such file: {tmp_path / 'nope.onnx'}"]
+    # argparse errors (a sparsity that is not a number) also exit 2 without a traceback
+    proc = subprocess.run([sys.executable, "-m", "tvm_kernels.cli", "--onnx_path", "m.onnx",
+                           "--sparsity", "high"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+
+
+def test_sparsity_is_a_float():
+    from tvm_kernels.cli import build_parser
+
+    args = build_parser().parse_args(["--onnx_path", "m.onnx", "--sparsity", "0.75"])
+    assert args.sparsity == 0.75
+
+
+def test_parity_check_fails_loudly():
+    ref = [np.linspace(-1, 1, 50, dtype=np.float32).reshape(5, 10)]
+    assert check_parity([ref[0] + 1e-6], ref) <= 2e-6
+    bad = ref[0].copy()
+    bad[2, 3] += 0.1
+    with pytest.raises(ParityError, match="1 of 50"):
+        check_parity([bad], ref)
+    with pytest.raises(ParityError, match="shape"):
+        check_parity([ref[0].T], ref)

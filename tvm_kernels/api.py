@@ -1,0 +1,342 @@
+"""model_tune as a Python API: prune (optional) -> Relax -> BSR convs -> tune -> compile ->
+parity vs onnxruntime -> interleaved timing -> exported library."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+
+class InputError(ValueError):
+    """Bad user input (file, target, numbers): reported as one line, exit code 2."""
+
+
+class ParityError(RuntimeError):
+    """The compiled sparse model does not compute what onnxruntime computes."""
+
+
+@dataclass
+class Timing:
+    name: str
+    median_ms: float
+    mean_ms: float
+    std_ms: float
+
+
+@dataclass
+class ModelTuneResult:
+    library_path: str
+    target: str
+    converted: list[str]  # one line per converted conv
+    skipped: list[str]  # one line per conv left dense, with the reason
+    pruned: list[str]  # per-conv pruning report (empty without --prune)
+    parity_max_abs_err: float
+    timings: dict[str, Timing] = field(default_factory=dict)
+    table: str = ""
+
+
+class Progress:
+    def __init__(self, stream=None, enabled: bool = True):
+        self.stream, self.enabled, self.start = stream, enabled, time.perf_counter()
+
+    def log(self, message: str) -> None:
+        if self.enabled:
+            print(f"[{time.perf_counter() - self.start:7.1f}s] {message}",
+                  file=self.stream or sys.stderr, flush=True)
+
+    @contextmanager
+    def step(self, what: str):
+        t0 = time.perf_counter()
+        self.log(f"{what} ...")
+        yield
+        self.log(f"{what}: done in {time.perf_counter() - t0:.1f}s")
+
+
+# ---------------------------------------------------------------------------- inputs
+
+def parse_target(target: str | dict | None) -> dict:
+    """TVM's JSON dict form; None detects the host CPU."""
+    import tvm
+
+    if target is None:
+        import psutil
+
+        return {"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu(),
+                "num-cores": psutil.cpu_count(logical=False) or os.cpu_count() or 1}
+    if isinstance(target, str):
+        try:
+            target = json.loads(target)
+        except json.JSONDecodeError as e:
+            raise InputError(f"--target is not valid JSON: {e}") from None
+    if not isinstance(target, dict) or "kind" not in target:
+        raise InputError('--target must be a JSON object with a "kind", e.g. {"kind":"llvm"}')
+    try:
+        tvm.target.Target(target)
+    except Exception as e:  # TVM raises various types for bad attributes
+        raise InputError(f"--target rejected by TVM: {str(e).splitlines()[-1]}") from None
+    if target["kind"] == "llvm" and "num-cores" not in target:
+        # meta_schedule needs it, and it sets the thread count for TVM and onnxruntime alike
+        import psutil
+
+        target = {**target, "num-cores": psutil.cpu_count(logical=False) or os.cpu_count() or 1}
+    return target
+
+
+def load_onnx(path: str) -> onnx.ModelProto:
+    if not os.path.isfile(path):
+        raise InputError(f"no such file: {path}")
+    try:
+        model = onnx.load(path)
+        onnx.checker.check_model(model)
+    except Exception as e:
+        raise InputError(f"{path} is not a valid ONNX model ({type(e).__name__})") from None
+    if not any(n.op_type == "Conv" for n in model.graph.node):
+        raise InputError(f"{path} has no Conv node: nothing to make block-sparse")
+    return model
+
+
+def check_numbers(bsr: int, bsc: int, sparsity: float, trials: int) -> None:
+    if bsr < 1 or bsc < 1:
+        raise InputError(f"block shape must be positive, got {bsr}x{bsc}")
+    if not 0.0 <= sparsity < 1.0:
+        raise InputError(f"sparsity must be in [0, 1), got {sparsity}")
+    if trials < 0:
+        raise InputError(f"--trials must be >= 0, got {trials}")
+
+
+def graph_inputs(model: onnx.ModelProto, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Random float32 data for every graph input (unknown dims taken as 1)."""
+    initializers = {t.name for t in model.graph.initializer}
+    feeds = {}
+    for value in model.graph.input:
+        if value.name in initializers:
+            continue
+        tensor_type = value.type.tensor_type
+        if tensor_type.elem_type != onnx.TensorProto.FLOAT:
+            raise InputError(f"input {value.name} is not float32")
+        shape = [d.dim_value if d.dim_value > 0 else 1 for d in tensor_type.shape.dim]
+        feeds[value.name] = rng.standard_normal(shape).astype(np.float32)
+    return feeds
+
+
+def save_onnx_atomically(model: onnx.ModelProto, path: str) -> None:
+    tmp = f"{path}.{os.getpid()}.tmp"
+    onnx.save(model, tmp)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------- checks
+
+def max_abs_error(outputs, references) -> float:
+    return max(float(np.max(np.abs(o - r))) if o.size else 0.0
+               for o, r in zip(outputs, references))
+
+
+def check_parity(outputs, references, rtol=1e-3, atol=1e-4) -> float:
+    """|out - ref| <= atol*max|ref| + rtol*|ref| element-wise, else ParityError."""
+    if len(outputs) != len(references):
+        raise ParityError(f"{len(outputs)} outputs vs {len(references)} from onnxruntime")
+    for i, (o, r) in enumerate(zip(outputs, references)):
+        if o.shape != r.shape:
+            raise ParityError(f"output {i}: shape {o.shape} vs onnxruntime {r.shape}")
+        scale = max(1.0, float(np.max(np.abs(r)))) if r.size else 1.0
+        bad = np.abs(o - r) > atol * scale + rtol * np.abs(r)
+        if np.any(bad) or not np.all(np.isfinite(o)):
+            raise ParityError(
+                f"output {i}: {int(bad.sum())} of {r.size} values differ from onnxruntime "
+                f"(max abs error {float(np.max(np.abs(o - r))):.3g}, scale {scale:.3g})")
+    return max_abs_error(outputs, references)
+
+
+def _ort_session(model: onnx.ModelProto, threads: int):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    return ort.InferenceSession(model.SerializeToString(), options,
+                                providers=["CPUExecutionProvider"])
+
+
+def _as_list(value) -> list[np.ndarray]:
+    import tvm
+
+    if isinstance(value, tvm.runtime.Tensor):
+        return [value.numpy()]
+    return [v.numpy() for v in value]
+
+
+# ---------------------------------------------------------------------------- pipeline
+
+def model_tune(
+    onnx_path: str,
+    bsr: int = 4,
+    bsc: int = 1,
+    sparsity: float = 0.7,
+    *,
+    prune: bool = False,
+    trials: int = 256,
+    target: str | dict | None = None,
+    work_dir: str = "tuned",
+    output: str | None = None,
+    rpc_tracker: str | None = None,
+    rpc_key: str | None = None,
+    dense_baseline: bool = True,
+    rounds: int = 15,
+    verbose: bool = True,
+) -> ModelTuneResult:
+    check_numbers(bsr, bsc, sparsity, trials)
+    model = load_onnx(onnx_path)
+    target_dict = parse_target(target)
+    if bool(rpc_tracker) != bool(rpc_key):
+        raise InputError("--rpc-tracker and --rpc-key go together")
+    threads = int(target_dict.get("num-cores", os.cpu_count() or 1))
+    # the TVM thread pool reads this when it starts; same thread count as onnxruntime
+    os.environ.setdefault("TVM_NUM_THREADS", str(threads))
+
+    import tvm
+    from onnxprune.errors import OnnxPruneError
+    from onnxprune.pruning.prune import prune as prune_model
+
+    from . import convert, tune
+
+    progress = Progress(enabled=verbose)
+    tvm_target = tvm.target.Target(target_dict)
+    try:
+        rpc = tune.RPCTarget.parse(rpc_tracker, rpc_key) if rpc_tracker else None
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    os.makedirs(work_dir, exist_ok=True)
+    pruned_lines = []
+
+    if prune:
+        with progress.step(f"1x{bsr} block pruning at sparsity {sparsity}"):
+            try:
+                model, pruning = prune_model(model, criterion="l1", granularity="1xN", n=bsr, sparsity=sparsity)
+            except OnnxPruneError as e:
+                raise InputError(str(e)) from None
+            pruned_lines = [f"{r.name} {r.shape}: "
+                            + (f"pruned to {r.achieved:.3f}" if r.requested is not None else f"kept ({r.note})")
+                            for r in pruning.layers]
+            save_onnx_atomically(model, os.path.join(work_dir, "pruned.onnx"))
+    with progress.step("importing ONNX into Relax"):
+        try:
+            dense_mod = convert.import_onnx(model)
+        except Exception as e:  # unsupported op, dynamic shape...
+            last = (str(e).strip().splitlines() or [""])[-1]
+            raise InputError(f"TVM cannot import {onnx_path}: {last}") from None
+    with progress.step(f"replacing convs with >= {sparsity} {bsr}x{bsc} block sparsity by BSR"):
+        sparse_mod, report = convert.convert_to_bsr(dense_mod, bsr, bsc, sparsity)
+    progress.log(f"  {len(report.converted)} convs converted, {len(report.skipped)} left dense")
+    if not report.converted:
+        progress.log(f"  warning: no conv has {sparsity} block sparsity in {bsr}x{bsc} blocks "
+                     "(prune first with --prune?): the model runs dense")
+    where = f" on {rpc.key}@{rpc.host}:{rpc.port}" if rpc else ""
+    with progress.step(f"tuning BSR tiles of {len(report.converted)} kernels{where}"):
+        with tune.Session(rpc) as session:
+            tiles = tune.tune_tiles(report.converted, tvm_target, work_dir, session, progress.log)
+        sparse_mod = convert.retile(sparse_mod, report, tiles)
+    with progress.step("legalizing and fusing the Relax graphs"):
+        sparse_mod = tune.prepare(sparse_mod, tvm_target)
+        dense_mod = tune.prepare(dense_mod, tvm_target) if dense_baseline else None
+    with progress.step(f"meta_schedule on the dense remainder ({trials} trials)"):
+        tune.tune_remainder(sparse_mod, tvm_target, work_dir, trials, rpc)
+    if dense_baseline:
+        with progress.step(f"meta_schedule on the dense model, baseline ({trials} trials)"):
+            tune.tune_remainder(dense_mod, tvm_target, work_dir, trials, rpc)
+    with progress.step("compiling"):
+        sparse_ex = tune.compile_module(sparse_mod, tvm_target, work_dir)
+        dense_ex = tune.compile_module(dense_mod, tvm_target, work_dir) if dense_baseline else None
+
+    feeds = graph_inputs(model, np.random.default_rng(0))
+    with progress.step(f"checking parity against onnxruntime{where}"):
+        references = _ort_session(model, threads).run(None, feeds)
+        max_err = parity_on_device(rpc, sparse_ex, feeds, references)
+        if dense_ex is not None:
+            parity_on_device(rpc, dense_ex, feeds, references)
+    progress.log(f"  sparse TVM matches onnxruntime, max abs error {max_err:.2e}")
+
+    library = output or os.path.join(work_dir, "model_bsr.so")
+    with progress.step(f"exporting {library}"):
+        tune.export_atomically(sparse_ex, library)
+        libraries = {"sparse TVM": library}
+        if dense_ex is not None:
+            libraries["dense TVM"] = tune.export_atomically(
+                dense_ex, os.path.join(work_dir, "model_dense.so"))
+    with progress.step(f"timing, {rounds} interleaved rounds, {threads} threads"
+                       + (" (TVM on the RPC device, onnxruntime here)" if rpc else "")):
+        timings = time_models(model, feeds, libraries, work_dir, threads, rounds, rpc)
+
+    result = ModelTuneResult(
+        library_path=library, target=json.dumps(target_dict),
+        converted=[describe_layer(layer) for layer in report.converted],
+        skipped=[f"{shape}: {reason}" for shape, reason in report.skipped],
+        pruned=pruned_lines, parity_max_abs_err=max_err, timings=timings,
+    )
+    result.table = format_table(result, where=f"{rpc.key} via RPC" if rpc else "local")
+    return result
+
+
+def parity_on_device(rpc, executable, feeds, references) -> float:
+    """Run `executable` where it will be deployed (here or over RPC) and compare; the session
+    and its remote tensors die with this frame, handing the device back."""
+    from . import tune
+
+    with tune.Session(rpc) as session:
+        inputs = [session.tensor(v) for v in feeds.values()]
+        outputs = _as_list(session.vm(executable, f"parity_{os.getpid()}_{id(executable)}")
+                           ["main"](*inputs))
+        del inputs
+    return check_parity(outputs, references)
+
+
+def describe_layer(layer) -> str:
+    s = layer.spec
+    return (f"{layer.kernel_name}: {s.c_in}->{s.c_out} {s.kernel[0]}x{s.kernel[1]} "
+            f"stride {s.stride[0]} @{s.height}x{s.width}, block sparsity "
+            f"{layer.weight.sparsity:.3f}, tile {layer.tile.pixels}px"
+            + (", +relu" if s.relu else ""))
+
+
+def time_models(model, feeds, libraries, work_dir, threads, rounds, rpc) -> dict[str, Timing]:
+    """Interleaved medians of the libraries and onnxruntime, timed in a fresh process."""
+    import tempfile
+    from dataclasses import asdict
+
+    from .timing import time_in_subprocess
+
+    with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
+        onnx_path = os.path.join(tmp, "model.onnx")
+        onnx.save(model, onnx_path)
+        np.savez(os.path.join(tmp, "inputs.npz"), **feeds)
+        spec = {"libraries": libraries, "onnx_path": onnx_path, "threads": threads,
+                "inputs_npz": os.path.join(tmp, "inputs.npz"), "rounds": rounds,
+                "rpc": asdict(rpc) if rpc else None}
+        per_round = time_in_subprocess(spec, os.path.join(tmp, "spec.json"))
+    return {name: Timing(name, float(np.median(t)) * 1e3, float(np.mean(t)) * 1e3,
+                         float(np.std(t)) * 1e3) for name, t in per_round.items()}
+
+
+def format_table(result: ModelTuneResult, where: str) -> str:
+    t = result.timings
+    ort_ms = t["onnxruntime"].median_ms
+    lines = [f"target {result.target} ({where}); onnxruntime on this host",
+             f"{'engine':<14}{'median ms':>11}{'mean ms':>10}{'std ms':>9}{'vs ORT':>9}"]
+    for timing in t.values():
+        lines.append(f"{timing.name:<14}{timing.median_ms:>11.3f}{timing.mean_ms:>10.3f}"
+                     f"{timing.std_ms:>9.3f}{ort_ms / timing.median_ms:>8.2f}x")
+    if "dense TVM" in t:
+        lines.append(f"sparse TVM speedup over dense TVM: "
+                     f"{t['dense TVM'].median_ms / t['sparse TVM'].median_ms:.2f}x")
+    lines.append(f"parity vs onnxruntime: max abs error {result.parity_max_abs_err:.2e}")
+    lines.append(f"library: {result.library_path}")
+    s = t["sparse TVM"]
+    lines.append(f"Mean inference time (std dev): {s.mean_ms:.2f} ms ({s.std_ms:.2f} ms)")
+    return "\n".join(lines)

@@ -1,0 +1,304 @@
+"""Tuning and timing: meta_schedule for the dense remainder, our own search for BSR tiles,
+locally or on a device registered with a TVM RPC tracker."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+
+import numpy as np
+import tvm
+from tvm import relax
+from tvm.s_tir import meta_schedule as ms
+
+from . import kernels
+from .convert import SparseConvLayer
+
+
+@dataclass(frozen=True)
+class RPCTarget:
+    """A device registered under `key` with the tracker at host:port."""
+
+    host: str
+    port: int
+    key: str
+    session_timeout_s: int = 600
+
+    @classmethod
+    def parse(cls, tracker: str, key: str) -> RPCTarget:
+        host, _, port = tracker.rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"--rpc-tracker must be HOST:PORT, got {tracker!r}")
+        return cls(host, int(port), key)
+
+    def session(self):
+        tracker = tvm.rpc.connect_tracker(self.host, self.port)
+        return tracker.request(self.key, priority=1, session_timeout=self.session_timeout_s)
+
+
+def light_tensor_intrin() -> None:
+    """meta_schedule imports `tvm.s_tir.tensor_intrin`, whose __init__ registers the CUDA, ROCm,
+    Hexagon, RISC-V... intrinsics too: ~50 s on this machine, per process.  CPU schedule rules
+    only need the x86/ARM ones, so register the package without its __init__ and import those."""
+    import importlib
+    import sys
+    import types
+
+    name = "tvm.s_tir.tensor_intrin"
+    if name in sys.modules:
+        return
+    import tvm.s_tir
+
+    package = types.ModuleType(name)
+    package.__path__ = [os.path.join(os.path.dirname(tvm.s_tir.__file__), "tensor_intrin")]
+    sys.modules[name] = package
+    for sub in ("x86", "arm_cpu"):
+        setattr(package, sub, importlib.import_module(f"{name}.{sub}"))
+
+
+def fast_build(mod: tvm.IRModule, target, _params=None):
+    """meta_schedule's default build minus `import tvm.s_tir.tensor_intrin` (~40 s per fresh
+    worker here, which made every candidate time out); CPU schedules do not need it."""
+    from tvm.driver import build as tvm_build
+    from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
+
+    mod = RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod)
+    return tvm_build(mod, target=target)
+
+
+def make_builder(timeout_s: float = 120.0) -> ms.builder.LocalBuilder:
+    return ms.builder.LocalBuilder(f_build=fast_build, timeout_sec=timeout_s)
+
+
+def make_runner(rpc: RPCTarget | None):
+    evaluator = ms.runner.EvaluatorConfig(number=3, repeat=1, min_repeat_ms=50)
+    if rpc is None:
+        return ms.runner.LocalRunner(timeout_sec=60, evaluator_config=evaluator)
+    config = ms.runner.RPCConfig(
+        tracker_host=rpc.host, tracker_port=rpc.port, tracker_key=rpc.key,
+        session_timeout_sec=120,
+    )
+    return ms.runner.RPCRunner(config, evaluator, max_workers=1)
+
+
+def database(work_dir: str) -> ms.database.JSONDatabase:
+    os.makedirs(work_dir, exist_ok=True)
+    return ms.database.JSONDatabase(work_dir=work_dir)
+
+
+def prepare(mod: tvm.IRModule, target) -> tvm.IRModule:
+    """Legalize and fuse into TIR: what meta_schedule extracts tasks from and what
+    compile_relax builds (same passes, so the database keys match)."""
+    from tvm.relax import pipeline
+
+    passes = [
+        *pipeline.library_dispatch_passes(target),
+        relax.transform.LegalizeOps(),
+        relax.transform.AnnotateTIROpPattern(),
+        relax.transform.FoldConstant(),
+        relax.transform.FuseOps(),
+        relax.transform.FuseTIR(),
+    ]
+    with target, tvm.transform.PassContext(opt_level=3):
+        return tvm.transform.Sequential(passes)(mod)
+
+
+def tunable_tasks(prepared: tvm.IRModule, target):
+    """Tasks of `prepared` minus our hand-scheduled kernels (tuned by tune_tiles)."""
+    tasks = ms.relax_integration.extract_tasks(prepared, target)
+    return [t for t in tasks
+            if not t.dispatched[0]["main"].attrs.get("tirx.is_scheduled", False)]
+
+
+def _drop_unnamed_log_handlers() -> None:
+    """meta_schedule rebuilds its logging config from the names of the handlers already on its
+    logger and crashes on an unnamed one (seen when a test harness attached one)."""
+    import logging
+
+    ms_logger = logging.getLogger("tvm.s_tir.meta_schedule")
+    for handler in list(ms_logger.handlers):
+        if handler.get_name() is None:
+            ms_logger.removeHandler(handler)
+
+
+def tune_remainder(prepared, target, work_dir: str, trials: int, rpc: RPCTarget | None = None,
+                   seed: int = 0) -> int:
+    """meta_schedule over the dense TIR tasks of a prepared module; records go to (and are
+    reused from) the JSON database in `work_dir`.  Returns the number of tasks tuned."""
+    tasks = tunable_tasks(prepared, target)
+    if trials <= 0 or not tasks:
+        return 0
+    light_tensor_intrin()
+    _drop_unnamed_log_handlers()
+    # tiny budgets: random traces, no cost model (seeding the evolutionary population costs
+    # ~half a minute per task on 2 cores); real budgets: evolutionary search + XGBoost
+    per_task = trials / len(tasks)
+    small = per_task < 2
+    strategy = ("replay-trace" if small else ms.search_strategy.EvolutionarySearch(
+        population_size=128 if per_task < 32 else 512))
+    contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
+        tasks, work_dir, strategy=strategy, seed=seed)
+    ms.tune_tasks(
+        tasks=contexts, task_weights=weights, work_dir=work_dir, max_trials_global=trials,
+        # small rounds so that every task gets measured before the budget runs out
+        num_trials_per_iter=int(min(64, max(4, per_task // 2), trials)),
+        builder=make_builder(), runner=make_runner(rpc), database=database(work_dir),
+        cost_model="random" if small else "xgb",
+    )
+    return len(tasks)
+
+
+def compile_module(mod, target, work_dir: str):
+    """Build with the tuned schedules of `work_dir` applied (untuned tasks get the default)."""
+    with contextlib.redirect_stdout(None):
+        return ms.relax_integration.compile_relax(database(work_dir), mod, target, None)
+
+
+# ---------------------------------------------------------------------------- timing
+
+@contextlib.contextmanager
+def quiet_native_stderr():
+    """Silence TVM's C++ log lines (one 'Scope Saving' warning per kernel on export)."""
+    import sys
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def export_atomically(executable, path: str) -> str:
+    directory = os.path.dirname(os.path.abspath(path)) or "."
+    os.makedirs(directory, exist_ok=True)
+    suffix = os.path.splitext(path)[1] or ".so"
+    fd, tmp = tempfile.mkstemp(dir=directory, suffix=suffix)
+    os.close(fd)
+    try:
+        with quiet_native_stderr():
+            executable.export_library(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+class Session:
+    """Where modules run: this process, or a remote device through the tracker."""
+
+    def __init__(self, rpc: RPCTarget | None = None):
+        self.rpc = rpc
+        self.remote = rpc.session() if rpc else None
+        self.device = self.remote.cpu() if self.remote else tvm.cpu()
+        self._tmp = tempfile.TemporaryDirectory()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self) -> None:
+        """Hand the device back to the tracker: meta_schedule's runner queues for it too."""
+        import gc
+
+        self.remote = None
+        self.device = None
+        gc.collect()
+        self._tmp.cleanup()
+
+    def load(self, executable, name: str):
+        """A callable handle on `executable` (a relax Executable or a TIR module) here."""
+        if self.remote is None:
+            return executable
+        path = os.path.join(self._tmp.name, name + ".so")
+        with quiet_native_stderr():
+            executable.export_library(path)
+        self.remote.upload(path)
+        return self.remote.load_module(name + ".so")
+
+    def tensor(self, array: np.ndarray):
+        return tvm.runtime.tensor(array, self.device)
+
+    def vm(self, executable, name: str):
+        return relax.VirtualMachine(self.load(executable, name), self.device)
+
+
+def time_function(module, func_name: str, args, device, number: int, repeat: int = 1):
+    """Per-call seconds, each entry an average over `number` calls."""
+    evaluator = module.time_evaluator(func_name, device, number=number, repeat=repeat)
+    return list(evaluator(*args).results)
+
+
+# ---------------------------------------------------------------------------- BSR tiles
+
+def _layer_key(layer: SparseConvLayer, target) -> str:
+    h = hashlib.sha1()
+    h.update(repr((layer.spec, str(target))).encode())
+    h.update(layer.arrays.indptr.tobytes())
+    h.update(layer.arrays.indices.tobytes())
+    return h.hexdigest()
+
+
+def _load_json(path: str) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
+def _save_json(path: str, data: dict) -> None:
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".json")
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=1, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def measure_tile(layer: SparseConvLayer, tile: kernels.BSRTile, target, session: Session,
+                 number: int = 5) -> float:
+    """Median seconds of the layer's bsr_matmul with `tile`, on its real index arrays."""
+    func = kernels.bsr_matmul_prim_func(layer.spec, layer.arrays.nnzb, tile, "bsr_matmul")
+    # a unique name per upload: a remote dlopen of a reused path returns the stale library
+    lib = session.load(tvm.compile(func, target=target),
+                       f"{layer.kernel_name}_{tile.pixels}px_{os.getpid()}")
+    rng = np.random.default_rng(0)
+    spec, a = layer.spec, layer.arrays
+    args = [session.tensor(v) for v in (
+        rng.standard_normal(spec.col_shape).astype(np.float32),
+        a.indptr, a.indices, a.data, a.bias,
+        np.zeros((spec.batch, spec.c_out, spec.num_pixels), np.float32))]
+    module = lib if session.remote else lib.jit()
+    return float(np.median(time_function(module, "bsr_matmul", args, session.device, number, 3)))
+
+
+def tune_tiles(layers: list[SparseConvLayer], target, work_dir: str, session: Session,
+               log=lambda msg: None) -> dict[str, kernels.BSRTile]:
+    """Measure every candidate pixel tile of every layer, keep the fastest; cached per
+    (shape, sparsity pattern, target) in work_dir/bsr_tiles.json."""
+    os.makedirs(work_dir, exist_ok=True)
+    cache_path = os.path.join(work_dir, "bsr_tiles.json")
+    cache = _load_json(cache_path)
+    chosen = {}
+    for i, layer in enumerate(layers):
+        key = _layer_key(layer, target)
+        if key not in cache:
+            times = {c.pixels: measure_tile(layer, c, target, session)
+                     for c in kernels.tile_candidates(layer.spec)}
+            cache[key] = min(times, key=times.get)
+            log(f"  {layer.kernel_name} {layer.spec.c_out}x{layer.spec.num_cols} "
+                f"sparsity {layer.weight.sparsity:.2f}: "
+                + ", ".join(f"{p}px {t * 1e3:.3f}ms" for p, t in times.items()))
+            _save_json(cache_path, cache)
+        chosen[layer.kernel_name] = kernels.BSRTile(int(cache[key]))
+    return chosen
