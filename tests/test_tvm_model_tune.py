@@ -32,13 +32,15 @@ class SmallNet(torch.nn.Module):
         self.dw = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1, groups=16), nn.ReLU())
         self.project = nn.Conv2d(16, 16, 1)
         self.down = nn.Sequential(nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.ReLU())
+        # a second im2col conv of another shape (two different im2col kernels in one module)
+        self.mix = nn.Sequential(nn.Conv2d(32, 32, 3, padding=1), nn.ReLU())
         self.odd = nn.Conv2d(32, 6, 1)  # C_out % 4 != 0: stays dense
         self.head = nn.Linear(6, 10)
 
     def forward(self, x):
         y = self.pw(self.stem(x))
         y = y + self.project(self.dw(y))
-        y = self.odd(self.down(y))
+        y = self.odd(self.mix(self.down(y)))
         return self.head(y.mean(dim=(2, 3)))
 
 
@@ -65,8 +67,8 @@ def test_model_tune_prunes_converts_checks_times_and_exports(small_onnx, tmp_pat
     work = str(tmp_path / "tuned")
     result = model_tune(small_onnx, 4, 1, 0.7, prune=True, trials=0, target=TARGET,
                         work_dir=work, rounds=3, verbose=False)
-    # pw, project, down are eligible; stem (first) and dw (depthwise) and odd (C_out=6) are not
-    assert len(result.converted) == 3
+    # pw, project, down, mix are eligible; stem (first) and dw (depthwise) and odd (C_out=6) are not
+    assert len(result.converted) == 4
     assert any("relu" in line for line in result.converted)
     assert len(result.skipped) == 3
     assert result.parity_max_abs_err < 1e-3

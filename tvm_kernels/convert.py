@@ -100,7 +100,9 @@ def emit_sparse_conv(bb: relax.BlockBuilder, x, layer: SparseConvLayer) -> relax
     """Emit im2col (when needed) + bsr_matmul + reshape for one conv; returns the NCHW output."""
     spec, arrays = layer.spec, layer.arrays
     if spec.needs_im2col:
-        im2col = bb.add_func(kernels.im2col_prim_func(spec), "im2col")
+        # one global symbol per layer: two convs of different shapes must not both be "im2col"
+        name = layer.kernel_name.replace("bsr_matmul", "im2col")
+        im2col = bb.add_func(kernels.im2col_prim_func(spec, name), name)
         col = bb.emit(relax.call_tir(im2col, [x], relax.TensorType(spec.col_shape, "float32")))
     else:
         col = bb.emit(relax.op.reshape(x, spec.col_shape))
