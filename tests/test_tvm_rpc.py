@@ -44,7 +44,7 @@ def test_tiles_parity_and_timing_run_on_the_rpc_device(small_onnx, tmp_path, rpc
     out = captured.out.strip().splitlines()
     assert MEAN_LINE.match(out[-1])
     assert any("board via RPC" in line for line in out)
-    assert re.search(r"tuning BSR tiles of 3 kernels on board@127\.0\.0\.1", captured.err)
+    assert re.search(r"tuning BSR tiles of 4 kernels on board@127\.0\.0\.1", captured.err)
     assert "checking parity against onnxruntime on board" in captured.err
 
 
