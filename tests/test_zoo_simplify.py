@@ -10,18 +10,7 @@ from onnxprune import simplify
 
 from .zoo_util import assert_matches_torch, export, layer_weight_count, run_ort
 
-# dynamo export takes seconds per model: three representative models in CI, all with ONNXPRUNE_SLOW=1
-DYNAMO_IN_CI = {"resnet18", "mobilenet_v2", "shufflenet_v2"}
-
-
-def cases():
-    for name in ZOO:
-        for mode in ("ts_folded", "ts_bn", "dynamo"):
-            marks = [pytest.mark.slow] if mode == "dynamo" and name not in DYNAMO_IN_CI else []
-            yield pytest.param(name, mode, marks=marks, id=f"{name}-{mode}")
-
-
-@pytest.mark.parametrize("name,mode", list(cases()))
+@pytest.mark.parametrize("name,mode", [(n, m) for n in ZOO for m in ("ts_folded", "ts_bn", "dynamo")])
 def test_random_half_of_filters_zeroed(name, mode):
     """50% of every layer's filters zeroed at random (weights only): exact, and MACs drop."""
     model = build(name)
