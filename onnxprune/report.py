@@ -38,8 +38,13 @@ class ModelStats:
         return cls(dict(sorted(ops.items())), params, macs, model.ByteSize(), default_opset(model), layers)
 
 
+def _per_item(shape):
+    """A dynamic leading (batch) dim counts as 1: MACs are reported per input item then."""
+    return None if shape is None else tuple(1 if d is None and i == 0 else d for i, d in enumerate(shape))
+
+
 def layer_macs(node, shapes, w) -> tuple[int, tuple[int, int]]:
-    out = shapes.get(node.output[0])
+    out = _per_item(shapes.get(node.output[0]))
     a = attrs(node)
     static = out is not None and all(d is not None for d in out)
     if node.op_type == "Conv":
@@ -48,7 +53,7 @@ def layer_macs(node, shapes, w) -> tuple[int, tuple[int, int]]:
         macs = int(np.prod(out)) * w[1] * int(np.prod(w[2:])) if static else 0
     elif node.op_type == "ConvTranspose":
         g = int(a.get("group", 1))
-        inp = shapes.get(node.input[0])
+        inp = _per_item(shapes.get(node.input[0]))
         io = (w[0], w[1] * g)
         ok = inp is not None and all(d is not None for d in inp)
         macs = int(np.prod(inp)) * w[1] * int(np.prod(w[2:])) if ok else 0
