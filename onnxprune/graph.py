@@ -104,8 +104,9 @@ def serialize(model: onnx.ModelProto) -> bytes:
     return _with_supported_ir(model).SerializeToString()
 
 
-def static_shapes(model: onnx.ModelProto) -> dict[str, tuple]:
-    """Tensor name -> shape tuple (None for a dynamic dim) after ONNX shape inference."""
+def static_shapes(model: onnx.ModelProto, symbolic: bool = False) -> dict[str, tuple]:
+    """Tensor name -> shape tuple (None for a dynamic dim) after ONNX shape inference; with
+    `symbolic`, a dynamic dim is its dim_param name where inference knows one (else None)."""
     try:
         inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
     except Exception:
@@ -116,7 +117,8 @@ def static_shapes(model: onnx.ModelProto) -> dict[str, tuple]:
         t = vi.type.tensor_type
         if not t.HasField("shape"):
             continue
-        shapes[vi.name] = tuple(d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim)
+        shapes[vi.name] = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) if symbolic else None
+                                for d in t.shape.dim)
     for init in g.initializer:
         shapes[init.name] = tuple(init.dims)
     return shapes

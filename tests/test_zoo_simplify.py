@@ -50,25 +50,43 @@ def test_unpruned_model_only_loses_batchnorm(name):
         assert_matches_torch(run_ort(small, x.numpy()), model(x).numpy(), rel=1e-4)
 
 
-@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2", "vgg11_bn"])
-def test_dynamic_batch_export(name):
-    """Exports with a symbolic batch axis: simplified the same way, any batch size works, and
-    MACs are reported per input item."""
+def export_dynamic_batch(model, x):
     import io
     import warnings
 
     import onnx
 
-    model = build(name)
-    zero_random_filters(model, 0.5, seed=2)
-    x = example_input(name)
     buf = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(model, (x,), buf, dynamo=False, opset_version=17, input_names=["x"], output_names=["y"],
                           dynamic_axes={"x": {0: "n"}, "y": {0: "n"}})
-    small, report = simplify(onnx.load_from_string(buf.getvalue()))
+    return onnx.load_from_string(buf.getvalue())
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2", "vgg11_bn", "shufflenet_v2"])
+def test_dynamic_batch_export(name):
+    """Exports with a symbolic batch axis: simplified the same way, any batch size works, and
+    MACs are reported per input item."""
+    model = build(name)
+    zero_random_filters(model, 0.5, seed=2)
+    x = example_input(name)
+    small, report = simplify(export_dynamic_batch(model, x))
     assert 0 < report.after.macs < report.before.macs
     batch = torch.cat([x, 2 * x, -x])
+    with torch.no_grad():
+        assert_matches_torch(run_ort(small, batch.numpy()), model(batch).numpy(), rel=1e-4)
+
+
+def test_dynamic_batch_channel_shuffle_is_removed_through():
+    """x.view(x.size(0), g, c // g, h, w) with a symbolic batch: the shape is computed at run time,
+    but its batch piece is the reshaped tensor's own dim 0; cleanup writes it as 0 (copy) and the
+    shuffle's channels are tracked: the half mask gives exactly the half-width model."""
+    model = build("shufflenet_v2")
+    zero_upper_half(model)
+    x = example_input("shufflenet_v2")
+    small, report = simplify(export_dynamic_batch(model, x), align=1)
+    assert layer_weight_count(small) == conv_linear_weight_count(build("shufflenet_v2", width=ZOO["shufflenet_v2"].width / 2))
+    batch = torch.cat([x, -x])
     with torch.no_grad():
         assert_matches_torch(run_ort(small, batch.numpy()), model(batch).numpy(), rel=1e-4)

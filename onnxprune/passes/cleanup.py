@@ -7,7 +7,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ..graph import Graph, _subgraph_inputs, topo_sort
+from ..graph import Graph, _subgraph_inputs, static_shapes, topo_sort
 from .base import Context
 
 PASS = "cleanup"
@@ -20,6 +20,7 @@ def cleanup(g: Graph, ctx: Context) -> bool:
     changed |= remove_identities(g, ctx)
     changed |= fold_static_shapes(g, ctx)
     changed |= fold_constants(g, ctx)
+    changed |= copy_batch_dims(g, ctx)
     changed |= remove_dead_nodes(g)
     topo_sort(g.g, g.inits)
     return changed
@@ -78,7 +79,7 @@ def fold_static_shapes(g: Graph, ctx: Context) -> bool:
     if not targets:
         return False
     g.invalidate_shapes()
-    changed = False
+    changed = _fold_static_shape_dims(g, ctx, targets)
     for node in targets:
         shape = g.shapes.get(node.input[0])
         if shape is None or any(d is None for d in shape) or node.output[0] in g.output_names:
@@ -93,6 +94,82 @@ def fold_static_shapes(g: Graph, ctx: Context) -> bool:
         ctx.log(PASS, "fold", node.name or node.op_type, node.op_type)
         changed = True
     return changed
+
+
+def _fold_static_shape_dims(g: Graph, ctx: Context, shape_nodes) -> bool:
+    """Gather(Shape(S), k) is a constant when S's dim k is static, even if its batch dim is not."""
+    shapes = {n.output[0]: n.input[0] for n in shape_nodes if n.op_type == "Shape" and not _attrs(n).get("start", 0)}
+    changed = False
+    for node in g.nodes:
+        if node.op_type != "Gather" or node.input[0] not in shapes or int(_attrs(node).get("axis", 0)) != 0:
+            continue
+        index, dims = g.const(node.input[1]), g.shapes.get(shapes[node.input[0]])
+        if index is None or dims is None or node.output[0] in g.output_names:
+            continue
+        picked = np.take(np.array([-1 if d is None else d for d in dims], np.int64), index)
+        if np.any(picked < 0):
+            continue
+        g.inits[node.output[0]] = picked
+        g.remove_node(node)
+        ctx.log(PASS, "fold", node.name or node.op_type, "static dim of a shape")
+        changed = True
+    return changed
+
+
+def copy_batch_dims(g: Graph, ctx: Context) -> bool:
+    """Reshape(D, Concat(dim i of Shape(S), constants ...)) with a symbolic batch — how exporters write
+    x.view(x.size(0), ...) — becomes Reshape(D, [0, constants ...]): 0 copies D's own dim i, which is
+    the same dim when D is S or shape inference gives both the same symbol. The reshape is then
+    constant and its channels can be tracked."""
+    producers = g.producers()
+    targets = [n for n in g.nodes if n.op_type == "Reshape" and not g.is_const(n.input[1])
+               and not int(_attrs(n).get("allowzero", 0)) and getattr(producers.get(n.input[1]), "op_type", "") == "Concat"]
+    if not targets:
+        return False
+    symbolic = static_shapes(g.to_model(copy=False), symbolic=True)
+    changed = False
+    for node in targets:
+        data, pieces = node.input[0], []
+        for name in producers[node.input[1]].input:
+            value = g.const(name)
+            if value is not None and value.ndim <= 1:
+                pieces.extend(int(v) for v in value.reshape(-1))
+                continue
+            source = _shape_dim(g, producers, name)
+            if source is None or not _same_dim(symbolic, data, len(pieces), *source):
+                break
+            pieces.append(0)
+        else:
+            g.set_input_const(node, 1, np.array(pieces, np.int64), base=f"{node.name}_shape")
+            ctx.log(PASS, "fold", node.name, "reshape shape with a copied batch dim")
+            changed = True
+    return changed
+
+
+def _shape_dim(g: Graph, producers, name: str):
+    """(S, k) if `name` is the 1-element tensor [dim k of Shape(S)], else None."""
+    node = producers.get(name)
+    if node is not None and node.op_type == "Unsqueeze":
+        node = producers.get(node.input[0])
+    if node is None or node.op_type != "Gather" or int(_attrs(node).get("axis", 0)) != 0:
+        return None
+    index, shape = g.const(node.input[1]), producers.get(node.input[0])
+    if index is None or index.size != 1 or shape is None or shape.op_type != "Shape" or _attrs(shape).get("start", 0):
+        return None
+    return shape.input[0], int(index.reshape(()))
+
+
+def _same_dim(shapes, a: str, i: int, b: str, k: int) -> bool:
+    if a == b and i == k:
+        return True
+    sa, sb = shapes.get(a), shapes.get(b)
+    if sa is None or sb is None or i >= len(sa) or k >= len(sb):
+        return False
+    return sa[i] is not None and sa[i] == sb[k]
+
+
+def _attrs(node) -> dict:
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
 def fold_constants(g: Graph, ctx: Context) -> bool:
