@@ -161,7 +161,7 @@ def channel_summary(model: onnx.ModelProto, pins=()) -> dict:
         v = judge(cls, cg)
         by_kind[v.kind] += 1
         if v.kind == PINNED:
-            pinned[_generic(v.reason)] += 1
+            pinned[v.reason] += 1
         elif v.kind == BLOCKED:
             blocked[v.reason] += 1
     return {
@@ -170,7 +170,3 @@ def channel_summary(model: onnx.ModelProto, pins=()) -> dict:
         "pinned": dict(pinned.most_common()),
         "blocked": dict(blocked.most_common(10)),
     }
-
-
-def _generic(reason: str) -> str:
-    return reason

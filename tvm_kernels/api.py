@@ -90,13 +90,15 @@ def parse_target(target: str | dict | None) -> dict:
 
 
 def load_onnx(path: str) -> onnx.ModelProto:
+    from onnxprune.errors import OnnxPruneError
+    from onnxprune.graph import load_model
+
     if not os.path.isfile(path):
         raise InputError(f"no such file: {path}")
     try:
-        model = onnx.load(path)
-        onnx.checker.check_model(model)
-    except Exception as e:
-        raise InputError(f"{path} is not a valid ONNX model ({type(e).__name__})") from None
+        model = load_model(path)
+    except OnnxPruneError as e:
+        raise InputError(str(e)) from None
     if not any(n.op_type == "Conv" for n in model.graph.node):
         raise InputError(f"{path} has no Conv node: nothing to make block-sparse")
     return model
@@ -124,12 +126,6 @@ def graph_inputs(model: onnx.ModelProto, rng: np.random.Generator) -> dict[str, 
         shape = [d.dim_value if d.dim_value > 0 else 1 for d in tensor_type.shape.dim]
         feeds[value.name] = rng.standard_normal(shape).astype(np.float32)
     return feeds
-
-
-def save_onnx_atomically(model: onnx.ModelProto, path: str) -> None:
-    tmp = f"{path}.{os.getpid()}.tmp"
-    onnx.save(model, tmp)
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------- checks
@@ -203,6 +199,7 @@ def model_tune(
 
     import tvm
     from onnxprune.errors import OnnxPruneError
+    from onnxprune.graph import save_model
     from onnxprune.pruning.prune import prune as prune_model
 
     from . import convert, tune
@@ -225,7 +222,7 @@ def model_tune(
             pruned_lines = [f"{r.name} {r.shape}: "
                             + (f"pruned to {r.achieved:.3f}" if r.requested is not None else f"kept ({r.note})")
                             for r in pruning.layers]
-            save_onnx_atomically(model, os.path.join(work_dir, "pruned.onnx"))
+            save_model(model, os.path.join(work_dir, "pruned.onnx"))
     with progress.step("importing ONNX into Relax"):
         try:
             dense_mod = convert.import_onnx(model)

@@ -118,11 +118,11 @@ class Conv(Rule):
             known = np.repeat(cg.known(x), m) & ~row_zero
             if known.any():
                 try:  # depthwise over known channels: run it (padding turns constants into maps)
-                    cg.store(node.output[0], self.run_depthwise(node, cg, known, b, row_zero), known | row_zero)
+                    cg.store(node.output[0], self.run_depthwise(node, cg, known, b), known | row_zero)
                 except Exception:
                     pass
 
-    def run_depthwise(self, node, cg, known_out, bias, row_zero) -> np.ndarray:
+    def run_depthwise(self, node, cg, known_out, bias) -> np.ndarray:
         w, group, m, _ = self.geometry(cg.g, node)
         x = node.input[0]
         groups = np.flatnonzero(known_out.reshape(group, m).any(axis=1))

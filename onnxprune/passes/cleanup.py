@@ -7,7 +7,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ..graph import Graph, _subgraph_inputs, static_shapes, topo_sort
+from ..graph import Graph, _subgraph_inputs, attrs, static_shapes, topo_sort
 from .base import Context
 
 PASS = "cleanup"
@@ -87,7 +87,7 @@ def fold_static_shapes(g: Graph, ctx: Context) -> bool:
         if node.op_type == "Size":
             value = np.array(int(np.prod(shape, dtype=np.int64)), dtype=np.int64)
         else:
-            a = {x.name: helper.get_attribute_value(x) for x in node.attribute}
+            a = attrs(node)
             value = np.array(shape[a.get("start", 0): a.get("end", len(shape))], dtype=np.int64)
         g.inits[node.output[0]] = value
         g.remove_node(node)
@@ -98,10 +98,10 @@ def fold_static_shapes(g: Graph, ctx: Context) -> bool:
 
 def _fold_static_shape_dims(g: Graph, ctx: Context, shape_nodes) -> bool:
     """Gather(Shape(S), k) is a constant when S's dim k is static, even if its batch dim is not."""
-    shapes = {n.output[0]: n.input[0] for n in shape_nodes if n.op_type == "Shape" and not _attrs(n).get("start", 0)}
+    shapes = {n.output[0]: n.input[0] for n in shape_nodes if n.op_type == "Shape" and not attrs(n).get("start", 0)}
     changed = False
     for node in g.nodes:
-        if node.op_type != "Gather" or node.input[0] not in shapes or int(_attrs(node).get("axis", 0)) != 0:
+        if node.op_type != "Gather" or node.input[0] not in shapes or int(attrs(node).get("axis", 0)) != 0:
             continue
         index, dims = g.const(node.input[1]), g.shapes.get(shapes[node.input[0]])
         if index is None or dims is None or node.output[0] in g.output_names:
@@ -123,7 +123,7 @@ def copy_batch_dims(g: Graph, ctx: Context) -> bool:
     constant and its channels can be tracked."""
     producers = g.producers()
     targets = [n for n in g.nodes if n.op_type == "Reshape" and not g.is_const(n.input[1])
-               and not int(_attrs(n).get("allowzero", 0)) and getattr(producers.get(n.input[1]), "op_type", "") == "Concat"]
+               and not int(attrs(n).get("allowzero", 0)) and getattr(producers.get(n.input[1]), "op_type", "") == "Concat"]
     if not targets:
         return False
     symbolic = static_shapes(g.to_model(copy=False), symbolic=True)
@@ -151,10 +151,10 @@ def _shape_dim(g: Graph, producers, name: str):
     node = producers.get(name)
     if node is not None and node.op_type == "Unsqueeze":
         node = producers.get(node.input[0])
-    if node is None or node.op_type != "Gather" or int(_attrs(node).get("axis", 0)) != 0:
+    if node is None or node.op_type != "Gather" or int(attrs(node).get("axis", 0)) != 0:
         return None
     index, shape = g.const(node.input[1]), producers.get(node.input[0])
-    if index is None or index.size != 1 or shape is None or shape.op_type != "Shape" or _attrs(shape).get("start", 0):
+    if index is None or index.size != 1 or shape is None or shape.op_type != "Shape" or attrs(shape).get("start", 0):
         return None
     return shape.input[0], int(index.reshape(()))
 
@@ -166,10 +166,6 @@ def _same_dim(shapes, a: str, i: int, b: str, k: int) -> bool:
     if sa is None or sb is None or i >= len(sa) or k >= len(sb):
         return False
     return sa[i] is not None and sa[i] == sb[k]
-
-
-def _attrs(node) -> dict:
-    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
 def fold_constants(g: Graph, ctx: Context) -> bool:
