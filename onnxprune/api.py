@@ -6,7 +6,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import OnnxPruneError
+from .errors import OnnxPruneError, ParityError
 from .graph import load_model, save_model
 from .parity import DEFAULT_ATOL, DEFAULT_RTOL, ParityReport, compare, load_inputs
 from .report import ModelStats, Report, channel_summary
@@ -46,8 +46,6 @@ def prune_file(src, dst, *, calib=None, masks=None, save_masks=None, simplify_af
                progress=None, **options):
     """`onnxprune prune`: prune the model at `src`, optionally simplify, write `dst` atomically.
     Returns (PruneReport, simplify Report or None)."""
-    import numpy as np
-
     from .pruning.prune import prune
 
     say = progress or (lambda msg: None)
@@ -73,24 +71,29 @@ def rearrange(model, *, n: int = 4, check: bool = True, inputs=None, atol: float
               rtol: float = DEFAULT_RTOL, seed: int = 0):
     """Permute channels so that 1xN blocks group filters of similar norm; exact (parity-checked).
     Returns (ModelProto, number of layers permuted, ParityReport or None)."""
-    from .graph import Graph
     from .passes.base import Context
-    from .passes.cleanup import cleanup
+    from .passes.cleanup import cleaned_graph
     from .passes.rearrange import rearrange_graph
 
     original = load_model(model)
-    g = Graph(load_model(original))
     ctx = Context()
-    cleanup(g, ctx)
+    g = cleaned_graph(original, ctx)
     moved = rearrange_graph(g, n, ctx)
     result = g.to_model()
     parity = None
     if check:
         parity = compare(original, result, inputs=_inputs(inputs, original), atol=atol, rtol=rtol, seed=seed)
         if not parity.passed:
-            from .errors import ParityError
             raise ParityError("rearranged model differs from the input: " + "; ".join(parity.lines()))
     return result, moved, parity
+
+
+def rearrange_file(src, dst, **options):
+    """`onnxprune rearrange`: rearrange the model at `src` and write it atomically to `dst`."""
+    _refuse_same(src, dst)
+    result, moved, parity = rearrange(src, **options)
+    save_model(result, dst)
+    return moved, parity
 
 
 def _refuse_same(src, dst) -> None:
@@ -147,14 +150,10 @@ class Inspection:
 
 
 def inspect(model, pins=()) -> Inspection:
-    from .graph import Graph
-    from .passes.base import Context
-    from .passes.cleanup import cleanup
+    from .passes.cleanup import cleaned_graph
 
     m = load_model(model)
-    g = Graph(load_model(m))
-    cleanup(g, Context())  # Constant nodes and Identities would otherwise hide the structure
-    return Inspection(ModelStats.of(m), channel_summary(g.to_model(), pins))
+    return Inspection(ModelStats.of(m), channel_summary(cleaned_graph(m).to_model(), pins))
 
 
-__all__ = ["simplify", "simplify_file", "check", "inspect", "prune_file", "rearrange"]
+__all__ = ["simplify", "simplify_file", "check", "inspect", "prune_file", "rearrange", "rearrange_file"]

@@ -151,15 +151,11 @@ def cmd_prune(args) -> int:
 
 
 def cmd_rearrange(args) -> int:
-    from .api import rearrange
-    from .graph import save_model
+    from .api import rearrange_file
 
     out = args.output or default_output(args.model, "rearranged")
-    from .api import _refuse_same
-    _refuse_same(args.model, out)
-    model, moved, parity = rearrange(args.model, n=args.n, check=not args.no_check, inputs=args.inputs,
-                                     atol=args.atol, rtol=args.rtol, seed=args.seed)
-    save_model(model, out)
+    moved, parity = rearrange_file(args.model, out, n=args.n, check=not args.no_check, inputs=args.inputs,
+                                   atol=args.atol, rtol=args.rtol, seed=args.seed)
     print(f"rearranged {moved} layer group(s); wrote {out}")
     if parity is not None:
         print(f"parity with the input: {'PASS' if parity.passed else 'FAIL'}")

@@ -7,7 +7,7 @@ import time
 
 import onnx
 
-from .errors import ParityError
+from .errors import OnnxPruneError, ParityError
 from .graph import Graph, load_model
 from .parity import DEFAULT_ATOL, DEFAULT_RTOL, compare
 from .passes.base import Context, run_to_fixed_point
@@ -21,7 +21,7 @@ from .report import Report, channel_summary
 def simplify(model, *, fold_bn: bool = True, propagate: bool = True, remove: bool = True,
              pins=(), check: bool = True, inputs: list[dict] | None = None,
              atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL, seed: int = 0,
-             verbose: bool = False, align: int = 8) -> tuple[onnx.ModelProto, Report]:
+             align: int = 8) -> tuple[onnx.ModelProto, Report]:
     """Simplify a pruned model (a path or a ModelProto; never modified).
 
     `align`: dead channels are spared so that layer widths stay multiples of it where they were
@@ -32,10 +32,9 @@ def simplify(model, *, fold_bn: bool = True, propagate: bool = True, remove: boo
     start = time.perf_counter()
     g = Graph(load_model(original))
     _name_nodes(g)
-    ctx = Context(pins=set(pins), verbose=verbose, align=align)
+    ctx = Context(pins=set(pins), align=align)
     unknown = sorted(set(pins) - _tensor_names(g))
     if unknown:
-        from .errors import OnnxPruneError
         raise OnnxPruneError(f"--pin: no tensor named {', '.join(unknown)} in the model")
     cleanup(g, ctx)
     if fold_bn:

@@ -20,7 +20,6 @@ class Event:
 class Context:
     pins: set[str] = field(default_factory=set)        # tensor names the user pinned
     events: list[Event] = field(default_factory=list)
-    verbose: bool = False
     align: int = 1  # keep layer widths multiples of this (spare dead channels): fast kernels like it
 
     def log(self, pass_name: str, what: str, where: str, detail: str = "") -> None:

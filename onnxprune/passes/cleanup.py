@@ -7,12 +7,20 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ..graph import Graph, _subgraph_inputs, attrs, static_shapes, topo_sort
+from ..graph import Graph, _subgraph_inputs, attrs, load_model, static_shapes, topo_sort
 from .base import Context
 
 PASS = "cleanup"
 NONDETERMINISTIC = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli"}
 FOLD_LIMIT = 1 << 22  # don't materialize constant outputs above 4M elements
+
+
+def cleaned_graph(model, ctx: Context | None = None) -> Graph:
+    """A working Graph over a private copy of `model` (path or ModelProto), cleaned up: Constant
+    nodes and Identities would otherwise hide the structure the channel graph reads."""
+    g = Graph(load_model(model))
+    cleanup(g, ctx or Context())
+    return g
 
 
 def cleanup(g: Graph, ctx: Context) -> bool:

@@ -30,10 +30,6 @@ PERMUTABLE = set(UNARY) | set(BINARY) | {
 }
 
 
-def rearrange(g: Graph, ctx: Context, n: int = 4) -> bool:
-    return rearrange_graph(g, n, ctx) > 0
-
-
 def rearrange_graph(g: Graph, n: int, ctx: Context) -> int:
     """Permute every movable bucket by descending L1 norm; returns how many were permuted."""
     cg = build_channel_graph(g, ctx.pins)

@@ -16,9 +16,9 @@ import onnx
 
 from ..channels.core import build_channel_graph
 from ..errors import OnnxPruneError
-from ..graph import Graph, attrs, load_model
+from ..graph import Graph, attrs
 from ..passes.base import Context
-from ..passes.cleanup import cleanup
+from ..passes.cleanup import cleaned_graph
 from . import criteria
 from .block import block_prune_weights, block_scores
 from .config import check_sparsity, default_config, load_config, resolve
@@ -78,8 +78,7 @@ def prune(model, *, criterion: str = "l1", sparsity: float | None = None, granul
     start = time.perf_counter()
     granularity = granularity or ("weight" if criterion == "level" else "filter")
     _check_args(criterion, granularity, n, group_reduce, sparsity, config, masks)
-    g = Graph(load_model(model))
-    cleanup(g, Context())
+    g = cleaned_graph(model)
     report = PruneReport(criterion, granularity, n)
     if masks is not None:
         _apply_masks(g, masks, report)
