@@ -1,5 +1,8 @@
-"""BSR conv kernels against numpy and onnxruntime: shapes, strides, paddings, dilations,
-sparsities (0, 0.5, 0.9, 1.0, empty and full block rows), block shapes, bias and ReLU."""
+"""BSR and depthwise conv kernels against numpy and onnxruntime: shapes, strides, paddings,
+dilations, sparsities (0, 0.5, 0.9, 1.0, empty and full block rows), block shapes, and the fused
+epilogue (bias, residual add, ReLU / ReLU6 / Clip) found in ONNX graphs."""
+
+import math
 
 import numpy as np
 import pytest
@@ -26,10 +29,31 @@ def sparse_weight(rng, spec, sparsity):
     return mat.reshape(w.shape)
 
 
-def run_conv(spec, w, bias, x, tile=None):
+def run_conv(spec, w, bias, x, tile=None, residual=None):
     mod, _ = convert.single_conv_module(spec, w, bias, tile)
     vm = relax.VirtualMachine(tvm.compile(mod, target=tvm.target.Target(TARGET)), tvm.cpu())
-    return vm["main"](tvm.runtime.tensor(x)).numpy()
+    args = [x] if residual is None else [x, residual]
+    return vm["main"](*[tvm.runtime.tensor(a) for a in args]).numpy()
+
+
+# (bias, epilogue): plain conv; bias + ReLU; bias + residual + ReLU6; residual + Clip(-1, 0.5)
+EPILOGUES = {
+    "plain": (False, kernels.Epilogue()),
+    "bias_relu": (True, kernels.Epilogue(0.0, math.inf)),
+    "bias_res_relu6": (True, kernels.Epilogue(0.0, 6.0, residual=True)),
+    "res_clip": (False, kernels.Epilogue(-1.0, 0.5, residual=True)),
+}
+
+
+def check_against_numpy(spec, w, has_bias, rng, groups=1, tile=None):
+    bias = rng.standard_normal(spec.c_out).astype(np.float32) if has_bias else None
+    x = rng.standard_normal((spec.batch, spec.c_in, spec.height, spec.width)).astype(np.float32)
+    residual = (rng.standard_normal(spec.out_shape).astype(np.float32)
+                if spec.epilogue.residual else None)
+    out = run_conv(spec, w, bias, x, tile, residual)
+    assert out.shape == spec.out_shape
+    ref = kernels.reference_conv2d(x, w, spec, bias, residual, groups)
+    np.testing.assert_allclose(out, ref, rtol=RTOL, atol=ATOL)
 
 
 def test_bsr_roundtrip_and_sparsity():
@@ -60,18 +84,39 @@ CASES = [
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[4][0]}x{c[4][1]}s{c[5][0]}-{c[8]}x{c[9]}-{c[10]}")
-@pytest.mark.parametrize("bias_relu", [(False, False), (True, True)], ids=["plain", "bias_relu"])
-def test_bsr_conv_matches_numpy(case, bias_relu):
+@pytest.mark.parametrize("epilogue", ["plain", "bias_relu", "bias_res_relu6"])
+def test_bsr_conv_matches_numpy(case, epilogue):
     c_in, h, w_, c_out, k, s, p, d, bsr, bsc, sparsity, batch = case
-    has_bias, relu = bias_relu
-    spec = kernels.ConvSpec(batch, c_in, h, w_, c_out, k, s, p, d, bsr, bsc, relu=relu)
+    has_bias, ep = EPILOGUES[epilogue]
+    spec = kernels.ConvSpec(batch, c_in, h, w_, c_out, k, s, p, d, bsr, bsc, epilogue=ep)
     rng = np.random.default_rng(abs(hash(case)) % 2**32)
-    w = sparse_weight(rng, spec, sparsity)
-    bias = rng.standard_normal(c_out).astype(np.float32) if has_bias else None
-    x = rng.standard_normal((batch, c_in, h, w_)).astype(np.float32)
-    out = run_conv(spec, w, bias, x)
-    assert out.shape == spec.out_shape
-    np.testing.assert_allclose(out, kernels.reference_conv2d(x, w, spec, bias), rtol=RTOL, atol=ATOL)
+    check_against_numpy(spec, sparse_weight(rng, spec, sparsity), has_bias, rng)
+
+
+DEPTHWISE_CASES = [
+    # (channels, h, w, kernel, stride, padding, dilation, batch)
+    (8, 12, 12, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 1),
+    (6, 11, 10, (3, 3), (2, 2), (1, 1, 1, 1), (1, 1), 2),  # odd height, even width
+    (4, 9, 70, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 1),  # rows wider than one vector (+ tail)
+    (5, 14, 66, (5, 5), (2, 2), (2, 2, 2, 2), (1, 1), 1),
+    (3, 8, 9, (3, 3), (1, 3), (0, 2, 1, 0), (1, 1), 1),  # asymmetric pads; width 9 / stride 3
+    (4, 10, 8, (3, 3), (1, 1), (2, 1, 2, 1), (2, 1), 1),  # dilated rows
+    (16, 7, 7, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 1),
+    (2, 6, 6, (1, 1), (1, 1), (0, 0, 0, 0), (1, 1), 1),
+]
+
+
+@pytest.mark.parametrize("case", DEPTHWISE_CASES,
+                         ids=lambda c: f"c{c[0]}-{c[1]}x{c[2]}-k{c[3][0]}s{c[4][1]}")
+@pytest.mark.parametrize("epilogue", sorted(EPILOGUES))
+def test_depthwise_conv_matches_numpy(case, epilogue):
+    c, h, w_, k, s, p, d, batch = case
+    has_bias, ep = EPILOGUES[epilogue]
+    spec = kernels.ConvSpec(batch, c, h, w_, c, k, s, p, d, epilogue=ep)
+    assert kernels.depthwise_supported(spec) == ""
+    rng = np.random.default_rng(abs(hash(case)) % 2**32)
+    w = rng.standard_normal((c, 1) + k).astype(np.float32)
+    check_against_numpy(spec, w, has_bias, rng, groups=c)
 
 
 def test_empty_and_fully_dense_block_rows_every_tile():
@@ -85,6 +130,13 @@ def test_empty_and_fully_dense_block_rows_every_tile():
     ref = kernels.reference_conv2d(x, w, spec)
     for tile in kernels.tile_candidates(spec):
         np.testing.assert_allclose(run_conv(spec, w, None, x, tile), ref, rtol=RTOL, atol=ATOL)
+
+
+def test_unsupported_depthwise_is_explained():
+    spec = kernels.ConvSpec(1, 4, 9, 9, 4, (3, 3), (2, 2), (1, 1, 1, 1))
+    assert "multiple of stride" in kernels.depthwise_supported(spec)
+    spec = kernels.ConvSpec(1, 4, 9, 8, 4, (3, 3), (1, 1), (1, 1, 1, 1), (1, 2))
+    assert "dilated" in kernels.depthwise_supported(spec)
 
 
 def _conv_model(w, bias, stride, pads, dilation, relu):
@@ -120,7 +172,8 @@ def test_onnx_conv_converted_and_matches_onnxruntime(bias, relu):
     mod, report = convert.convert_to_bsr(convert.import_onnx(model), 4, 1, 0.5)
     assert len(report.converted) == 1 and not report.skipped
     layer = report.converted[0]
-    assert layer.spec.relu == relu  # ReLU fused into the kernel epilogue
+    # ReLU fused into the kernel epilogue
+    assert layer.spec.epilogue == kernels.Epilogue(0.0 if relu else -math.inf, math.inf)
     assert not np.any(layer.arrays.bias) == (not bias)
     x = rng.standard_normal((1, 8, 10, 10)).astype(np.float32)
     vm = relax.VirtualMachine(tvm.compile(mod, target=tvm.target.Target(TARGET)), tvm.cpu())
@@ -136,3 +189,121 @@ def test_convs_below_threshold_stay_dense():
     mod, report = convert.convert_to_bsr(convert.import_onnx(model), 4, 1, 0.7)
     assert not report.converted and len(report.skipped) == 1
     assert "block sparsity" in report.skipped[0][1]
+
+
+# ---------------------------------------------------------------------------- fused chains
+
+def _onnx(nodes, inits, x_shape, outputs):
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x_shape))],
+        [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outputs],
+        [numpy_helper.from_array(np.asarray(v, np.float32), k) for k, v in inits.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+
+
+def _called(mod) -> list[str]:
+    """Names of the TIR functions `main` calls, in order."""
+    names = []
+    for block in mod["main"].body.blocks:
+        for binding in block.bindings:
+            value = binding.value
+            if isinstance(value, relax.Call) and value.op == tvm.ir.Op.get("relax.call_tir"):
+                names.append(value.args[0].name_hint)
+    return names
+
+
+def _matches_onnxruntime(model, mod, x):
+    import onnxruntime as ort
+
+    vm = relax.VirtualMachine(tvm.compile(mod, target=tvm.target.Target(TARGET)), tvm.cpu())
+    out = vm["main"](tvm.runtime.tensor(x))
+    outs = [out] if isinstance(out, tvm.runtime.Tensor) else list(out)
+    refs = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})
+    for o, r in zip(outs, refs):
+        np.testing.assert_allclose(o.numpy(), r, rtol=RTOL, atol=ATOL)
+
+
+def _sparse(rng, shape, sparsity=0.6, bsr=4):
+    spec = kernels.ConvSpec(1, shape[1], 1, 1, shape[0], shape[2:], bsr=bsr)
+    return sparse_weight(rng, spec, sparsity)
+
+
+def test_inverted_residual_block_is_three_fused_kernels():
+    """MobileNetV2 block: 1x1 expand + ReLU6, depthwise 3x3 + ReLU6, 1x1 project + residual."""
+    from onnx import helper
+
+    rng = np.random.default_rng(11)
+    inits = {"we": _sparse(rng, (32, 8, 1, 1)), "be": rng.standard_normal(32),
+             "wd": rng.standard_normal((32, 1, 3, 3)), "bd": rng.standard_normal(32),
+             "wp": _sparse(rng, (8, 32, 1, 1)), "bp": rng.standard_normal(8),
+             "lo": np.array(0.0), "hi": np.array(6.0)}
+    nodes = [
+        helper.make_node("Conv", ["x", "we", "be"], ["e"]),
+        helper.make_node("Clip", ["e", "lo", "hi"], ["e6"]),
+        helper.make_node("Conv", ["e6", "wd", "bd"], ["d"], group=32, pads=[1, 1, 1, 1]),
+        helper.make_node("Clip", ["d", "lo", "hi"], ["d6"]),
+        helper.make_node("Conv", ["d6", "wp", "bp"], ["p"]),
+        helper.make_node("Add", ["p", "x"], ["y"]),
+    ]
+    model = _onnx(nodes, inits, (1, 8, 12, 12), ["y"])
+    mod, report = convert.convert_to_bsr(convert.import_onnx(model), 4, 1, 0.5)
+    expand, project = report.converted
+    (depthwise,) = report.depthwise
+    assert expand.spec.epilogue == kernels.Epilogue(0.0, 6.0)
+    assert depthwise.spec.epilogue == kernels.Epilogue(0.0, 6.0)
+    assert project.spec.epilogue == kernels.Epilogue(residual=True)
+    assert _called(mod) == ["bsr_matmul_0", "depthwise_1", "bsr_matmul_2"]  # nothing else left
+    _matches_onnxruntime(model, mod, rng.standard_normal((1, 8, 12, 12)).astype(np.float32))
+
+
+def test_resnet_tail_relu_of_residual_sum_is_fused():
+    from onnx import helper
+
+    rng = np.random.default_rng(12)
+    inits = {"w": _sparse(rng, (8, 8, 3, 3)), "b": rng.standard_normal(8)}
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("Add", ["x", "c"], ["s"]),  # residual on the left this time
+             helper.make_node("Relu", ["s"], ["y"])]
+    model = _onnx(nodes, inits, (2, 8, 6, 6), ["y"])
+    mod, report = convert.convert_to_bsr(convert.import_onnx(model), 4, 1, 0.5)
+    (layer,) = report.converted
+    assert layer.spec.epilogue == kernels.Epilogue(0.0, math.inf, residual=True)
+    assert _called(mod) == ["im2col_0", "bsr_matmul_0"]
+    _matches_onnxruntime(model, mod, rng.standard_normal((2, 8, 6, 6)).astype(np.float32))
+
+
+def test_chain_stops_where_an_intermediate_has_another_user():
+    """The conv result is also a graph output: ReLU cannot be fused, and the output keeps the
+    pre-ReLU values."""
+    from onnx import helper
+
+    rng = np.random.default_rng(13)
+    inits = {"w": _sparse(rng, (8, 4, 1, 1)), "b": rng.standard_normal(8)}
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"]),
+             helper.make_node("Relu", ["c"], ["r"])]
+    model = _onnx(nodes, inits, (1, 4, 5, 5), ["c", "r"])
+    mod, report = convert.convert_to_bsr(convert.import_onnx(model), 4, 1, 0.5)
+    (layer,) = report.converted
+    assert layer.spec.epilogue == kernels.Epilogue()
+    assert layer.arrays.bias.any()  # the bias add has a single user: still fused
+    _matches_onnxruntime(model, mod, rng.standard_normal((1, 4, 5, 5)).astype(np.float32))
+
+
+def test_min_before_max_and_a_lone_depthwise_conv():
+    """Clip(max only) then ReLU composes to one clamp; a depthwise conv without bias."""
+    from onnx import helper
+
+    rng = np.random.default_rng(14)
+    inits = {"wd": rng.standard_normal((6, 1, 3, 3)), "hi": np.float32(0.7)}
+    nodes = [helper.make_node("Conv", ["x", "wd"], ["d"], group=6, strides=[2, 2],
+                              pads=[1, 1, 1, 1]),
+             helper.make_node("Clip", ["d", "", "hi"], ["m"]),
+             helper.make_node("Relu", ["m"], ["y"])]
+    model = _onnx(nodes, inits, (1, 6, 9, 10), ["y"])
+    mod, report = convert.convert_to_bsr(convert.import_onnx(model), 4, 1, 0.5)
+    (layer,) = report.depthwise
+    assert layer.spec.epilogue == kernels.Epilogue(0.0, float(np.float32(0.7)))
+    assert _called(mod) == ["depthwise_0"]
+    _matches_onnxruntime(model, mod, rng.standard_normal((1, 6, 9, 10)).astype(np.float32))

@@ -67,10 +67,12 @@ def test_model_tune_prunes_converts_checks_times_and_exports(small_onnx, tmp_pat
     work = str(tmp_path / "tuned")
     result = model_tune(small_onnx, 4, 1, 0.7, prune=True, trials=0, target=TARGET,
                         work_dir=work, rounds=3, verbose=False)
-    # pw, project, down, mix are eligible; stem (first) and dw (depthwise) and odd (C_out=6) are not
+    # pw, project, down, mix are eligible; stem (first) and odd (C_out=6) are not; dw goes to
+    # the depthwise kernel
     assert len(result.converted) == 4
     assert any("relu" in line for line in result.converted)
-    assert len(result.skipped) == 3
+    assert len(result.depthwise) == 1 and "+relu" in result.depthwise[0]
+    assert len(result.skipped) == 2
     assert result.parity_max_abs_err < 1e-3
     assert set(result.timings) == {"sparse TVM", "dense TVM", "onnxruntime"}
     assert all(t.median_ms > 0 for t in result.timings.values())

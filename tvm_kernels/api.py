@@ -34,7 +34,8 @@ class Timing:
 class ModelTuneResult:
     library_path: str
     target: str
-    converted: list[str]  # one line per converted conv
+    converted: list[str]  # one line per conv in BSR
+    depthwise: list[str]  # one line per depthwise conv on our kernel
     skipped: list[str]  # one line per conv left dense, with the reason
     pruned: list[str]  # per-conv pruning report (empty without --prune)
     parity_max_abs_err: float
@@ -231,7 +232,8 @@ def model_tune(
             raise InputError(f"TVM cannot import {onnx_path}: {last}") from None
     with progress.step(f"replacing convs with >= {sparsity} {bsr}x{bsc} block sparsity by BSR"):
         sparse_mod, report = convert.convert_to_bsr(dense_mod, bsr, bsc, sparsity)
-    progress.log(f"  {len(report.converted)} convs converted, {len(report.skipped)} left dense")
+    progress.log(f"  {len(report.converted)} convs in BSR, {len(report.depthwise)} depthwise convs "
+                 f"on our kernel, {len(report.skipped)} left to TVM")
     if not report.converted:
         progress.log(f"  warning: no conv has {sparsity} block sparsity in {bsr}x{bsc} blocks "
                      "(prune first with --prune?): the model runs dense")
@@ -274,6 +276,7 @@ def model_tune(
     result = ModelTuneResult(
         library_path=library, target=json.dumps(target_dict),
         converted=[describe_layer(layer) for layer in report.converted],
+        depthwise=[describe_layer(layer) for layer in report.depthwise],
         skipped=[f"{shape}: {reason}" for shape, reason in report.skipped],
         pruned=pruned_lines, parity_max_abs_err=max_err, timings=timings,
     )
@@ -295,11 +298,17 @@ def parity_on_device(rpc, executable, feeds, references) -> float:
 
 
 def describe_layer(layer) -> str:
+    from . import convert
+
     s = layer.spec
-    return (f"{layer.kernel_name}: {s.c_in}->{s.c_out} {s.kernel[0]}x{s.kernel[1]} "
-            f"stride {s.stride[0]} @{s.height}x{s.width}, block sparsity "
-            f"{layer.weight.sparsity:.3f}, tile {layer.tile.pixels}px"
-            + (", +relu" if s.relu else ""))
+    conv = (f"{s.c_in}->{s.c_out} {s.kernel[0]}x{s.kernel[1]} stride {s.stride[0]} "
+            f"@{s.height}x{s.width}")
+    if isinstance(layer, convert.DepthwiseLayer):
+        kernel = "depthwise"
+    else:
+        kernel = f"block sparsity {layer.weight.sparsity:.3f}, tile {layer.tile.pixels}px"
+    epilogue = s.epilogue.describe()
+    return f"{layer.kernel_name}: {conv}, {kernel}" + (f", {epilogue}" if epilogue else "")
 
 
 def time_models(model, feeds, libraries, work_dir, threads, rounds, rpc) -> dict[str, Timing]:

@@ -60,8 +60,10 @@ def main(argv=None) -> int:
         print(f"pruned  {line}")
     for line in result.converted:
         print(f"sparse  {line}")
+    for line in result.depthwise:
+        print(f"dw      {line}")
     for line in result.skipped:
-        print(f"dense   {line}")
+        print(f"tvm     {line}")
     print(result.table)
     return 0
 

@@ -1,12 +1,17 @@
-"""ONNX -> Relax, with every eligible Conv replaced by our BSR kernels.
+"""ONNX -> Relax, with every eligible Conv replaced by our kernels.
 
-Eligible: 2-D NCHW conv, groups = 1, constant float32 weight whose (C_out, C_in*kh*kw) matrix
-tiles into (bsr x bsc) blocks and has at least `sparsity` block sparsity.  A following bias
-add and ReLU are fused into the kernel epilogue when the conv result has no other user.
+BSR: 2-D NCHW conv, groups = 1, constant float32 weight whose (C_out, C_in*kh*kw) matrix tiles
+into (bsr x bsc) blocks and has at least `sparsity` block sparsity.
+Depthwise: groups = C_in = C_out, constant float32 weight (any sparsity: it is the dense
+remainder that meta_schedule tunes worst).
+Each kernel swallows the chain that follows its conv when every intermediate result has no
+other user: + constant bias, + a residual tensor of the same shape, then any run of
+ReLU / Clip / max / min with constants (ReLU6 = max 0, min 6).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -21,6 +26,10 @@ from .bsr import BSRMatrix, block_sparsity, can_block, conv_weight_as_matrix, de
 CONV2D = tvm.ir.Op.get("relax.nn.conv2d")
 ADD = tvm.ir.Op.get("relax.add")
 RELU = tvm.ir.Op.get("relax.nn.relu")
+MAXIMUM = tvm.ir.Op.get("relax.maximum")
+MINIMUM = tvm.ir.Op.get("relax.minimum")
+CLIP = tvm.ir.Op.get("relax.clip")
+CALL_TIR = tvm.ir.Op.get("relax.call_tir")
 SPARSITY_EPS = 1e-9
 
 
@@ -36,9 +45,31 @@ class SparseConvLayer:
 
 
 @dataclass
+class DepthwiseLayer:
+    spec: kernels.ConvSpec
+    weight: np.ndarray  # (C, kh, kw)
+    bias: np.ndarray  # (C,)
+    kernel_name: str
+
+
+@dataclass
 class ConversionReport:
     converted: list[SparseConvLayer] = field(default_factory=list)
+    depthwise: list[DepthwiseLayer] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (conv shape, reason)
+
+
+@dataclass
+class FusedConv:
+    """conv2d [+ constant bias] [+ residual] [clamp]: the chain one kernel computes."""
+
+    conv: relax.Call
+    kind: str  # "bsr" | "depthwise"
+    spec: kernels.ConvSpec
+    weight: np.ndarray  # BSR: the (C_out, C_in*kh*kw) matrix; depthwise: (C, kh, kw)
+    bias: np.ndarray | None = None
+    residual: relax.Expr | None = None
+    swallowed: list = field(default_factory=list)  # intermediate vars the kernel replaces
 
 
 def import_onnx(model: onnx.ModelProto) -> tvm.IRModule:
@@ -65,27 +96,10 @@ def _constant(expr) -> np.ndarray | None:
     return None
 
 
-def conv_spec_or_reason(call: relax.Call, bsr: int, bsc: int, sparsity: float):
-    """(ConvSpec, weight matrix) for an eligible conv2d call, else (None, reason)."""
+def _conv_spec(call: relax.Call, x_shape, w: np.ndarray, bsr: int, bsc: int) -> kernels.ConvSpec:
     attrs = call.attrs
-    w = _constant(call.args[1])
-    x_shape = _static_shape(call.args[0])
-    if w is None:
-        return None, "weight is not a constant"
-    if x_shape is None or len(x_shape) != 4:
-        return None, "input shape is not static 4-D"
-    if int(attrs.groups) != 1:
-        return None, "grouped/depthwise conv"
-    if attrs.data_layout != "NCHW" or attrs.kernel_layout != "OIHW" or w.dtype != np.float32:
-        return None, "not NCHW/OIHW float32"
-    mat = conv_weight_as_matrix(w)
-    if not can_block(mat.shape, bsr, bsc):
-        return None, f"matrix {mat.shape} not divisible into {bsr}x{bsc} blocks"
-    achieved = block_sparsity(mat, bsr, bsc)
-    if achieved < sparsity - SPARSITY_EPS:
-        return None, f"block sparsity {achieved:.3f} < {sparsity}"
     pad = [int(p) for p in attrs.padding]
-    spec = kernels.ConvSpec(
+    return kernels.ConvSpec(
         batch=x_shape[0], c_in=x_shape[1], height=x_shape[2], width=x_shape[3], c_out=w.shape[0],
         kernel=(w.shape[2], w.shape[3]),
         stride=tuple(int(s) for s in attrs.strides),
@@ -93,10 +107,43 @@ def conv_spec_or_reason(call: relax.Call, bsr: int, bsc: int, sparsity: float):
         dilation=tuple(int(d) for d in attrs.dilation),
         bsr=bsr, bsc=bsc,
     )
-    return (spec, mat), ""
 
 
-def emit_sparse_conv(bb: relax.BlockBuilder, x, layer: SparseConvLayer) -> relax.Expr:
+def conv_kind_or_reason(call: relax.Call, bsr: int, bsc: int, sparsity: float):
+    """(kind, ConvSpec, weight) for a conv2d call one of our kernels computes, else (None, reason).
+    kind "bsr": weight is the (C_out, C_in*kh*kw) matrix; "depthwise": weight is (C, kh, kw)."""
+    attrs = call.attrs
+    w = _constant(call.args[1])
+    x_shape = _static_shape(call.args[0])
+    if w is None:
+        return None, "weight is not a constant"
+    if x_shape is None or len(x_shape) != 4:
+        return None, "input shape is not static 4-D"
+    if attrs.data_layout != "NCHW" or attrs.kernel_layout != "OIHW" or w.dtype != np.float32:
+        return None, "not NCHW/OIHW float32"
+    groups = int(attrs.groups)
+    spec = _conv_spec(call, x_shape, w, bsr, bsc)
+    if groups != 1:
+        if not (groups == spec.c_in == spec.c_out and w.shape[1] == 1):
+            return None, "grouped conv (neither groups = 1 nor depthwise)"
+        why = kernels.depthwise_supported(spec)
+        if why:
+            return None, f"depthwise conv: {why}"
+        return ("depthwise", spec, w.reshape(w.shape[0], w.shape[2], w.shape[3])), ""
+    mat = conv_weight_as_matrix(w)
+    if not can_block(mat.shape, bsr, bsc):
+        return None, f"matrix {mat.shape} not divisible into {bsr}x{bsc} blocks"
+    achieved = block_sparsity(mat, bsr, bsc)
+    if achieved < sparsity - SPARSITY_EPS:
+        return None, f"block sparsity {achieved:.3f} < {sparsity}"
+    return ("bsr", spec, mat), ""
+
+
+def _flat(spec: kernels.ConvSpec) -> tuple[int, int, int]:
+    return (spec.batch, spec.c_out, spec.num_pixels)
+
+
+def emit_sparse_conv(bb: relax.BlockBuilder, x, layer: SparseConvLayer, residual=None):
     """Emit im2col (when needed) + bsr_matmul + reshape for one conv; returns the NCHW output."""
     spec, arrays = layer.spec, layer.arrays
     if spec.needs_im2col:
@@ -110,10 +157,21 @@ def emit_sparse_conv(bb: relax.BlockBuilder, x, layer: SparseConvLayer) -> relax
         kernels.bsr_matmul_prim_func(spec, arrays.nnzb, layer.tile, layer.kernel_name),
         layer.kernel_name,
     )
-    consts = [relax.const(a) for a in (arrays.indptr, arrays.indices, arrays.data, arrays.bias)]
-    out_flat = (spec.batch, spec.c_out, spec.num_pixels)
-    y = bb.emit(relax.call_tir(matmul, [col, *consts], relax.TensorType(out_flat, "float32")))
+    args = [col] + [relax.const(a) for a in (arrays.indptr, arrays.indices, arrays.data,
+                                             arrays.bias)]
+    if residual is not None:
+        args.append(bb.emit(relax.op.reshape(residual, _flat(spec))))
+    y = bb.emit(relax.call_tir(matmul, args, relax.TensorType(_flat(spec), "float32")))
     return relax.op.reshape(y, spec.out_shape)
+
+
+def emit_depthwise_conv(bb: relax.BlockBuilder, x, layer: DepthwiseLayer, residual=None):
+    func = bb.add_func(kernels.depthwise_prim_func(layer.spec, layer.kernel_name),
+                       layer.kernel_name)
+    args = [x, relax.const(layer.weight), relax.const(layer.bias)]
+    if residual is not None:
+        args.append(residual)
+    return relax.call_tir(func, args, relax.TensorType(layer.spec.out_shape, "float32"))
 
 
 def _bindings_and_uses(func: relax.Function):
@@ -132,103 +190,192 @@ def _bindings_and_uses(func: relax.Function):
     return values, uses
 
 
-@mutator
-class _ConvToBSR(PyExprMutator):
-    def __init__(self, mod, bsr, bsc, sparsity, values, uses, report, choose_tile):
-        super().__init__(mod)
-        self.bsr, self.bsc, self.sparsity = bsr, bsc, sparsity
-        self.values, self.uses, self.report = values, uses, report
-        self.choose_tile = choose_tile
-        self.checked = {}  # conv call -> (spec, mat) or None
+def _buffer_stores(stmt):
+    """The BufferStores under a TIR statement (loops, blocks, sequences; TVM 0.27 exposes no
+    TIR visitor to Python)."""
+    if isinstance(stmt, tvm.tirx.BufferStore):
+        yield stmt
+    for child in ("block", "body"):
+        if hasattr(stmt, child):
+            yield from _buffer_stores(getattr(stmt, child))
+    for part in getattr(stmt, "seq", ()):
+        yield from _buffer_stores(part)
 
-    def _eligible_conv(self, expr):
-        call = self.values.get(expr) if isinstance(expr, relax.Var) else expr
+
+def _clamp_kind(mod: tvm.IRModule, gvar) -> str | None:
+    """'max' / 'min' if the PrimFunc `gvar` is one elementwise T.max / T.min store (what the
+    ONNX frontend emits for Clip via emit_te), else None."""
+    func = mod[gvar] if isinstance(gvar, relax.GlobalVar) and gvar in mod.get_global_vars() \
+        else None
+    if not isinstance(func, tvm.tirx.PrimFunc):
+        return None
+    stores = list(_buffer_stores(func.body))
+    if len(stores) != 1:
+        return None
+    return {tvm.tirx.Max: "max", tvm.tirx.Min: "min"}.get(type(stores[0].value))
+
+
+def _scalar(expr) -> float | None:
+    value = _constant(expr)
+    if value is not None and value.size == 1 and value.dtype == np.float32:
+        return float(value.reshape(()))
+    if isinstance(expr, relax.PrimValue):
+        try:
+            return float(expr.value.value)
+        except AttributeError:
+            return None
+    return None
+
+
+class FusionPlanner:
+    """Finds, over a function's bindings, the longest conv chain each kernel can compute."""
+
+    def __init__(self, mod, func, bsr, bsc, sparsity, report):
+        self.mod, self.report = mod, report
+        self.bsr, self.bsc, self.sparsity = bsr, bsc, sparsity
+        self.values, self.uses = _bindings_and_uses(func)
+        self.checked = {}  # conv call -> (kind, spec, weight) or None
+
+    def plan(self) -> dict:
+        """{top call: FusedConv}: each chain at its outermost binding only."""
+        tops = {}
+        for var, value in self.values.items():  # in binding order: inner chains come first
+            fused = self.match(value)
+            if fused:
+                for inner in fused.swallowed:
+                    tops.pop(inner, None)
+                tops[var] = fused
+        return {self.values[var]: fused for var, fused in tops.items()}
+
+    def _value(self, expr):
+        return self.values.get(expr, expr) if isinstance(expr, relax.Var) else expr
+
+    def _single_use(self, expr) -> bool:
+        return isinstance(expr, relax.Var) and self.uses.get(expr, 0) == 1
+
+    def _conv(self, expr):
+        call = self._value(expr)
         if not (isinstance(call, relax.Call) and call.op == CONV2D):
             return None
-        if call in self.checked:  # keyed by object identity
-            return self.checked[call]
-        found, reason = conv_spec_or_reason(call, self.bsr, self.bsc, self.sparsity)
-        if found is None:
-            w_shape = _static_shape(call.args[1])
-            self.report.skipped.append((str(w_shape), reason))
-        self.checked[call] = (call, found) if found else None
+        if call not in self.checked:  # keyed by object identity
+            found, reason = conv_kind_or_reason(call, self.bsr, self.bsc, self.sparsity)
+            if found is None:
+                self.report.skipped.append((str(_static_shape(call.args[1])), reason))
+            self.checked[call] = found
         return self.checked[call]
 
-    def _single_use(self, var) -> bool:
-        return isinstance(var, relax.Var) and self.uses.get(var, 0) == 1
+    def _clamp_step(self, call):
+        """(argument, op, constant) if call is max/min/ReLU/Clip of a tensor with constants."""
+        if not isinstance(call, relax.Call):
+            return None
+        if call.op == RELU:
+            return call.args[0], [("max", 0.0)]
+        if call.op == CLIP:
+            lo, hi = _scalar(call.args[1]), _scalar(call.args[2])
+            return (call.args[0], [("max", lo), ("min", hi)]) if None not in (lo, hi) else None
+        if call.op in (MAXIMUM, MINIMUM):
+            op, args = ("max" if call.op == MAXIMUM else "min"), list(call.args)
+        elif call.op == CALL_TIR and len(call.args[1].fields) == 2:
+            op, args = _clamp_kind(self.mod, call.args[0]), list(call.args[1].fields)
+        else:
+            return None
+        if op is None:
+            return None
+        for tensor, const in (args, args[::-1]):
+            value = _scalar(const)
+            if value is not None and _static_shape(tensor) is not None:
+                return tensor, [(op, value)]
+        return None
 
-    def _bias_add(self, expr):
-        """(conv call, bias) if expr is add(conv, const bias (1,C,1,1)) with conv used once."""
-        call = self.values.get(expr) if isinstance(expr, relax.Var) else expr
+    def _conv_bias(self, expr, swallowed):
+        """(conv call, found, bias) for conv or add(conv, constant per-channel bias)."""
+        call = self._value(expr)
+        conv = self._conv(call)
+        if conv:
+            return call, conv, None
         if not (isinstance(call, relax.Call) and call.op == ADD):
             return None
         for a, b in (call.args, call.args[::-1]):
-            conv = self._eligible_conv(a) if self._single_use(a) else None
-            bias = _constant(b)
-            if conv and bias is not None and bias.size == conv[1][0].c_out and bias.ndim == 4 \
-                    and bias.shape[1] == bias.size:
-                return conv, bias.reshape(-1)
+            conv, bias = (self._conv(a) if self._single_use(a) else None), _constant(b)
+            if conv and bias is not None and bias.ndim in (3, 4) and \
+                    bias.shape[-3] == bias.size == conv[1].c_out:
+                swallowed.append(a)
+                return self._value(a), conv, bias.reshape(-1)
         return None
 
-    def _replace(self, conv, bias, relu) -> relax.Expr:
-        call, (spec, mat) = conv
-        spec = kernels.ConvSpec(**{**spec.__dict__, "relu": relu})
-        weight = dense_to_bsr(mat, self.bsr, self.bsc)
-        arrays = kernels.kernel_arrays(weight, bias)
-        name = f"bsr_matmul_{len(self.report.converted)}"
-        layer = SparseConvLayer(spec, weight, arrays, name, self.choose_tile(spec, arrays))
-        self.report.converted.append(layer)
-        return emit_sparse_conv(self.builder_, self.visit_expr(call.args[0]), layer)
+    def match(self, value) -> FusedConv | None:
+        swallowed, clamps, node = [], [], value
+        while (step := self._clamp_step(node)) is not None:
+            arg, ops = step
+            if not self._single_use(arg):
+                return None
+            swallowed.append(arg)
+            clamps[:0] = ops  # innermost first
+            node = self._value(arg)
+        residual = None
+        found = self._conv_bias(node, swallowed)
+        if found is None and isinstance(node, relax.Call) and node.op == ADD:
+            for a, b in (node.args, node.args[::-1]):
+                if self._single_use(a) and _static_shape(a) == _static_shape(b) \
+                        and _constant(b) is None:
+                    found = self._conv_bias(a, swallowed)
+                    if found:
+                        swallowed.append(a)
+                        residual = b
+                        break
+        if found is None:
+            return None
+        conv, (kind, spec, weight), bias = found
+        low, high = -math.inf, math.inf
+        for op, c in clamps:  # clamp(x, lo, hi) then max/min with c is again a clamp
+            low, high = (max(low, c), max(high, c)) if op == "max" else (min(low, c), min(high, c))
+        epilogue = kernels.Epilogue(low, high, residual is not None)
+        spec = kernels.ConvSpec(**{**spec.__dict__, "epilogue": epilogue})
+        return FusedConv(conv, kind, spec, weight, bias, residual, swallowed)
+
+
+@mutator
+class _FuseConvs(PyExprMutator):
+    def __init__(self, mod, plan, report, choose_tile):
+        super().__init__(mod)
+        self.plan, self.report, self.choose_tile = plan, report, choose_tile
 
     def visit_call_(self, call):
-        if call.op == RELU:
-            arg = call.args[0]
-            fused = self._bias_add(arg) if self._single_use(arg) else None
-            if fused:
-                return self._replace(fused[0], fused[1], relu=True)
-            conv = self._eligible_conv(arg) if self._single_use(arg) else None
-            if conv:
-                return self._replace(conv, None, relu=True)
-        fused = self._bias_add(call)
-        if fused:
-            return self._replace(fused[0], fused[1], relu=False)
-        conv = self._eligible_conv(call)
-        if conv:
-            return self._replace(conv, None, relu=False)
-        return super().visit_call_(call)
+        fused = self.plan.get(call)
+        if fused is None:
+            return super().visit_call_(call)
+        x = self.visit_expr(fused.conv.args[0])
+        residual = self.visit_expr(fused.residual) if fused.residual is not None else None
+        index = len(self.report.converted) + len(self.report.depthwise)
+        if fused.kind == "depthwise":
+            bias = fused.bias if fused.bias is not None else np.zeros(fused.spec.c_out, np.float32)
+            layer = DepthwiseLayer(fused.spec, fused.weight, bias.astype(np.float32),
+                                   f"depthwise_{index}")
+            self.report.depthwise.append(layer)
+            return emit_depthwise_conv(self.builder_, x, layer, residual)
+        weight = dense_to_bsr(fused.weight, fused.spec.bsr, fused.spec.bsc)
+        arrays = kernels.kernel_arrays(weight, fused.bias)
+        layer = SparseConvLayer(fused.spec, weight, arrays, f"bsr_matmul_{index}",
+                                self.choose_tile(fused.spec, arrays))
+        self.report.converted.append(layer)
+        return emit_sparse_conv(self.builder_, x, layer, residual)
 
 
 def convert_to_bsr(
     mod: tvm.IRModule, bsr: int, bsc: int, sparsity: float, choose_tile=None
 ) -> tuple[tvm.IRModule, ConversionReport]:
-    """Replace eligible convs of `mod["main"]` by BSR kernels; dead dense convs are removed."""
+    """Replace eligible convs of `mod["main"]` (and what follows them) by our kernels."""
     choose_tile = choose_tile or (lambda spec, arrays: kernels.default_tile(spec))
     func = mod["main"]
-    values, uses = _bindings_and_uses(func)
     report = ConversionReport()
-    rewriter = _ConvToBSR(mod, bsr, bsc, sparsity, values, uses, report, choose_tile)
+    plan = FusionPlanner(mod, func, bsr, bsc, sparsity, report).plan()
+    rewriter = _FuseConvs(mod, plan, report, choose_tile)
     new_func = rewriter.visit_expr(func)
     new_mod = rewriter.builder_.get()
     new_mod["main"] = new_func
     new_mod = relax.transform.DeadCodeElimination(["main"])(new_mod)
-    # a conv fused with its bias/ReLU was also converted alone on the way; drop those dead copies
-    live = _called_functions(new_mod["main"])
-    report.converted = [layer for layer in report.converted if layer.kernel_name in live]
-    for gv in list(new_mod.get_global_vars()):
-        if gv.name_hint != "main" and gv.name_hint not in live:
-            del new_mod[gv]
     report.skipped = sorted(set(report.skipped))
     return new_mod, report
-
-
-def _called_functions(func: relax.Function) -> set[str]:
-    names = set()
-    for block in func.body.blocks:
-        for binding in block.bindings:
-            value = binding.value
-            if isinstance(value, relax.Call):
-                names.update(a.name_hint for a in value.args if isinstance(a, relax.GlobalVar))
-    return names
 
 
 def retile(mod: tvm.IRModule, report: ConversionReport, tiles: dict[str, kernels.BSRTile]):
@@ -244,15 +391,26 @@ def retile(mod: tvm.IRModule, report: ConversionReport, tiles: dict[str, kernels
 
 
 def single_conv_module(spec: kernels.ConvSpec, w: np.ndarray, bias=None, tile=None):
-    """A Relax module `main(x)` computing one sparse conv; for kernel tests and benchmarks."""
-    weight = dense_to_bsr(conv_weight_as_matrix(w), spec.bsr, spec.bsc)
-    arrays = kernels.kernel_arrays(weight, bias)
-    layer = SparseConvLayer(spec, weight, arrays, "bsr_matmul_0", tile or kernels.default_tile(spec))
+    """A Relax module `main(x[, residual])` computing one conv with our kernel (depthwise when
+    w is (C, 1, kh, kw) with C = spec.c_in = spec.c_out > 1); for kernel tests and benchmarks."""
     bb = relax.BlockBuilder()
     x = relax.Var("x", relax.TensorType((spec.batch, spec.c_in, spec.height, spec.width),
-                                              "float32"))
-    with bb.function("main", [x]):
+                                        "float32"))
+    params = [x]
+    if spec.epilogue.residual:
+        params.append(relax.Var("residual", relax.TensorType(spec.out_shape, "float32")))
+    depthwise = w.shape[1] == 1 and spec.c_in == spec.c_out > 1
+    if depthwise:
+        bias = np.zeros(spec.c_out, np.float32) if bias is None else np.asarray(bias, np.float32)
+        layer = DepthwiseLayer(spec, w.reshape(spec.c_out, *spec.kernel), bias, "depthwise_0")
+    else:
+        weight = dense_to_bsr(conv_weight_as_matrix(w), spec.bsr, spec.bsc)
+        arrays = kernels.kernel_arrays(weight, bias)
+        layer = SparseConvLayer(spec, weight, arrays, "bsr_matmul_0",
+                                tile or kernels.default_tile(spec))
+    emit = emit_depthwise_conv if depthwise else emit_sparse_conv
+    with bb.function("main", params):
         with bb.dataflow():
-            out = bb.emit_output(emit_sparse_conv(bb, x, layer))
+            out = bb.emit_output(emit(bb, x, layer, params[1] if len(params) > 1 else None))
         bb.emit_func_output(out)
     return bb.get(), layer

@@ -1,4 +1,4 @@
-"""TensorIR kernels for block-sparse (BSR) 2-D convolution, NCHW, float32.
+"""TensorIR kernels for block-sparse (BSR) and depthwise 2-D convolution, NCHW, float32.
 
 conv(x, W) = W_mat @ im2col(x), with W_mat = W.reshape(C_out, C_in*kh*kw) stored as BSR.
 Two kernels:
@@ -9,19 +9,53 @@ Two kernels:
     tile), the bsr output channels of a block x `pixels` accumulators held in registers,
     vectorized over pixels, looping only over the non-zero blocks of the row (CSR indptr),
     so the time tracks the number of non-zero blocks.  Its knob is `BSRTile.pixels`.
+  * depthwise: one channel plane per parallel iteration, copied into a zero-margined scratch
+    buffer (columns de-interleaved by stride phase with a vector shuffle, so strided taps are
+    contiguous loads), then K*K vector FMAs per output row.  No knob.
+Both end in the same fused epilogue (`Epilogue`): + bias, + residual tensor, clamp (ReLU,
+ReLU6, Clip), so a MobileNet/ResNet block's adds and activations cost no extra pass over memory.
 The kernels are marked `tirx.is_scheduled`: meta_schedule leaves them alone and we tune the
 knob ourselves (tune.py), measuring with the real index arrays.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 
 import numpy as np
 import tvm
 from tvm.script import tirx as T
 
 from .bsr import BSRMatrix
+
+
+@dataclass(frozen=True)
+class Epilogue:
+    """y = clamp(acc + bias[c] (+ residual), low, high), applied as the kernel stores."""
+
+    low: float = -math.inf
+    high: float = math.inf
+    residual: bool = False
+
+    def apply(self, acc, bias, residual=None):
+        """The TIR expression (called at TVMScript parse time; no op for an infinite bound)."""
+        value = acc + bias
+        if residual is not None:
+            value = value + residual
+        if self.low > -math.inf:
+            value = T.max(value, T.float32(self.low))
+        if self.high < math.inf:
+            value = T.min(value, T.float32(self.high))
+        return value
+
+    def describe(self) -> str:
+        parts = ["+residual"] if self.residual else []
+        if (self.low, self.high) == (0.0, math.inf):
+            parts.append("+relu")
+        elif self.low > -math.inf or self.high < math.inf:
+            parts.append(f"+clip({self.low:g}, {self.high:g})")
+        return ", ".join(parts)
 
 
 @dataclass(frozen=True)
@@ -37,7 +71,7 @@ class ConvSpec:
     dilation: tuple[int, int] = (1, 1)
     bsr: int = 4
     bsc: int = 1
-    relu: bool = False
+    epilogue: Epilogue = field(default_factory=Epilogue)
 
     @property
     def out_h(self) -> int:
@@ -160,11 +194,11 @@ def bsr_matmul_prim_func(
     NT = min(tile.pixels, P)
     NTILES = P // NT
     TAIL = P - NTILES * NT
-    # ReLU as max(v, LOW); LOW = lowest float when there is no ReLU
-    LOW = 0.0 if spec.relu else float(np.finfo(np.float32).min)
+    ep = spec.epilogue
+    RES = ep.residual
 
     @T.macro
-    def pixel_tile(xb, ip, ind, wd, bb, yb, t_n, t_br, t_p0, width):
+    def pixel_tile(xb, ip, ind, wd, bb, rb, yb, t_n, t_br, t_p0, width):
         acc = T.decl_buffer((BSR, width), "float32", scope="local")
         for r in T.unroll(BSR):
             for v in T.vectorized(width):
@@ -176,9 +210,22 @@ def bsr_matmul_prim_func(
                         acc[r, v] = acc[r, v] + wd[b, r, j] * xb[t_n, ind[b] * BSC + j, t_p0 + v]
         for r in T.unroll(BSR):
             for v in T.vectorized(width):
-                yb[t_n, t_br * BSR + r, t_p0 + v] = T.max(
-                    acc[r, v] + bb[t_br * BSR + r], T.float32(LOW)
-                )
+                if RES:
+                    yb[t_n, t_br * BSR + r, t_p0 + v] = ep.apply(
+                        acc[r, v], bb[t_br * BSR + r], rb[t_n, t_br * BSR + r, t_p0 + v])
+                else:
+                    yb[t_n, t_br * BSR + r, t_p0 + v] = ep.apply(acc[r, v], bb[t_br * BSR + r])
+
+    @T.macro
+    def all_tiles(col, indptr, indices, data, bias, res, y):
+        with T.sblock("root"):
+            for it in T.parallel(N * NBR * NTILES):
+                pixel_tile(col, indptr, indices, data, bias, res, y,
+                           it // (NBR * NTILES), it // NTILES % NBR, it % NTILES * NT, NT)
+            if TAIL > 0:
+                for it in T.parallel(N * NBR):
+                    pixel_tile(col, indptr, indices, data, bias, res, y,
+                               it // NBR, it % NBR, NTILES * NT, TAIL)
 
     @T.prim_func(s_tir=True)
     def bsr_matmul(
@@ -189,20 +236,125 @@ def bsr_matmul_prim_func(
         bias: T.Buffer((COUT,), "float32"),
         y: T.Buffer((N, COUT, P), "float32"),
     ):
+        all_tiles(col, indptr, indices, data, bias, y, y)
+
+    @T.prim_func(s_tir=True)
+    def bsr_matmul_residual(
+        col: T.Buffer((N, K, P), "float32"),
+        indptr: T.Buffer((NBR + 1,), "int32"),
+        indices: T.Buffer((NNZ,), "int32"),
+        data: T.Buffer((NNZ, BSR, BSC), "float32"),
+        bias: T.Buffer((COUT,), "float32"),
+        res: T.Buffer((N, COUT, P), "float32"),
+        y: T.Buffer((N, COUT, P), "float32"),
+    ):
+        all_tiles(col, indptr, indices, data, bias, res, y)
+
+    return _scheduled(bsr_matmul_residual if RES else bsr_matmul, name)
+
+
+def depthwise_supported(spec: ConvSpec) -> str:
+    """'' if depthwise_prim_func handles `spec` (groups = C_in = C_out), else why not."""
+    if spec.width % spec.stride[1]:
+        return f"width {spec.width} not a multiple of stride {spec.stride[1]}"
+    if spec.dilation[1] != 1:
+        return "dilated columns"
+    return ""
+
+
+def depthwise_prim_func(spec: ConvSpec, name: str = "depthwise") -> tvm.tirx.PrimFunc:
+    """y[n, c] = epilogue(conv2d(x[n, c], w[c]) + bias[c]) for every plane (n, c).
+
+    Scratch layout: source column m*S + q of row i sits at xs[PT + i, q, ML + m], margins zero.
+    Output column v, tap kw reads source column v*S + kw - PL = (v + d)*S + q with
+    q = (kw - PL) mod S, d = (kw - PL) div S: a contiguous run xs[row, q, ML + d + v]."""
+    N, C, H, W = spec.batch, spec.c_in, spec.height, spec.width
+    KH, KW = spec.kernel
+    S, SH = spec.stride[1], spec.stride[0]
+    PT, PL = spec.padding[0], spec.padding[1]
+    DH = spec.dilation[0]
+    OH, OW = spec.out_h, spec.out_w
+    WQ = W // S
+    taps = [((kw - PL) % S, (kw - PL) // S) for kw in range(KW)]
+    ML = max(0, -min(d for _, d in taps))
+    MW = max(ML + WQ, max(ML + d + OW for _, d in taps))
+    HP = max(PT + H, (OH - 1) * SH + (KH - 1) * DH + 1)
+    ep = spec.epilogue
+    RES = ep.residual
+    # vectors of at most LANES floats: copy chunks of LANES scratch columns, output segments
+    # of LANES columns (a whole 112-wide row in one vector would spill the registers)
+    LANES = 32
+    NCOPY, COPY_TAIL = WQ // LANES, WQ % LANES
+    NSEG, SEG_TAIL = OW // LANES, OW % LANES
+
+    @T.macro
+    def copy_columns(x, xs, n, c, i, q, m0, width):
+        if width == 1:  # a Ramp needs two lanes
+            xs[PT + i, q, ML + m0] = x[n, c, i, m0 * S + q]
+        else:
+            xs[PT + i, q, T.Ramp(ML + m0, 1, width)] = T.Shuffle(
+                [x[n, c, i, T.Ramp(m0 * S, 1, width * S)]], [q + S * m for m in range(width)])
+
+    @T.macro
+    def row_segment(w, xs, bias, res, y, n, c, oh, v0, width):
+        acc = T.decl_buffer((width,), "float32", scope="local")
+        for v in T.vectorized(width):
+            acc[v] = T.float32(0)
+        for kh in T.unroll(KH):
+            for kw in T.unroll(KW):
+                for v in T.vectorized(width):
+                    acc[v] = acc[v] + w[c, kh, kw] * xs[
+                        oh * SH + kh * DH, (kw - PL) % S, ML + (kw - PL) // S + v0 + v]
+        for v in T.vectorized(width):
+            if RES:
+                y[n, c, oh, v0 + v] = ep.apply(acc[v], bias[c], res[n, c, oh, v0 + v])
+            else:
+                y[n, c, oh, v0 + v] = ep.apply(acc[v], bias[c])
+
+    @T.macro
+    def planes(x, w, bias, res, y):
         with T.sblock("root"):
-            for it in T.parallel(N * NBR * NTILES):
-                pixel_tile(col, indptr, indices, data, bias, y,
-                           it // (NBR * NTILES), it // NTILES % NBR, it % NTILES * NT, NT)
-            if TAIL > 0:
-                for it in T.parallel(N * NBR):
-                    pixel_tile(col, indptr, indices, data, bias, y,
-                               it // NBR, it % NBR, NTILES * NT, TAIL)
+            for plane in T.parallel(N * C):
+                xs = T.decl_buffer((HP, S, MW), "float32")
+                for i in range(HP):
+                    for q in range(S):
+                        for j in T.vectorized(MW):
+                            xs[i, q, j] = T.float32(0)
+                for i in range(H):
+                    for q in T.unroll(S):
+                        for chunk in range(NCOPY):
+                            copy_columns(x, xs, plane // C, plane % C, i, q, chunk * LANES, LANES)
+                        if COPY_TAIL > 0:
+                            copy_columns(x, xs, plane // C, plane % C, i, q, NCOPY * LANES,
+                                         COPY_TAIL)
+                for oh in range(OH):
+                    for seg in range(NSEG):
+                        row_segment(w, xs, bias, res, y, plane // C, plane % C, oh, seg * LANES,
+                                    LANES)
+                    if SEG_TAIL > 0:
+                        row_segment(w, xs, bias, res, y, plane // C, plane % C, oh, NSEG * LANES,
+                                    SEG_TAIL)
 
-    return _scheduled(bsr_matmul, name)
+    @T.prim_func(s_tir=True)
+    def depthwise(x: T.Buffer((N, C, H, W), "float32"), w: T.Buffer((C, KH, KW), "float32"),
+                  bias: T.Buffer((C,), "float32"), y: T.Buffer((N, C, OH, OW), "float32")):
+        planes(x, w, bias, y, y)
+
+    @T.prim_func(s_tir=True)
+    def depthwise_residual(
+        x: T.Buffer((N, C, H, W), "float32"), w: T.Buffer((C, KH, KW), "float32"),
+        bias: T.Buffer((C,), "float32"), res: T.Buffer((N, C, OH, OW), "float32"),
+        y: T.Buffer((N, C, OH, OW), "float32"),
+    ):
+        planes(x, w, bias, res, y)
+
+    return _scheduled(depthwise_residual if RES else depthwise, name)
 
 
-def reference_conv2d(x: np.ndarray, w: np.ndarray, spec: ConvSpec, bias=None) -> np.ndarray:
-    """Plain numpy conv (float64 accumulation) used to check the kernels."""
+def reference_conv2d(x: np.ndarray, w: np.ndarray, spec: ConvSpec, bias=None,
+                     residual=None, groups: int = 1) -> np.ndarray:
+    """Plain numpy conv (float64 accumulation) + epilogue, used to check the kernels.
+    groups = C_in = C_out with w (C, 1, kh, kw) is a depthwise conv."""
     N, C, H, W = x.shape
     pt, pl, pb, pr = spec.padding
     xp = np.zeros((N, C, H + pt + pb, W + pl + pr), np.float64)
@@ -214,9 +366,13 @@ def reference_conv2d(x: np.ndarray, w: np.ndarray, spec: ConvSpec, bias=None) ->
         for j in range(spec.kernel[1]):
             patch = xp[:, :, i * dh: i * dh + sh * (spec.out_h - 1) + 1: sh,
                        j * dw: j * dw + sw * (spec.out_w - 1) + 1: sw]
-            out += np.einsum("nchw,oc->nohw", patch, w[:, :, i, j].astype(np.float64))
+            if groups == 1:
+                out += np.einsum("nchw,oc->nohw", patch, w[:, :, i, j].astype(np.float64))
+            else:
+                out += patch * w[:, 0, i, j].astype(np.float64).reshape(1, -1, 1, 1)
     if bias is not None:
         out += np.asarray(bias, np.float64).reshape(1, -1, 1, 1)
-    if spec.relu:
-        out = np.maximum(out, 0)
+    if residual is not None:
+        out += residual
+    out = np.clip(out, spec.epilogue.low, spec.epilogue.high)
     return out.astype(np.float32)
