@@ -139,30 +139,23 @@ def conv_kind_or_reason(call: relax.Call, bsr: int, bsc: int, sparsity: float):
     return ("bsr", spec, mat), ""
 
 
-def _flat(spec: kernels.ConvSpec) -> tuple[int, int, int]:
-    return (spec.batch, spec.c_out, spec.num_pixels)
-
-
 def emit_sparse_conv(bb: relax.BlockBuilder, x, layer: SparseConvLayer, residual=None):
-    """Emit im2col (when needed) + bsr_matmul + reshape for one conv; returns the NCHW output."""
+    """Emit im2col (when needed) + bsr_matmul for one conv; returns the NCHW output."""
     spec, arrays = layer.spec, layer.arrays
     if spec.needs_im2col:
         # one global symbol per layer: two convs of different shapes must not both be "im2col"
         name = layer.kernel_name.replace("bsr_matmul", "im2col")
         im2col = bb.add_func(kernels.im2col_prim_func(spec, name), name)
-        col = bb.emit(relax.call_tir(im2col, [x], relax.TensorType(spec.col_shape, "float32")))
-    else:
-        col = bb.emit(relax.op.reshape(x, spec.col_shape))
+        x = bb.emit(relax.call_tir(im2col, [x], relax.TensorType(spec.col_shape, "float32")))
     matmul = bb.add_func(
         kernels.bsr_matmul_prim_func(spec, arrays.nnzb, layer.tile, layer.kernel_name),
         layer.kernel_name,
     )
-    args = [col] + [relax.const(a) for a in (arrays.indptr, arrays.indices, arrays.data,
-                                             arrays.bias)]
+    args = [x] + [relax.const(a) for a in (arrays.indptr, arrays.indices, arrays.data,
+                                           arrays.bias)]
     if residual is not None:
-        args.append(bb.emit(relax.op.reshape(residual, _flat(spec))))
-    y = bb.emit(relax.call_tir(matmul, args, relax.TensorType(_flat(spec), "float32")))
-    return relax.op.reshape(y, spec.out_shape)
+        args.append(residual)
+    return relax.call_tir(matmul, args, relax.TensorType(spec.out_shape, "float32"))
 
 
 def emit_depthwise_conv(bb: relax.BlockBuilder, x, layer: DepthwiseLayer, residual=None):

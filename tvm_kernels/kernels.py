@@ -105,6 +105,13 @@ class ConvSpec:
     def col_shape(self) -> tuple[int, int, int]:
         return (self.batch, self.num_cols, self.num_pixels)
 
+    @property
+    def matmul_input_shape(self) -> tuple[int, ...]:
+        """What bsr_matmul reads: im2col's output, or (1x1, stride 1, no pad) x itself."""
+        if self.needs_im2col:
+            return self.col_shape
+        return (self.batch, self.c_in, self.height, self.width)
+
     def flops_dense(self) -> int:
         return 2 * self.batch * self.c_out * self.num_cols * self.num_pixels
 
@@ -186,7 +193,9 @@ def im2col_prim_func(spec: ConvSpec, name: str = "im2col") -> tvm.tirx.PrimFunc:
 def bsr_matmul_prim_func(
     spec: ConvSpec, nnzb: int, tile: BSRTile, name: str = "bsr_matmul"
 ) -> tvm.tirx.PrimFunc:
-    """y[n, co, p] = act(sum_b data[b, co % bsr, j] * col[n, indices[b]*bsc + j, p] + bias[co])."""
+    """y[n, co, p] = epilogue(sum_b data[b, co % bsr, j] * col[n, indices[b]*bsc + j, p], bias[co]).
+    Its tensors are NCHW (x or im2col's output in, y and the residual out), viewed flat as
+    (n, channel, pixel) inside: no reshape copies around the call."""
     N, K, P, COUT = spec.batch, spec.num_cols, spec.num_pixels, spec.c_out
     BSR, BSC = spec.bsr, spec.bsc
     NBR = COUT // BSR
@@ -218,37 +227,45 @@ def bsr_matmul_prim_func(
 
     @T.macro
     def all_tiles(col, indptr, indices, data, bias, res, y):
-        with T.sblock("root"):
-            for it in T.parallel(N * NBR * NTILES):
+        for it in T.parallel(N * NBR * NTILES):
+            pixel_tile(col, indptr, indices, data, bias, res, y,
+                       it // (NBR * NTILES), it // NTILES % NBR, it % NTILES * NT, NT)
+        if TAIL > 0:
+            for it in T.parallel(N * NBR):
                 pixel_tile(col, indptr, indices, data, bias, res, y,
-                           it // (NBR * NTILES), it // NTILES % NBR, it % NTILES * NT, NT)
-            if TAIL > 0:
-                for it in T.parallel(N * NBR):
-                    pixel_tile(col, indptr, indices, data, bias, res, y,
-                               it // NBR, it % NBR, NTILES * NT, TAIL)
+                           it // NBR, it % NBR, NTILES * NT, TAIL)
+
+    IN, OUT = spec.matmul_input_shape, spec.out_shape
 
     @T.prim_func(s_tir=True)
     def bsr_matmul(
-        col: T.Buffer((N, K, P), "float32"),
+        x: T.Buffer(IN, "float32"),
         indptr: T.Buffer((NBR + 1,), "int32"),
         indices: T.Buffer((NNZ,), "int32"),
         data: T.Buffer((NNZ, BSR, BSC), "float32"),
         bias: T.Buffer((COUT,), "float32"),
-        y: T.Buffer((N, COUT, P), "float32"),
+        y: T.Buffer(OUT, "float32"),
     ):
-        all_tiles(col, indptr, indices, data, bias, y, y)
+        with T.sblock("root"):
+            col = T.decl_buffer((N, K, P), "float32", data=x.data)
+            y_flat = T.decl_buffer((N, COUT, P), "float32", data=y.data)
+            all_tiles(col, indptr, indices, data, bias, y_flat, y_flat)
 
     @T.prim_func(s_tir=True)
     def bsr_matmul_residual(
-        col: T.Buffer((N, K, P), "float32"),
+        x: T.Buffer(IN, "float32"),
         indptr: T.Buffer((NBR + 1,), "int32"),
         indices: T.Buffer((NNZ,), "int32"),
         data: T.Buffer((NNZ, BSR, BSC), "float32"),
         bias: T.Buffer((COUT,), "float32"),
-        res: T.Buffer((N, COUT, P), "float32"),
-        y: T.Buffer((N, COUT, P), "float32"),
+        res: T.Buffer(OUT, "float32"),
+        y: T.Buffer(OUT, "float32"),
     ):
-        all_tiles(col, indptr, indices, data, bias, res, y)
+        with T.sblock("root"):
+            col = T.decl_buffer((N, K, P), "float32", data=x.data)
+            res_flat = T.decl_buffer((N, COUT, P), "float32", data=res.data)
+            y_flat = T.decl_buffer((N, COUT, P), "float32", data=y.data)
+            all_tiles(col, indptr, indices, data, bias, res_flat, y_flat)
 
     return _scheduled(bsr_matmul_residual if RES else bsr_matmul, name)
 

@@ -274,11 +274,10 @@ def measure_tile(layer: SparseConvLayer, tile: kernels.BSRTile, target, session:
                        f"{layer.kernel_name}_{tile.pixels}px_{os.getpid()}")
     rng = np.random.default_rng(0)
     spec, a = layer.spec, layer.arrays
-    out_flat = (spec.batch, spec.c_out, spec.num_pixels)
-    residual = [np.zeros(out_flat, np.float32)] if spec.epilogue.residual else []
+    residual = [np.zeros(spec.out_shape, np.float32)] if spec.epilogue.residual else []
     args = [session.tensor(v) for v in (
-        rng.standard_normal(spec.col_shape).astype(np.float32),
-        a.indptr, a.indices, a.data, a.bias, *residual, np.zeros(out_flat, np.float32))]
+        rng.standard_normal(spec.matmul_input_shape).astype(np.float32),
+        a.indptr, a.indices, a.data, a.bias, *residual, np.zeros(spec.out_shape, np.float32))]
     module = lib if session.remote else lib.jit()
     return float(np.median(time_function(module, "bsr_matmul", args, session.device, number, 3)))
 
