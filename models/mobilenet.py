@@ -56,6 +56,7 @@ class MobileNetV1(nn.Module):
 
 # (expand ratio t, out channels c, repeats n, first stride s); real n is (1, 2, 3, 4, 3, 3, 1).
 V2_CFG = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 2, 2), (6, 64, 2, 2), (6, 96, 2, 1), (6, 160, 2, 2), (6, 320, 1, 1))
+V2_REAL_REPEATS = (1, 2, 3, 4, 3, 3, 1)  # the paper's depth, for benchmarks
 
 
 class InvertedResidual(nn.Module):
@@ -80,12 +81,13 @@ class InvertedResidual(nn.Module):
 
 
 class MobileNetV2(nn.Module):
-    def __init__(self, width: float, num_classes: int = 10) -> None:
+    def __init__(self, width: float, num_classes: int = 10, repeats=None) -> None:
         super().__init__()
         ch = scaler(width)
         layers: list[nn.Module] = [ConvBNAct(3, ch(32), 3, 2, act=nn.ReLU6)]
         in_base = 32
-        for t, c, n, s in V2_CFG:
+        repeats = repeats or [n for _, _, n, _ in V2_CFG]
+        for (t, c, _, s), n in zip(V2_CFG, repeats):
             for i in range(n):
                 layers.append(InvertedResidual(ch, in_base, c, s if i == 0 else 1, t))
                 in_base = c

@@ -124,7 +124,8 @@ class BSRTile:
 
 
 def tile_candidates(spec: ConvSpec) -> list[BSRTile]:
-    """Pixel tiles worth measuring: the accumulator (bsr x pixels) must fit the vector registers."""
+    """Pixel tiles worth measuring: powers of two whose accumulator (bsr x pixels) fits the
+    vector registers.  (Tiles of 49 or 98 pixels measured 10x slower: odd vector widths.)"""
     sizes = [p for p in (8, 16, 32, 64, 128) if spec.bsr * p <= 512 and p <= max(8, spec.num_pixels)]
     return [BSRTile(p) for p in sizes] or [BSRTile(8)]
 
@@ -202,7 +203,10 @@ def bsr_matmul_prim_func(
     NNZ = max(1, nnzb)
     NT = min(tile.pixels, P)
     NTILES = P // NT
-    TAIL = P - NTILES * NT
+    # the last P % NT pixels: one more full-width tile ending at P, overlapping the previous
+    # one (its pixels are recomputed and stored again with the same values).  A narrow tail
+    # tile would re-read every block for a few pixels in an odd vector width.
+    TAIL = P % NT
     ep = spec.epilogue
     RES = ep.residual
 
@@ -232,8 +236,7 @@ def bsr_matmul_prim_func(
                        it // (NBR * NTILES), it // NTILES % NBR, it % NTILES * NT, NT)
         if TAIL > 0:
             for it in T.parallel(N * NBR):
-                pixel_tile(col, indptr, indices, data, bias, res, y,
-                           it // NBR, it % NBR, NTILES * NT, TAIL)
+                pixel_tile(col, indptr, indices, data, bias, res, y, it // NBR, it % NBR, P - NT, NT)
 
     IN, OUT = spec.matmul_input_shape, spec.out_shape
 
@@ -299,10 +302,12 @@ def depthwise_prim_func(spec: ConvSpec, name: str = "depthwise") -> tvm.tirx.Pri
     ep = spec.epilogue
     RES = ep.residual
     # vectors of at most LANES floats: copy chunks of LANES scratch columns, output segments
-    # of LANES columns (a whole 112-wide row in one vector would spill the registers)
-    LANES = 32
+    # of LANES columns (a whole 112-wide row in one vector would spill the registers; 16 measured
+    # a little faster than 32 over MobileNetV2's shapes)
+    LANES = 16
     NCOPY, COPY_TAIL = WQ // LANES, WQ % LANES
-    NSEG, SEG_TAIL = OW // LANES, OW % LANES
+    SEG_WIDTH = min(LANES, OW)
+    NSEG, SEG_TAIL = OW // SEG_WIDTH, OW % SEG_WIDTH
 
     @T.macro
     def copy_columns(x, xs, n, c, i, q, m0, width):
@@ -346,11 +351,11 @@ def depthwise_prim_func(spec: ConvSpec, name: str = "depthwise") -> tvm.tirx.Pri
                                          COPY_TAIL)
                 for oh in range(OH):
                     for seg in range(NSEG):
-                        row_segment(w, xs, bias, res, y, plane // C, plane % C, oh, seg * LANES,
-                                    LANES)
-                    if SEG_TAIL > 0:
-                        row_segment(w, xs, bias, res, y, plane // C, plane % C, oh, NSEG * LANES,
-                                    SEG_TAIL)
+                        row_segment(w, xs, bias, res, y, plane // C, plane % C, oh,
+                                    seg * SEG_WIDTH, SEG_WIDTH)
+                    if SEG_TAIL > 0:  # overlapping the previous segment, as bsr_matmul's tail
+                        row_segment(w, xs, bias, res, y, plane // C, plane % C, oh,
+                                    OW - SEG_WIDTH, SEG_WIDTH)
 
     @T.prim_func(s_tir=True)
     def depthwise(x: T.Buffer((N, C, H, W), "float32"), w: T.Buffer((C, KH, KW), "float32"),
