@@ -306,7 +306,7 @@ def describe_layer(layer) -> str:
     if isinstance(layer, convert.DepthwiseLayer):
         kernel = "depthwise"
     else:
-        kernel = f"block sparsity {layer.weight.sparsity:.3f}, tile {layer.tile.pixels}px"
+        kernel = f"block sparsity {layer.weight.sparsity:.3f}, tile {layer.tile.label}"
     epilogue = s.epilogue.describe()
     return f"{layer.kernel_name}: {conv}, {kernel}" + (f", {epilogue}" if epilogue else "")
 

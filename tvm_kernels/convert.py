@@ -80,7 +80,7 @@ def import_onnx(model: onnx.ModelProto) -> tvm.IRModule:
     return relax.transform.FoldConstant()(mod)
 
 
-def _static_shape(expr) -> tuple[int, ...] | None:
+def static_shape(expr) -> tuple[int, ...] | None:
     sinfo = expr.ty
     if not isinstance(sinfo, relax.TensorType) or sinfo.shape is None:
         return None
@@ -90,7 +90,7 @@ def _static_shape(expr) -> tuple[int, ...] | None:
         return None
 
 
-def _constant(expr) -> np.ndarray | None:
+def constant_value(expr) -> np.ndarray | None:
     if isinstance(expr, tvm.ir.expr.GenericConst) and isinstance(expr.value, tvm.runtime.Tensor):
         return expr.value.numpy()
     return None
@@ -113,8 +113,8 @@ def conv_kind_or_reason(call: relax.Call, bsr: int, bsc: int, sparsity: float):
     """(kind, ConvSpec, weight) for a conv2d call one of our kernels computes, else (None, reason).
     kind "bsr": weight is the (C_out, C_in*kh*kw) matrix; "depthwise": weight is (C, kh, kw)."""
     attrs = call.attrs
-    w = _constant(call.args[1])
-    x_shape = _static_shape(call.args[0])
+    w = constant_value(call.args[1])
+    x_shape = static_shape(call.args[0])
     if w is None:
         return None, "weight is not a constant"
     if x_shape is None or len(x_shape) != 4:
@@ -209,7 +209,7 @@ def _clamp_kind(mod: tvm.IRModule, gvar) -> str | None:
 
 
 def _scalar(expr) -> float | None:
-    value = _constant(expr)
+    value = constant_value(expr)
     if value is not None and value.size == 1 and value.dtype == np.float32:
         return float(value.reshape(()))
     if isinstance(expr, relax.PrimValue):
@@ -253,7 +253,7 @@ class FusionPlanner:
         if call not in self.checked:  # keyed by object identity
             found, reason = conv_kind_or_reason(call, self.bsr, self.bsc, self.sparsity)
             if found is None:
-                self.report.skipped.append((str(_static_shape(call.args[1])), reason))
+                self.report.skipped.append((str(static_shape(call.args[1])), reason))
             self.checked[call] = found
         return self.checked[call]
 
@@ -276,7 +276,7 @@ class FusionPlanner:
             return None
         for tensor, const in (args, args[::-1]):
             value = _scalar(const)
-            if value is not None and _static_shape(tensor) is not None:
+            if value is not None and static_shape(tensor) is not None:
                 return tensor, [(op, value)]
         return None
 
@@ -289,7 +289,7 @@ class FusionPlanner:
         if not (isinstance(call, relax.Call) and call.op == ADD):
             return None
         for a, b in (call.args, call.args[::-1]):
-            conv, bias = (self._conv(a) if self._single_use(a) else None), _constant(b)
+            conv, bias = (self._conv(a) if self._single_use(a) else None), constant_value(b)
             if conv and bias is not None and bias.ndim in (3, 4) and \
                     bias.shape[-3] == bias.size == conv[1].c_out:
                 swallowed.append(a)
@@ -309,8 +309,8 @@ class FusionPlanner:
         found = self._conv_bias(node, swallowed)
         if found is None and isinstance(node, relax.Call) and node.op == ADD:
             for a, b in (node.args, node.args[::-1]):
-                if self._single_use(a) and _static_shape(a) == _static_shape(b) \
-                        and _constant(b) is None:
+                if self._single_use(a) and static_shape(a) == static_shape(b) \
+                        and constant_value(b) is None:
                     found = self._conv_bias(a, swallowed)
                     if found:
                         swallowed.append(a)

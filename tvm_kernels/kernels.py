@@ -8,7 +8,9 @@ Two kernels:
     template the way fast CPU sparse kernels are built: parallel over (batch, block row, pixel
     tile), the bsr output channels of a block x `pixels` accumulators held in registers,
     vectorized over pixels, looping only over the non-zero blocks of the row (CSR indptr),
-    so the time tracks the number of non-zero blocks.  Its knob is `BSRTile.pixels`.
+    so the time tracks the number of non-zero blocks.  Its knobs are `BSRTile.pixels` and the
+    order of the parallel loop (block rows inner keeps a pixel tile of the input in L1 while
+    every block row reads it: better where the input outgrows L2).
   * depthwise: one channel plane per parallel iteration, copied into a zero-margined scratch
     buffer (columns de-interleaved by stride phase with a vector shuffle, so strided taps are
     contiguous loads), then K*K vector FMAs per output row.  No knob.
@@ -118,16 +120,22 @@ class ConvSpec:
 
 @dataclass(frozen=True)
 class BSRTile:
-    """Schedule knob of bsr_matmul: output pixels per register tile (vector width multiple)."""
+    """Schedule knobs of bsr_matmul: output pixels per register tile (vector width multiple),
+    and whether the parallel loop runs block rows inside pixel tiles."""
 
     pixels: int = 32
+    rows_inner: bool = False
+
+    @property
+    def label(self) -> str:
+        return f"{self.pixels}px" + ("/rows-inner" if self.rows_inner else "")
 
 
 def tile_candidates(spec: ConvSpec) -> list[BSRTile]:
     """Pixel tiles worth measuring: powers of two whose accumulator (bsr x pixels) fits the
     vector registers.  (Tiles of 49 or 98 pixels measured 10x slower: odd vector widths.)"""
     sizes = [p for p in (8, 16, 32, 64, 128) if spec.bsr * p <= 512 and p <= max(8, spec.num_pixels)]
-    return [BSRTile(p) for p in sizes] or [BSRTile(8)]
+    return [BSRTile(p, inner) for p in sizes or [8] for inner in (False, True)]
 
 
 def default_tile(spec: ConvSpec) -> BSRTile:
@@ -207,6 +215,7 @@ def bsr_matmul_prim_func(
     # one (its pixels are recomputed and stored again with the same values).  A narrow tail
     # tile would re-read every block for a few pixels in an odd vector width.
     TAIL = P % NT
+    ROWS_INNER = tile.rows_inner
     ep = spec.epilogue
     RES = ep.residual
 
@@ -232,8 +241,12 @@ def bsr_matmul_prim_func(
     @T.macro
     def all_tiles(col, indptr, indices, data, bias, res, y):
         for it in T.parallel(N * NBR * NTILES):
-            pixel_tile(col, indptr, indices, data, bias, res, y,
-                       it // (NBR * NTILES), it // NTILES % NBR, it % NTILES * NT, NT)
+            if ROWS_INNER:
+                pixel_tile(col, indptr, indices, data, bias, res, y,
+                           it // (NBR * NTILES), it % NBR, it // NBR % NTILES * NT, NT)
+            else:
+                pixel_tile(col, indptr, indices, data, bias, res, y,
+                           it // (NBR * NTILES), it // NTILES % NBR, it % NTILES * NT, NT)
         if TAIL > 0:
             for it in T.parallel(N * NBR):
                 pixel_tile(col, indptr, indices, data, bias, res, y, it // NBR, it % NBR, P - NT, NT)

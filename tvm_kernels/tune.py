@@ -271,7 +271,7 @@ def measure_tile(layer: SparseConvLayer, tile: kernels.BSRTile, target, session:
     func = kernels.bsr_matmul_prim_func(layer.spec, layer.arrays.nnzb, tile, "bsr_matmul")
     # a unique name per upload: a remote dlopen of a reused path returns the stale library
     lib = session.load(tvm.compile(func, target=target),
-                       f"{layer.kernel_name}_{tile.pixels}px_{os.getpid()}")
+                       f"{layer.kernel_name}_{tile.label.replace('/', '_')}_{os.getpid()}")
     rng = np.random.default_rng(0)
     spec, a = layer.spec, layer.arrays
     residual = [np.zeros(spec.out_shape, np.float32)] if spec.epilogue.residual else []
@@ -292,13 +292,15 @@ def tune_tiles(layers: list[SparseConvLayer], target, work_dir: str, session: Se
     chosen = {}
     for i, layer in enumerate(layers):
         key = _layer_key(layer, target)
-        if key not in cache:
-            times = {c.pixels: measure_tile(layer, c, target, session)
+        if not isinstance(cache.get(key), list):  # absent, or an older format
+            times = {c: measure_tile(layer, c, target, session)
                      for c in kernels.tile_candidates(layer.spec)}
-            cache[key] = min(times, key=times.get)
+            best = min(times, key=times.get)
+            cache[key] = [best.pixels, best.rows_inner]
             log(f"  {layer.kernel_name} {layer.spec.c_out}x{layer.spec.num_cols} "
                 f"sparsity {layer.weight.sparsity:.2f}: "
-                + ", ".join(f"{p}px {t * 1e3:.3f}ms" for p, t in times.items()))
+                + ", ".join(f"{c.label} {t * 1e3:.3f}ms" for c, t in times.items()))
             _save_json(cache_path, cache)
-        chosen[layer.kernel_name] = kernels.BSRTile(int(cache[key]))
+        pixels, rows_inner = cache[key]
+        chosen[layer.kernel_name] = kernels.BSRTile(int(pixels), bool(rows_inner))
     return chosen
