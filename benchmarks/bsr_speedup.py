@@ -4,10 +4,14 @@
     random block sparsity s in {0.5, 0.7, 0.8, 0.9}, N in {1, 2, 4, 8, 16}: our BSR kernel (tile
     searched) vs the same dense conv tuned by meta_schedule in TVM and vs onnxruntime's conv,
     against the ideal 1/(1-s).
+(c) depthwise: MobileNetV2's depthwise 3x3 convs (+ bias + ReLU6): our depthwise kernel vs
+    onnxruntime's (which fuses the Clip too).
 (b) e2e: MobileNetV2 from models/ (width 1.0, 224x224), 1x4 pruning at 0.5/0.7/0.9, through
     model_tune: sparse TVM vs dense TVM vs onnxruntime.
 
     python benchmarks/bsr_speedup.py kernels --dense-trials 48
+    python benchmarks/bsr_speedup.py depthwise
+    python benchmarks/bsr_speedup.py profile --sparsity 0.7    # after e2e: time per kernel
     python benchmarks/bsr_speedup.py e2e --trials 300
     python benchmarks/bsr_speedup.py plot
 
@@ -59,12 +63,12 @@ def target_dict() -> dict:
             "num-cores": psutil.cpu_count(logical=False) or 1}
 
 
-def conv_spec(shape, bsr=4, relu=False):
+def conv_spec(shape, bsr=4):
     from tvm_kernels.kernels import ConvSpec
 
     c_in, hw, c_out, k, stride = shape
     pad = (k // 2,) * 4
-    return ConvSpec(1, c_in, hw, hw, c_out, (k, k), (stride, stride), pad, (1, 1), bsr, 1, relu)
+    return ConvSpec(1, c_in, hw, hw, c_out, (k, k), (stride, stride), pad, (1, 1), bsr, 1)
 
 
 def dense_conv_module(spec):
@@ -186,7 +190,7 @@ def run_kernels(args) -> None:
                     "tvm_dense": lambda k: float(dense_vm.time_evaluator("main", tvm.cpu(), number=k)(xt, wt).mean),
                     "ort_dense": lambda k: _ort_time(session, x, k),
                 }, args.rounds)
-                row = dict(shape=name, n=n, sparsity=s, tile=tiles[layer.kernel_name].pixels,
+                row = dict(shape=name, n=n, sparsity=s, tile=tiles[layer.kernel_name].label,
                            max_abs_err=err, **{f"{k}_ms": v for k, v in ms_.items()})
                 rows.append(row)
                 print(f"{name:<22} N={n:<2} s={s:.1f} bsr {ms_['bsr']:.3f} ms  tvm dense "
@@ -195,6 +199,68 @@ def run_kernels(args) -> None:
                       flush=True)
                 _save(results_path, rows)
     write_kernel_table(rows)
+
+
+# channels, input size, stride of MobileNetV2's depthwise convs (224x224 input)
+DEPTHWISE_SHAPES = ((32, 112, 1), (96, 112, 2), (144, 56, 1), (144, 56, 2), (192, 28, 1),
+                    (192, 28, 2), (384, 14, 1), (576, 14, 1), (576, 14, 2), (960, 7, 1))
+
+
+def run_depthwise(args) -> None:
+    import math
+
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    os.environ["TVM_NUM_THREADS"] = str(threads())
+    import tvm
+
+    from tvm_kernels import convert, kernels
+
+    target = tvm.target.Target({**target_dict(), "num-cores": threads()})
+    rng = np.random.default_rng(0)
+    lines = [f"{threads()} thread(s); conv 3x3 pad 1 + bias + ReLU6, both engines",
+             "| channels | input | stride | ours ms | ORT ms | ORT / ours |", "|---|---|---|---|---|---|"]
+    total = {"ours": 0.0, "ort": 0.0}
+    for c, hw, stride in DEPTHWISE_SHAPES:
+        spec = kernels.ConvSpec(1, c, hw, hw, c, (3, 3), (stride, stride), (1, 1, 1, 1),
+                                epilogue=kernels.Epilogue(0.0, 6.0))
+        w = rng.standard_normal((c, 1, 3, 3)).astype(np.float32)
+        b = rng.standard_normal(c).astype(np.float32)
+        x = rng.standard_normal((1, c, hw, hw)).astype(np.float32)
+        mod, _ = convert.single_conv_module(spec, w, b)
+        vm = tvm.relax.VirtualMachine(tvm.compile(mod, target=target), tvm.cpu())
+        xt = tvm.runtime.tensor(x)
+        nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], group=c, pads=[1] * 4,
+                                  strides=[stride] * 2),
+                 helper.make_node("Clip", ["c", "lo", "hi"], ["y"])]
+        graph = helper.make_graph(
+            nodes, "dw", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, list(spec.out_shape))],
+            [numpy_helper.from_array(v, k) for k, v in
+             (("w", w), ("b", b), ("lo", np.float32(0)), ("hi", np.float32(6)))])
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads()
+        session = ort.InferenceSession(helper.make_model(
+            graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10).SerializeToString(),
+            options)
+        ref = session.run(None, {"x": x})[0]
+        assert math.isclose(float(np.abs(vm["main"](xt).numpy() - ref).max()), 0, abs_tol=1e-4)
+        ms_ = time_engines({
+            "ours": lambda k: float(vm.time_evaluator("main", tvm.cpu(), number=k)(xt).mean),
+            "ort": lambda k: _ort_time(session, x, k),
+        }, args.rounds)
+        for k in total:
+            total[k] += ms_[k]
+        lines.append(f"| {c} | {hw}x{hw} | {stride} | {ms_['ours']:.3f} | {ms_['ort']:.3f} | "
+                     f"{ms_['ort'] / ms_['ours']:.2f}x |")
+        print(lines[-1], flush=True)
+    lines.append(f"| all | | | {total['ours']:.3f} | {total['ort']:.3f} | "
+                 f"{total['ort'] / total['ours']:.2f}x |")
+    text = "\n".join(lines)
+    with open(os.path.join(RESULTS, "depthwise.md"), "w") as f:
+        f.write(text + "\n")
+    print(text)
 
 
 def _ort_time(session, x, k):
@@ -243,10 +309,14 @@ def run_e2e(args) -> None:
     torch.manual_seed(0)
     model = MobileNetV2(args.width, 1000, V2_REAL_REPEATS).eval()
     torch.onnx.export(model, (torch.randn(shape),), onnx_path, dynamo=False, opset_version=17)
+    results_path = os.path.join(RESULTS, "e2e.json")
     rows = []
-    for i, s in enumerate((0.5, 0.7, 0.9)):
-        # the dense remainder (depthwise convs...) is the same at every sparsity: tune it once,
-        # the later runs reuse the database of work_dir
+    if os.path.exists(results_path):  # keep the rows this run does not re-measure
+        with open(results_path) as f:
+            rows = [r for r in json.load(f) if r["sparsity"] not in args.sparsities]
+    for i, s in enumerate(args.sparsities):
+        # the dense remainder (stem, pooling, classifier) is the same at every sparsity: tune it
+        # once, the later runs reuse the database of work_dir
         result = model_tune(onnx_path, 4, 1, s, prune=True, trials=args.trials if i == 0 else 0,
                             target={**target_dict(), "num-cores": threads()}, work_dir=work_dir,
                             output=os.path.join(work_dir, f"mbv2_1x4_{s}.so"), rounds=args.rounds)
@@ -257,10 +327,13 @@ def run_e2e(args) -> None:
                          sparse_tvm_ms=t["sparse TVM"].median_ms,
                          dense_tvm_ms=t["dense TVM"].median_ms,
                          ort_ms=t["onnxruntime"].median_ms, max_abs_err=result.parity_max_abs_err))
-        _save(os.path.join(RESULTS, "e2e.json"), rows)
+        rows.sort(key=lambda r: r["sparsity"])
+        _save(results_path, rows)
+    with open(os.path.join(work_dir, "database_tuning_record.json")) as f:
+        records = sum(1 for _ in f)
     lines = [f"MobileNetV2 (real depth, 1000 classes) width {args.width}, {shape}, 1x4, "
-             f"{threads()} threads, meta_schedule trials {args.trials} for the dense remainder "
-             f"and {args.trials} for the dense-TVM baseline (shared by all rows)",
+             f"{threads()} threads; meta_schedule: {records} measured records in the work dir's "
+             "database, shared by the dense remainder of every row and the dense-TVM baseline",
              "| sparsity | convs in BSR / depthwise kernel | sparse TVM ms | dense TVM ms | ORT ms "
              "| vs ORT | vs dense TVM |",
              "|---|---|---|---|---|---|---|"]
@@ -273,6 +346,60 @@ def run_e2e(args) -> None:
     with open(os.path.join(RESULTS, "e2e.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def profile(args) -> None:
+    """Where the time of e2e's sparse MobileNetV2 goes: every TIR function main calls, built with
+    the tuned schedules of the e2e work dir and timed alone (TVM 0.27's VM has no profiler).
+    --cold flushes the caches of all arguments but the first (the weights, the output) before
+    each call: in a whole-model run the weights come from L3/DRAM, and only then does the sum
+    match the model's time."""
+    import collections
+
+    import onnx
+
+    os.environ["TVM_NUM_THREADS"] = str(threads())
+    import tvm
+    from tvm import relax
+
+    from onnxprune.pruning.prune import prune
+    from tvm_kernels import convert, tune
+
+    work_dir = args.work_dir or os.path.join(RESULTS, "e2e_work")
+    target = tvm.target.Target({**target_dict(), "num-cores": threads()})
+    model = onnx.load(os.path.join(work_dir, "mobilenet_v2.onnx"))
+    model, _ = prune(model, criterion="l1", granularity="1xN", n=4, sparsity=args.sparsity)
+    mod, report = convert.convert_to_bsr(convert.import_onnx(model), 4, 1, args.sparsity)
+    with tune.Session(None) as session:
+        mod = convert.retile(mod, report, tune.tune_tiles(report.converted, target, work_dir,
+                                                          session))
+    with target, tune.database(work_dir), tvm.transform.PassContext(opt_level=3):
+        mod = relax.transform.MetaScheduleApplyDatabase()(tune.prepare(mod, target))
+    call_tir = tvm.ir.Op.get("relax.call_tir")
+    rows, totals = [], collections.Counter()
+    for block in mod["main"].body.blocks:
+        for binding in block.bindings:
+            call = binding.value
+            if not (isinstance(call, relax.Call) and call.op == call_tir):
+                continue
+            args_ = [convert.constant_value(a) if convert.constant_value(a) is not None else
+                     np.random.standard_normal(convert.static_shape(a)).astype(np.float32)
+                     for a in call.args[1].fields]
+            args_.append(np.zeros(convert.static_shape(call), np.float32))
+            lib = tvm.compile(mod[call.args[0]].with_attr("global_symbol", "f"), target=target)
+            lib = lib.jit()
+            tensors = [tvm.runtime.tensor(a) for a in args_]
+            ms_ = float(np.median(lib.time_evaluator("f", tvm.cpu(), number=1, repeat=30,
+                f_preproc="cache_flush_cpu_non_first_arg" if args.cold else "")(
+                *tensors).results)) * 1e3
+            name = call.args[0].name_hint
+            kind = next((k for k in ("bsr_matmul", "im2col", "depthwise") if k in name), "tvm")
+            totals[kind] += ms_
+            rows.append((ms_, name))
+    for ms_, name in sorted(rows, reverse=True)[:15]:
+        print(f"{ms_:8.3f} ms  {name}")
+    print("total per kind (ms): " + ", ".join(f"{k} {v:.3f}" for k, v in totals.items())
+          + f"; sum {sum(totals.values()):.3f}")
 
 
 def plot(_args) -> None:
@@ -328,7 +455,12 @@ def plot(_args) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["kernels", "e2e", "plot", "_tune-dense"])
+    p.add_argument("what", choices=["kernels", "depthwise", "e2e", "profile", "plot",
+                                    "_tune-dense"])
+    p.add_argument("--sparsity", type=float, default=0.7, help="profile: which e2e model")
+    p.add_argument("--cold", action="store_true", help="profile: weights not in cache")
+    p.add_argument("--sparsities", type=float, nargs="+", default=[0.5, 0.7, 0.9],
+                   help="e2e: rows to (re)measure; other rows of e2e.json are kept")
     p.add_argument("--dense-trials", type=int, default=48, help="meta_schedule trials per dense conv")
     p.add_argument("--trials", type=int, default=300, help="e2e meta_schedule trials")
     p.add_argument("--rounds", type=int, default=9)
@@ -341,6 +473,10 @@ def main(argv=None) -> int:
         tune_dense_convs(args.dense_trials, args.work_dir)
     elif args.what == "kernels":
         run_kernels(args)
+    elif args.what == "depthwise":
+        run_depthwise(args)
+    elif args.what == "profile":
+        profile(args)
     elif args.what == "e2e":
         run_e2e(args)
     else:
