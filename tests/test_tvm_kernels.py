@@ -230,8 +230,9 @@ def _sparse(rng, shape, sparsity=0.6, bsr=4):
     return sparse_weight(rng, spec, sparsity)
 
 
-def test_inverted_residual_block_is_three_fused_kernels():
-    """MobileNetV2 block: 1x1 expand + ReLU6, depthwise 3x3 + ReLU6, 1x1 project + residual."""
+def test_inverted_residual_block_is_two_fused_kernels():
+    """MobileNetV2 block: 1x1 expand + ReLU6, depthwise 3x3 + ReLU6 in one kernel (the expanded
+    tensor never reaches memory), then 1x1 project + residual."""
     from onnx import helper
 
     rng = np.random.default_rng(11)
@@ -254,8 +255,39 @@ def test_inverted_residual_block_is_three_fused_kernels():
     assert expand.spec.epilogue == kernels.Epilogue(0.0, 6.0)
     assert depthwise.spec.epilogue == kernels.Epilogue(0.0, 6.0)
     assert project.spec.epilogue == kernels.Epilogue(residual=True)
-    assert _called(mod) == ["bsr_matmul_0", "depthwise_1", "bsr_matmul_2"]  # nothing else left
+    assert expand.depthwise is depthwise and project.depthwise is None
+    assert _called(mod) == ["expand_depthwise_0", "bsr_matmul_2"]  # nothing else left
     _matches_onnxruntime(model, mod, rng.standard_normal((1, 8, 12, 12)).astype(np.float32))
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_expand_depthwise_fusion_matches_onnxruntime_for_every_tile(stride):
+    """The fused kernel (odd sizes, both tile orders, every pixel tile incl. overlapping tails)
+    against ORT; and no fusion where the expanded tensor has a second reader."""
+    from onnx import helper
+
+    rng = np.random.default_rng(15 + stride)
+    inits = {"we": _sparse(rng, (16, 5, 1, 1)), "be": rng.standard_normal(16),
+             "wd": rng.standard_normal((16, 1, 3, 3)), "bd": rng.standard_normal(16),
+             "lo": np.array(0.0), "hi": np.array(6.0)}
+    nodes = [helper.make_node("Conv", ["x", "we", "be"], ["e"]),
+             helper.make_node("Clip", ["e", "lo", "hi"], ["e6"]),
+             helper.make_node("Conv", ["e6", "wd", "bd"], ["y"], group=16, pads=[1, 1, 1, 1],
+                              strides=[stride, stride])]
+    x = rng.standard_normal((2, 5, 9, 10)).astype(np.float32)
+    model = _onnx(nodes, inits, x.shape, ["y"])
+    dense = convert.import_onnx(model)
+    mod, report = convert.convert_to_bsr(dense, 4, 1, 0.5)
+    (layer,) = report.converted
+    assert layer.depthwise is not None and _called(mod) == ["expand_depthwise_0"]
+    for tile in kernels.tile_candidates(layer.spec):
+        _matches_onnxruntime(model, convert.retile(mod, report, {layer.kernel_name: tile}), x)
+
+    two_readers = _onnx(nodes, inits, x.shape, ["y", "e6"])
+    mod, report = convert.convert_to_bsr(convert.import_onnx(two_readers), 4, 1, 0.5)
+    assert [layer.depthwise for layer in report.converted] == [None]
+    assert len(_called(mod)) == 2
+    _matches_onnxruntime(two_readers, mod, x)
 
 
 def test_resnet_tail_relu_of_residual_sum_is_fused():

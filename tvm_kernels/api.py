@@ -307,8 +307,10 @@ def describe_layer(layer) -> str:
         kernel = "depthwise"
     else:
         kernel = f"block sparsity {layer.weight.sparsity:.3f}, tile {layer.tile.label}"
-    epilogue = s.epilogue.describe()
-    return f"{layer.kernel_name}: {conv}, {kernel}" + (f", {epilogue}" if epilogue else "")
+    extras = [s.epilogue.describe()]
+    if getattr(layer, "depthwise", None) is not None:
+        extras.append(f"fused with {layer.depthwise.kernel_name}")
+    return f"{layer.kernel_name}: {conv}, {kernel}" + "".join(f", {e}" for e in extras if e)
 
 
 def time_models(model, feeds, libraries, work_dir, threads, rounds, rpc) -> dict[str, Timing]:

@@ -34,6 +34,14 @@ SPARSITY_EPS = 1e-9
 
 
 @dataclass
+class DepthwiseLayer:
+    spec: kernels.ConvSpec
+    weight: np.ndarray  # (C, kh, kw)
+    bias: np.ndarray  # (C,)
+    kernel_name: str
+
+
+@dataclass
 class SparseConvLayer:
     """One converted conv: its spec, its constant arrays, and the name of its matmul kernel."""
 
@@ -42,14 +50,14 @@ class SparseConvLayer:
     arrays: kernels.KernelArrays
     kernel_name: str
     tile: kernels.BSRTile
+    depthwise: DepthwiseLayer | None = None  # the depthwise conv computed in the same kernel
 
-
-@dataclass
-class DepthwiseLayer:
-    spec: kernels.ConvSpec
-    weight: np.ndarray  # (C, kh, kw)
-    bias: np.ndarray  # (C,)
-    kernel_name: str
+    def prim_func(self) -> tvm.tirx.PrimFunc:
+        if self.depthwise is None:
+            return kernels.bsr_matmul_prim_func(self.spec, self.arrays.nnzb, self.tile,
+                                                self.kernel_name)
+        return kernels.expand_depthwise_prim_func(self.spec, self.depthwise.spec,
+                                                  self.arrays.nnzb, self.tile, self.kernel_name)
 
 
 @dataclass
@@ -70,6 +78,7 @@ class FusedConv:
     bias: np.ndarray | None = None
     residual: relax.Expr | None = None
     swallowed: list = field(default_factory=list)  # intermediate vars the kernel replaces
+    expand: FusedConv | None = None  # depthwise only: the 1x1 BSR conv feeding it, fused in
 
 
 def import_onnx(model: onnx.ModelProto) -> tvm.IRModule:
@@ -140,22 +149,24 @@ def conv_kind_or_reason(call: relax.Call, bsr: int, bsc: int, sparsity: float):
 
 
 def emit_sparse_conv(bb: relax.BlockBuilder, x, layer: SparseConvLayer, residual=None):
-    """Emit im2col (when needed) + bsr_matmul for one conv; returns the NCHW output."""
+    """Emit im2col (when needed) + bsr_matmul (+ the fused depthwise conv) for one conv;
+    returns the NCHW output."""
     spec, arrays = layer.spec, layer.arrays
     if spec.needs_im2col:
         # one global symbol per layer: two convs of different shapes must not both be "im2col"
         name = layer.kernel_name.replace("bsr_matmul", "im2col")
         im2col = bb.add_func(kernels.im2col_prim_func(spec, name), name)
         x = bb.emit(relax.call_tir(im2col, [x], relax.TensorType(spec.col_shape, "float32")))
-    matmul = bb.add_func(
-        kernels.bsr_matmul_prim_func(spec, arrays.nnzb, layer.tile, layer.kernel_name),
-        layer.kernel_name,
-    )
+    kernel = bb.add_func(layer.prim_func(), layer.kernel_name)
     args = [x] + [relax.const(a) for a in (arrays.indptr, arrays.indices, arrays.data,
                                            arrays.bias)]
+    out_shape = spec.out_shape
+    if layer.depthwise is not None:
+        args += [relax.const(layer.depthwise.weight), relax.const(layer.depthwise.bias)]
+        out_shape = layer.depthwise.spec.out_shape
     if residual is not None:
         args.append(residual)
-    return relax.call_tir(matmul, args, relax.TensorType(spec.out_shape, "float32"))
+    return relax.call_tir(kernel, args, relax.TensorType(out_shape, "float32"))
 
 
 def emit_depthwise_conv(bb: relax.BlockBuilder, x, layer: DepthwiseLayer, residual=None):
@@ -238,7 +249,20 @@ class FusionPlanner:
                 for inner in fused.swallowed:
                     tops.pop(inner, None)
                 tops[var] = fused
+        for var, fused in list(tops.items()):
+            expand = self._fusable_expand(fused, tops)
+            if expand is not None:
+                del tops[fused.conv.args[0]]
+                fused.expand = expand
         return {self.values[var]: fused for var, fused in tops.items()}
+
+    def _fusable_expand(self, fused: FusedConv, tops: dict) -> FusedConv | None:
+        """The BSR chain whose result only this depthwise conv reads, if one kernel can do both."""
+        source = fused.conv.args[0]
+        expand = tops.get(source) if fused.kind == "depthwise" else None
+        if expand is None or expand.kind != "bsr" or not self._single_use(source):
+            return None
+        return expand if kernels.can_fuse_expand_depthwise(expand.spec, fused.spec) else None
 
     def _value(self, expr):
         return self.values.get(expr, expr) if isinstance(expr, relax.Var) else expr
@@ -337,21 +361,29 @@ class _FuseConvs(PyExprMutator):
         fused = self.plan.get(call)
         if fused is None:
             return super().visit_call_(call)
-        x = self.visit_expr(fused.conv.args[0])
         residual = self.visit_expr(fused.residual) if fused.residual is not None else None
         index = len(self.report.converted) + len(self.report.depthwise)
-        if fused.kind == "depthwise":
-            bias = fused.bias if fused.bias is not None else np.zeros(fused.spec.c_out, np.float32)
-            layer = DepthwiseLayer(fused.spec, fused.weight, bias.astype(np.float32),
+        if fused.kind == "bsr":
+            layer = self._sparse_layer(fused, f"bsr_matmul_{index}")
+            return emit_sparse_conv(self.builder_, self.visit_expr(fused.conv.args[0]), layer,
+                                    residual)
+        bias = fused.bias if fused.bias is not None else np.zeros(fused.spec.c_out, np.float32)
+        depthwise = DepthwiseLayer(fused.spec, fused.weight, bias.astype(np.float32),
                                    f"depthwise_{index}")
-            self.report.depthwise.append(layer)
-            return emit_depthwise_conv(self.builder_, x, layer, residual)
+        self.report.depthwise.append(depthwise)
+        if fused.expand is None:
+            return emit_depthwise_conv(self.builder_, self.visit_expr(fused.conv.args[0]),
+                                       depthwise, residual)
+        layer = self._sparse_layer(fused.expand, f"expand_depthwise_{index}", depthwise)
+        return emit_sparse_conv(self.builder_, self.visit_expr(fused.expand.conv.args[0]), layer)
+
+    def _sparse_layer(self, fused: FusedConv, name: str, depthwise=None) -> SparseConvLayer:
         weight = dense_to_bsr(fused.weight, fused.spec.bsr, fused.spec.bsc)
         arrays = kernels.kernel_arrays(weight, fused.bias)
-        layer = SparseConvLayer(fused.spec, weight, arrays, f"bsr_matmul_{index}",
-                                self.choose_tile(fused.spec, arrays))
+        layer = SparseConvLayer(fused.spec, weight, arrays, name,
+                                self.choose_tile(fused.spec, arrays), depthwise)
         self.report.converted.append(layer)
-        return emit_sparse_conv(self.builder_, x, layer, residual)
+        return layer
 
 
 def convert_to_bsr(
@@ -372,14 +404,12 @@ def convert_to_bsr(
 
 
 def retile(mod: tvm.IRModule, report: ConversionReport, tiles: dict[str, kernels.BSRTile]):
-    """Swap the pixel tile of the named bsr_matmul kernels (the signature does not change)."""
+    """Swap the pixel tile of the named BSR kernels (the signature does not change)."""
     mod = tvm.IRModule(dict(mod.functions), attrs=mod.attrs)
     for layer in report.converted:
         if layer.kernel_name in tiles:
             layer.tile = tiles[layer.kernel_name]
-            func = kernels.bsr_matmul_prim_func(layer.spec, layer.arrays.nnzb, layer.tile,
-                                                layer.kernel_name)
-            mod[mod.get_global_var(layer.kernel_name)] = func
+            mod[mod.get_global_var(layer.kernel_name)] = layer.prim_func()
     return mod
 
 

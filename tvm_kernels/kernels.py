@@ -199,28 +199,15 @@ def im2col_prim_func(spec: ConvSpec, name: str = "im2col") -> tvm.tirx.PrimFunc:
     return _scheduled(im2col, name)
 
 
-def bsr_matmul_prim_func(
-    spec: ConvSpec, nnzb: int, tile: BSRTile, name: str = "bsr_matmul"
-) -> tvm.tirx.PrimFunc:
-    """y[n, co, p] = epilogue(sum_b data[b, co % bsr, j] * col[n, indices[b]*bsc + j, p], bias[co]).
-    Its tensors are NCHW (x or im2col's output in, y and the residual out), viewed flat as
-    (n, channel, pixel) inside: no reshape copies around the call."""
-    N, K, P, COUT = spec.batch, spec.num_cols, spec.num_pixels, spec.c_out
+def _bsr_tile_macro(spec: ConvSpec):
+    """The register tile of bsr_matmul: `width` pixels from t_p0 of the `bsr` output channels of
+    block row t_br, stored (through the epilogue) at yb[y_n, y_c0 + r, t_p0 + v]."""
     BSR, BSC = spec.bsr, spec.bsc
-    NBR = COUT // BSR
-    NNZ = max(1, nnzb)
-    NT = min(tile.pixels, P)
-    NTILES = P // NT
-    # the last P % NT pixels: one more full-width tile ending at P, overlapping the previous
-    # one (its pixels are recomputed and stored again with the same values).  A narrow tail
-    # tile would re-read every block for a few pixels in an odd vector width.
-    TAIL = P % NT
-    ROWS_INNER = tile.rows_inner
     ep = spec.epilogue
     RES = ep.residual
 
     @T.macro
-    def pixel_tile(xb, ip, ind, wd, bb, rb, yb, t_n, t_br, t_p0, width):
+    def pixel_tile(xb, ip, ind, wd, bb, rb, yb, t_n, t_br, t_p0, width, y_n, y_c0):
         acc = T.decl_buffer((BSR, width), "float32", scope="local")
         for r in T.unroll(BSR):
             for v in T.vectorized(width):
@@ -233,23 +220,53 @@ def bsr_matmul_prim_func(
         for r in T.unroll(BSR):
             for v in T.vectorized(width):
                 if RES:
-                    yb[t_n, t_br * BSR + r, t_p0 + v] = ep.apply(
-                        acc[r, v], bb[t_br * BSR + r], rb[t_n, t_br * BSR + r, t_p0 + v])
+                    yb[y_n, y_c0 + r, t_p0 + v] = ep.apply(
+                        acc[r, v], bb[t_br * BSR + r], rb[y_n, y_c0 + r, t_p0 + v])
                 else:
-                    yb[t_n, t_br * BSR + r, t_p0 + v] = ep.apply(acc[r, v], bb[t_br * BSR + r])
+                    yb[y_n, y_c0 + r, t_p0 + v] = ep.apply(acc[r, v], bb[t_br * BSR + r])
+
+    return pixel_tile
+
+
+def _pixel_tiles(spec: ConvSpec, tile: BSRTile) -> tuple[int, int, int]:
+    """(tile width, full tiles, tail): the last P % width pixels are one more full-width tile
+    ending at P, overlapping the previous one (its pixels are recomputed and stored again with
+    the same values).  A narrow tail tile would re-read every block for a few pixels in an odd
+    vector width."""
+    width = min(tile.pixels, spec.num_pixels)
+    return width, spec.num_pixels // width, spec.num_pixels % width
+
+
+def bsr_matmul_prim_func(
+    spec: ConvSpec, nnzb: int, tile: BSRTile, name: str = "bsr_matmul"
+) -> tvm.tirx.PrimFunc:
+    """y[n, co, p] = epilogue(sum_b data[b, co % bsr, j] * col[n, indices[b]*bsc + j, p], bias[co]).
+    Its tensors are NCHW (x or im2col's output in, y and the residual out), viewed flat as
+    (n, channel, pixel) inside: no reshape copies around the call."""
+    N, K, P, COUT = spec.batch, spec.num_cols, spec.num_pixels, spec.c_out
+    BSR, BSC = spec.bsr, spec.bsc
+    NBR = COUT // BSR
+    NNZ = max(1, nnzb)
+    NT, NTILES, TAIL = _pixel_tiles(spec, tile)
+    ROWS_INNER = tile.rows_inner
+    RES = spec.epilogue.residual
+    pixel_tile = _bsr_tile_macro(spec)
 
     @T.macro
     def all_tiles(col, indptr, indices, data, bias, res, y):
         for it in T.parallel(N * NBR * NTILES):
             if ROWS_INNER:
                 pixel_tile(col, indptr, indices, data, bias, res, y,
-                           it // (NBR * NTILES), it % NBR, it // NBR % NTILES * NT, NT)
+                           it // (NBR * NTILES), it % NBR, it // NBR % NTILES * NT, NT,
+                           it // (NBR * NTILES), it % NBR * BSR)
             else:
                 pixel_tile(col, indptr, indices, data, bias, res, y,
-                           it // (NBR * NTILES), it // NTILES % NBR, it % NTILES * NT, NT)
+                           it // (NBR * NTILES), it // NTILES % NBR, it % NTILES * NT, NT,
+                           it // (NBR * NTILES), it // NTILES % NBR * BSR)
         if TAIL > 0:
             for it in T.parallel(N * NBR):
-                pixel_tile(col, indptr, indices, data, bias, res, y, it // NBR, it % NBR, P - NT, NT)
+                pixel_tile(col, indptr, indices, data, bias, res, y, it // NBR, it % NBR,
+                           P - NT, NT, it // NBR, it % NBR * BSR)
 
     IN, OUT = spec.matmul_input_shape, spec.out_shape
 
@@ -295,13 +312,14 @@ def depthwise_supported(spec: ConvSpec) -> str:
     return ""
 
 
-def depthwise_prim_func(spec: ConvSpec, name: str = "depthwise") -> tvm.tirx.PrimFunc:
-    """y[n, c] = epilogue(conv2d(x[n, c], w[c]) + bias[c]) for every plane (n, c).
+def _depthwise_plane_macro(spec: ConvSpec):
+    """(plane macro, scratch shape): plane(x, xs, w, bias, res, y, x_n, x_c, n, c) convolves
+    x[x_n, x_c] with w[c] through scratch buffer xs into y[n, c] (epilogue with bias[c]).
 
     Scratch layout: source column m*S + q of row i sits at xs[PT + i, q, ML + m], margins zero.
     Output column v, tap kw reads source column v*S + kw - PL = (v + d)*S + q with
     q = (kw - PL) mod S, d = (kw - PL) div S: a contiguous run xs[row, q, ML + d + v]."""
-    N, C, H, W = spec.batch, spec.c_in, spec.height, spec.width
+    H, W = spec.height, spec.width
     KH, KW = spec.kernel
     S, SH = spec.stride[1], spec.stride[0]
     PT, PL = spec.padding[0], spec.padding[1]
@@ -323,12 +341,12 @@ def depthwise_prim_func(spec: ConvSpec, name: str = "depthwise") -> tvm.tirx.Pri
     NSEG, SEG_TAIL = OW // SEG_WIDTH, OW % SEG_WIDTH
 
     @T.macro
-    def copy_columns(x, xs, n, c, i, q, m0, width):
+    def copy_columns(x, xs, x_n, x_c, i, q, m0, width):
         if width == 1:  # a Ramp needs two lanes
-            xs[PT + i, q, ML + m0] = x[n, c, i, m0 * S + q]
+            xs[PT + i, q, ML + m0] = x[x_n, x_c, i, m0 * S + q]
         else:
             xs[PT + i, q, T.Ramp(ML + m0, 1, width)] = T.Shuffle(
-                [x[n, c, i, T.Ramp(m0 * S, 1, width * S)]], [q + S * m for m in range(width)])
+                [x[x_n, x_c, i, T.Ramp(m0 * S, 1, width * S)]], [q + S * m for m in range(width)])
 
     @T.macro
     def row_segment(w, xs, bias, res, y, n, c, oh, v0, width):
@@ -347,28 +365,40 @@ def depthwise_prim_func(spec: ConvSpec, name: str = "depthwise") -> tvm.tirx.Pri
                 y[n, c, oh, v0 + v] = ep.apply(acc[v], bias[c])
 
     @T.macro
+    def plane(x, xs, w, bias, res, y, x_n, x_c, n, c):
+        for i in range(HP):
+            for q in range(S):
+                for j in T.vectorized(MW):
+                    xs[i, q, j] = T.float32(0)
+        for i in range(H):
+            for q in T.unroll(S):
+                for chunk in range(NCOPY):
+                    copy_columns(x, xs, x_n, x_c, i, q, chunk * LANES, LANES)
+                if COPY_TAIL > 0:
+                    copy_columns(x, xs, x_n, x_c, i, q, NCOPY * LANES, COPY_TAIL)
+        for oh in range(OH):
+            for seg in range(NSEG):
+                row_segment(w, xs, bias, res, y, n, c, oh, seg * SEG_WIDTH, SEG_WIDTH)
+            if SEG_TAIL > 0:  # overlapping the previous segment, as bsr_matmul's tail
+                row_segment(w, xs, bias, res, y, n, c, oh, OW - SEG_WIDTH, SEG_WIDTH)
+
+    return plane, (HP, S, MW)
+
+
+def depthwise_prim_func(spec: ConvSpec, name: str = "depthwise") -> tvm.tirx.PrimFunc:
+    """y[n, c] = epilogue(conv2d(x[n, c], w[c]) + bias[c]) for every plane (n, c)."""
+    N, C, H, W = spec.batch, spec.c_in, spec.height, spec.width
+    KH, KW = spec.kernel
+    OH, OW = spec.out_h, spec.out_w
+    RES = spec.epilogue.residual
+    plane, scratch = _depthwise_plane_macro(spec)
+
+    @T.macro
     def planes(x, w, bias, res, y):
         with T.sblock("root"):
-            for plane in T.parallel(N * C):
-                xs = T.decl_buffer((HP, S, MW), "float32")
-                for i in range(HP):
-                    for q in range(S):
-                        for j in T.vectorized(MW):
-                            xs[i, q, j] = T.float32(0)
-                for i in range(H):
-                    for q in T.unroll(S):
-                        for chunk in range(NCOPY):
-                            copy_columns(x, xs, plane // C, plane % C, i, q, chunk * LANES, LANES)
-                        if COPY_TAIL > 0:
-                            copy_columns(x, xs, plane // C, plane % C, i, q, NCOPY * LANES,
-                                         COPY_TAIL)
-                for oh in range(OH):
-                    for seg in range(NSEG):
-                        row_segment(w, xs, bias, res, y, plane // C, plane % C, oh,
-                                    seg * SEG_WIDTH, SEG_WIDTH)
-                    if SEG_TAIL > 0:  # overlapping the previous segment, as bsr_matmul's tail
-                        row_segment(w, xs, bias, res, y, plane // C, plane % C, oh,
-                                    OW - SEG_WIDTH, SEG_WIDTH)
+            for it in T.parallel(N * C):
+                xs = T.decl_buffer(scratch, "float32")
+                plane(x, xs, w, bias, res, y, it // C, it % C, it // C, it % C)
 
     @T.prim_func(s_tir=True)
     def depthwise(x: T.Buffer((N, C, H, W), "float32"), w: T.Buffer((C, KH, KW), "float32"),
@@ -384,6 +414,57 @@ def depthwise_prim_func(spec: ConvSpec, name: str = "depthwise") -> tvm.tirx.Pri
         planes(x, w, bias, res, y)
 
     return _scheduled(depthwise_residual if RES else depthwise, name)
+
+
+def can_fuse_expand_depthwise(expand: ConvSpec, depthwise: ConvSpec) -> bool:
+    """A 1x1 BSR conv whose only reader is a depthwise conv: one kernel computes both."""
+    return (not expand.needs_im2col and not expand.epilogue.residual
+            and not depthwise.epilogue.residual and expand.out_shape ==
+            (depthwise.batch, depthwise.c_in, depthwise.height, depthwise.width))
+
+
+def expand_depthwise_prim_func(expand: ConvSpec, depthwise: ConvSpec, nnzb: int, tile: BSRTile,
+                               name: str = "expand_depthwise") -> tvm.tirx.PrimFunc:
+    """depthwise(epilogue(W_bsr @ x)) without the expanded tensor ever reaching memory: per
+    block row (bsr expanded channels), its planes are computed into an L2-sized buffer and
+    the depthwise conv of each is taken from there (MobileNetV2's expanded tensors are its
+    largest; writing and re-reading them cost more than the sparse conv itself)."""
+    N, CIN, H, W = expand.batch, expand.c_in, expand.height, expand.width
+    P, CMID, BSR, BSC = expand.num_pixels, expand.c_out, expand.bsr, expand.bsc
+    NBR, NNZ = CMID // BSR, max(1, nnzb)
+    KH, KW = depthwise.kernel
+    OH, OW = depthwise.out_h, depthwise.out_w
+    NT, NTILES, TAIL = _pixel_tiles(expand, tile)
+    pixel_tile = _bsr_tile_macro(expand)
+    plane, scratch = _depthwise_plane_macro(depthwise)
+
+    @T.prim_func(s_tir=True)
+    def expand_depthwise(
+        x: T.Buffer((N, CIN, H, W), "float32"),
+        indptr: T.Buffer((NBR + 1,), "int32"),
+        indices: T.Buffer((NNZ,), "int32"),
+        data: T.Buffer((NNZ, BSR, BSC), "float32"),
+        bias: T.Buffer((CMID,), "float32"),
+        w: T.Buffer((CMID, KH, KW), "float32"),
+        dw_bias: T.Buffer((CMID,), "float32"),
+        y: T.Buffer((N, CMID, OH, OW), "float32"),
+    ):
+        with T.sblock("root"):
+            col = T.decl_buffer((N, CIN, P), "float32", data=x.data)
+            for it in T.parallel(N * NBR):
+                mid = T.decl_buffer((1, BSR, P), "float32")
+                mid_planes = T.decl_buffer((1, BSR, H, W), "float32", data=mid.data)
+                xs = T.decl_buffer(scratch, "float32")
+                for t in range(NTILES):
+                    pixel_tile(col, indptr, indices, data, bias, mid, mid, it // NBR, it % NBR,
+                               t * NT, NT, 0, 0)
+                if TAIL > 0:
+                    pixel_tile(col, indptr, indices, data, bias, mid, mid, it // NBR, it % NBR,
+                               P - NT, NT, 0, 0)
+                for r in range(BSR):
+                    plane(mid_planes, xs, w, dw_bias, y, y, 0, r, it // NBR, it % NBR * BSR + r)
+
+    return _scheduled(expand_depthwise, name)
 
 
 def reference_conv2d(x: np.ndarray, w: np.ndarray, spec: ConvSpec, bias=None,
