@@ -251,7 +251,11 @@ def model_tune(
         with progress.step(f"meta_schedule on the dense model, baseline ({trials} trials)"):
             tune.tune_remainder(dense_mod, tvm_target, work_dir, trials, rpc)
     with progress.step("compiling"):
-        sparse_ex = tune.compile_module(sparse_mod, tvm_target, work_dir)
+        sparse_mod, untuned = tune.apply_tuning(sparse_mod, tvm_target, work_dir)
+        if untuned:
+            progress.log(f"  {len(untuned)} TVM functions have no tuning record in {work_dir} "
+                         f"and run TVM's default schedule (raise --trials): {', '.join(untuned)}")
+        sparse_ex = tune.build(sparse_mod, tvm_target)
         dense_ex = tune.compile_module(dense_mod, tvm_target, work_dir) if dense_baseline else None
 
     feeds = graph_inputs(model, np.random.default_rng(0))
