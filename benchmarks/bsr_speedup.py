@@ -349,57 +349,46 @@ def run_e2e(args) -> None:
 
 
 def profile(args) -> None:
-    """Where the time of e2e's sparse MobileNetV2 goes: every TIR function main calls, built with
-    the tuned schedules of the e2e work dir and timed alone (TVM 0.27's VM has no profiler).
-    --cold flushes the caches of all arguments but the first (the weights, the output) before
-    each call: in a whole-model run the weights come from L3/DRAM, and only then does the sum
-    match the model's time."""
+    """Where the time of e2e's sparse MobileNetV2 goes, kernel by kernel, inside whole-model
+    runs of its exported library (the Relax VM's instrument hook; 0.27 has no profiler)."""
     import collections
-
-    import onnx
 
     os.environ["TVM_NUM_THREADS"] = str(threads())
     import tvm
     from tvm import relax
 
-    from onnxprune.pruning.prune import prune
-    from tvm_kernels import convert, tune
-
     work_dir = args.work_dir or os.path.join(RESULTS, "e2e_work")
-    target = tvm.target.Target({**target_dict(), "num-cores": threads()})
-    model = onnx.load(os.path.join(work_dir, "mobilenet_v2.onnx"))
-    model, _ = prune(model, criterion="l1", granularity="1xN", n=4, sparsity=args.sparsity)
-    mod, report = convert.convert_to_bsr(convert.import_onnx(model), 4, 1, args.sparsity)
-    with tune.Session(None) as session:
-        mod = convert.retile(mod, report, tune.tune_tiles(report.converted, target, work_dir,
-                                                          session))
-    with target, tune.database(work_dir), tvm.transform.PassContext(opt_level=3):
-        mod = relax.transform.MetaScheduleApplyDatabase()(tune.prepare(mod, target))
-    call_tir = tvm.ir.Op.get("relax.call_tir")
-    rows, totals = [], collections.Counter()
-    for block in mod["main"].body.blocks:
-        for binding in block.bindings:
-            call = binding.value
-            if not (isinstance(call, relax.Call) and call.op == call_tir):
-                continue
-            args_ = [convert.constant_value(a) if convert.constant_value(a) is not None else
-                     np.random.standard_normal(convert.static_shape(a)).astype(np.float32)
-                     for a in call.args[1].fields]
-            args_.append(np.zeros(convert.static_shape(call), np.float32))
-            lib = tvm.compile(mod[call.args[0]].with_attr("global_symbol", "f"), target=target)
-            lib = lib.jit()
-            tensors = [tvm.runtime.tensor(a) for a in args_]
-            ms_ = float(np.median(lib.time_evaluator("f", tvm.cpu(), number=1, repeat=30,
-                f_preproc="cache_flush_cpu_non_first_arg" if args.cold else "")(
-                *tensors).results)) * 1e3
-            name = call.args[0].name_hint
-            kind = next((k for k in ("bsr_matmul", "im2col", "depthwise") if k in name), "tvm")
-            totals[kind] += ms_
-            rows.append((ms_, name))
-    for ms_, name in sorted(rows, reverse=True)[:15]:
-        print(f"{ms_:8.3f} ms  {name}")
-    print("total per kind (ms): " + ", ".join(f"{k} {v:.3f}" for k, v in totals.items())
-          + f"; sum {sum(totals.values()):.3f}")
+    vm = relax.VirtualMachine(tvm.runtime.load_module(
+        os.path.join(work_dir, f"mbv2_1x4_{args.sparsity}.so")), tvm.cpu())
+    x = tvm.runtime.tensor(np.random.default_rng(0).standard_normal(
+        (1, 3, args.resolution, args.resolution)).astype(np.float32))
+    for _ in range(5):
+        vm["main"](x)
+    spent, started = collections.defaultdict(float), {}
+
+    def instrument(_func, name, before, _ret, *_args):
+        now = time.perf_counter()
+        if before:
+            started[name] = now
+        else:
+            spent[name] += now - started[name]
+
+    vm.set_instrument(instrument)
+    runs = 30
+    t0 = time.perf_counter()
+    for _ in range(runs):
+        vm["main"](x)
+    total_ms = (time.perf_counter() - t0) / runs * 1e3
+    per_kind = collections.Counter()
+    for name, seconds in spent.items():
+        kind = next((k for k in ("expand_depthwise", "bsr_matmul", "im2col", "depthwise")
+                     if name.startswith(k)), "tvm" if name.startswith("fused") or
+                    name in ("mean", "reshape") else "vm builtins")
+        per_kind[kind] += seconds / runs * 1e3
+    for name, seconds in sorted(spent.items(), key=lambda kv: -kv[1])[:15]:
+        print(f"{seconds / runs * 1e3:8.3f} ms  {name}")
+    print(f"per run {total_ms:.3f} ms (instrumented); by kind (ms): "
+          + ", ".join(f"{k} {v:.3f}" for k, v in per_kind.most_common()))
 
 
 def plot(_args) -> None:
@@ -458,7 +447,6 @@ def main(argv=None) -> int:
     p.add_argument("what", choices=["kernels", "depthwise", "e2e", "profile", "plot",
                                     "_tune-dense"])
     p.add_argument("--sparsity", type=float, default=0.7, help="profile: which e2e model")
-    p.add_argument("--cold", action="store_true", help="profile: weights not in cache")
     p.add_argument("--sparsities", type=float, nargs="+", default=[0.5, 0.7, 0.9],
                    help="e2e: rows to (re)measure; other rows of e2e.json are kept")
     p.add_argument("--dense-trials", type=int, default=48, help="meta_schedule trials per dense conv")
