@@ -13,7 +13,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="model_tune",
         description="Run a 1xN-pruned ONNX model with TVM block-sparse (BSR) conv kernels, "
-                    "tuned for CPU, checked against onnxruntime and timed.")
+                    "tuned for CPU, checked against onnxruntime and timed.",
+        epilog="Convs with enough block sparsity run on our BSR kernel, depthwise convs on our "
+               "depthwise kernel (a 1x1 BSR conv feeding only a depthwise conv shares one "
+               "kernel with it); bias, residual adds and ReLU/ReLU6/Clip are fused into them. "
+               "meta_schedule tunes everything else; the output names each conv's kernel and "
+               "the reason a conv stayed with TVM. Exit codes: 0 ok, 1 parity failure or "
+               "internal error, 2 bad input.")
     p.add_argument("--onnx_path", "--onnx-path", dest="onnx_path", required=True)
     p.add_argument("--bsr", type=int, default=4, help="block rows: N consecutive output channels")
     p.add_argument("--bsc", type=int, default=1, help="block columns: input positions")
