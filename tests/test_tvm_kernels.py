@@ -339,3 +339,19 @@ def test_min_before_max_and_a_lone_depthwise_conv():
     assert layer.spec.epilogue == kernels.Epilogue(0.0, float(np.float32(0.7)))
     assert _called(mod) == ["depthwise_0"]
     _matches_onnxruntime(model, mod, rng.standard_normal((1, 6, 9, 10)).astype(np.float32))
+
+
+def test_relax_clip_with_prim_bounds_after_a_conv():
+    """HardSigmoid imports as relax.clip(a*x + b, 0, 1) with IntImm bounds (MobileNetV3 crashed
+    the planner): not a fusable chain, the conv alone is converted, parity holds."""
+    from onnx import helper
+
+    rng = np.random.default_rng(16)
+    inits = {"w": _sparse(rng, (8, 4, 1, 1)), "b": rng.standard_normal(8)}
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"]),
+             helper.make_node("HardSigmoid", ["c"], ["y"])]
+    model = _onnx(nodes, inits, (1, 4, 6, 6), ["y"])
+    mod, report = convert.convert_to_bsr(convert.import_onnx(model), 4, 1, 0.0)
+    (layer,) = report.converted
+    assert layer.spec.epilogue == kernels.Epilogue() and layer.arrays.bias.any()
+    _matches_onnxruntime(model, mod, rng.standard_normal((1, 4, 6, 6)).astype(np.float32))

@@ -223,11 +223,9 @@ def _scalar(expr) -> float | None:
     value = constant_value(expr)
     if value is not None and value.size == 1 and value.dtype == np.float32:
         return float(value.reshape(()))
-    if isinstance(expr, relax.PrimValue):
-        try:
-            return float(expr.value.value)
-        except AttributeError:
-            return None
+    number = getattr(expr, "value", None)  # relax.clip's bounds: IntImm / FloatImm
+    if isinstance(number, (int, float)) and not isinstance(number, bool):
+        return float(number)
     return None
 
 
