@@ -188,3 +188,38 @@ def test_tuned_records_are_applied_to_functions_with_constants(tmp_path):
     assert not {t.task_name for t in tasks} & set(untuned)
     assert any("conv2d" in t.task_name for t in tasks)
     assert any("matmul" in t.task_name for t in tasks)
+
+
+ZOO_IN_CI = ("mobilenet_v2",)  # about a minute each: the rest with ONNXPRUNE_SLOW=1
+ZOO = ("resnet18", "resnet50", "vgg11_bn", "alexnet", "squeezenet", "mobilenet_v1",
+       "mobilenet_v2", "mobilenet_v3", "mnasnet", "efficientnet_b0", "googlenet", "inception",
+       "densenet", "shufflenet_v2", "resnext", "wide_resnet", "regnet")
+
+
+@pytest.mark.parametrize("name", [
+    pytest.param(name, marks=() if name in ZOO_IN_CI else pytest.mark.slow) for name in ZOO])
+def test_model_tune_on_zoo_models_exported_with_batchnorm(name, tmp_path):
+    """Every zoo architecture (BN nodes kept by the exporter): prune, convert, build, and match
+    onnxruntime (model_tune raises ParityError otherwise).  MobileNetV2 (BN folded first)
+    gets its expand and depthwise convs fused; MobileNetV3 carries relax.clip bounds;
+    ShuffleNetV2 splits, concatenates and shuffles between depthwise convs."""
+    import warnings
+
+    import torch
+
+    import models
+
+    assert set(ZOO) == set(models.ZOO)
+    path = str(tmp_path / f"{name}.onnx")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(models.build(name), (models.example_input(name),), path,
+                          dynamo=False, opset_version=17, do_constant_folding=False,
+                          training=torch.onnx.TrainingMode.EVAL)
+    assert any(n.op_type == "BatchNormalization" for n in onnx.load(path).graph.node)
+    result = model_tune(path, 4, 1, 0.5, prune=True, trials=0, target=TARGET,
+                        work_dir=str(tmp_path / "work"), rounds=1, dense_baseline=False,
+                        verbose=False)
+    assert result.converted and result.parity_max_abs_err < 1e-3
+    if name == "mobilenet_v2":
+        assert any("fused with depthwise" in line for line in result.converted)

@@ -224,9 +224,10 @@ def model_tune(
                             + (f"pruned to {r.achieved:.3f}" if r.requested is not None else f"kept ({r.note})")
                             for r in pruning.layers]
             save_model(model, os.path.join(work_dir, "pruned.onnx"))
+    tvm_model = fold_batchnorm(model, progress)
     with progress.step("importing ONNX into Relax"):
         try:
-            dense_mod = convert.import_onnx(model)
+            dense_mod = convert.import_onnx(tvm_model)
         except Exception as e:  # unsupported op, dynamic shape...
             last = (str(e).strip().splitlines() or [""])[-1]
             raise InputError(f"TVM cannot import {onnx_path}: {last}") from None
@@ -286,6 +287,19 @@ def model_tune(
     )
     result.table = format_table(result, where=f"{rpc.key} via RPC" if rpc else "local")
     return result
+
+
+def fold_batchnorm(model: onnx.ModelProto, progress: Progress) -> onnx.ModelProto:
+    """BatchNormalization after a conv folded into it (onnxprune's exact float64 fold): in TVM
+    it is one more pass over memory and it breaks the conv's epilogue fusion.  onnxruntime
+    keeps timing (and checking against) the model as given."""
+    if not any(n.op_type == "BatchNormalization" for n in model.graph.node):
+        return model
+    from onnxprune.simplify import simplify
+
+    with progress.step("folding BatchNormalization into the layers before it (onnxprune)"):
+        folded, _ = simplify(model, propagate=False, remove=False, check=False)
+    return folded
 
 
 def parity_on_device(rpc, executable, feeds, references) -> float:
