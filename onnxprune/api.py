@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import OnnxPruneError, ParityError
-from .graph import load_model, save_model
+from .graph import atomic_path, load_model, save_model
 from .parity import DEFAULT_ATOL, DEFAULT_RTOL, ParityReport, compare, load_inputs
 from .report import ModelStats, Report, channel_summary
 from .simplify import simplify
@@ -111,16 +111,10 @@ def _load_npz(path, what: str) -> dict:
 
 
 def _save_npz(path, arrays: dict) -> None:
-    import os
-    import tempfile
-
     import numpy as np
 
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(suffix=".npz", dir=path.parent if str(path.parent) else ".")
-    os.close(fd)
-    np.savez_compressed(tmp, **arrays)
-    os.replace(tmp, path)
+    with atomic_path(path, suffix=".npz") as tmp:
+        np.savez_compressed(tmp, **arrays)
 
 
 @dataclass

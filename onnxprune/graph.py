@@ -6,6 +6,7 @@ writes them back. Nodes are the ModelProto's own NodeProtos, edited in place.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from collections import defaultdict
@@ -69,29 +70,37 @@ def default_opset(model: onnx.ModelProto) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str = ".tmp"):
+    """A temporary path next to `path` to write to: renamed onto `path` when the block succeeds,
+    removed when it fails, so nobody ever reads a half-written file.  `suffix` matters to
+    writers that pick the format by it (numpy's .npz, TVM's .so)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
 def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> None:
     """Write atomically (temp file + rename); models over 2 GB go to external data."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     model = _with_supported_ir(model)
     big = model.ByteSize() > PROTOBUF_LIMIT - 2**20
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         if big:  # onnx moves the tensors out of the proto it saves: save a copy
             copy = onnx.ModelProto()
             copy.CopyFrom(model)
-            model, data_name = copy, path.name + ".data"
-            onnx.save_model(model, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=data_name, size_threshold=1024)
-            # the data file was written under its final name next to the temp file
+            # the data file is written under its final name next to the temp file
+            onnx.save_model(copy, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=path.name + ".data", size_threshold=1024)
         else:
             onnx.save_model(model, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _with_supported_ir(model: onnx.ModelProto) -> onnx.ModelProto:
