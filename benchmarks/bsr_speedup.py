@@ -55,12 +55,10 @@ def threads() -> int:
 
 
 def target_dict() -> dict:
-    import tvm
+    """This CPU, as model_tune detects it."""
+    from tvm_kernels.api import parse_target
 
-    import psutil
-
-    return {"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu(),
-            "num-cores": psutil.cpu_count(logical=False) or 1}
+    return parse_target(None)
 
 
 def conv_spec(shape, bsr=4):
@@ -136,7 +134,7 @@ def time_engines(engines: dict, rounds: int) -> dict[str, float]:
 
 def run_kernels(args) -> None:
     """Parent: dense tuning in a child process (keeps this one clean for timing), then time."""
-    import onnxruntime as ort
+    from tvm_kernels.timing import ort_session
 
     work_dir = os.path.join(RESULTS, "kernels_work")
     os.makedirs(work_dir, exist_ok=True)
@@ -167,9 +165,7 @@ def run_kernels(args) -> None:
         dense_vm = relax.VirtualMachine(
             tvm.runtime.load_module(os.path.join(work_dir, f"dense_{i}.so")), tvm.cpu())
         xt, wt = tvm.runtime.tensor(x), tvm.runtime.tensor(w_full)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads()
-        session = ort.InferenceSession(onnx_conv(w_full, dense_spec).SerializeToString(), options)
+        session = ort_session(onnx_conv(w_full, dense_spec), threads())
         for n in BLOCK_ROWS:
             for s in SPARSITIES:
                 if dense_spec.c_out % n or (name, n, s) in done:  # 1xN never splits a channel
@@ -209,13 +205,13 @@ DEPTHWISE_SHAPES = ((32, 112, 1), (96, 112, 2), (144, 56, 1), (144, 56, 2), (192
 def run_depthwise(args) -> None:
     import math
 
-    import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
     os.environ["TVM_NUM_THREADS"] = str(threads())
     import tvm
 
     from tvm_kernels import convert, kernels
+    from tvm_kernels.timing import ort_session
 
     target = tvm.target.Target({**target_dict(), "num-cores": threads()})
     rng = np.random.default_rng(0)
@@ -239,11 +235,8 @@ def run_depthwise(args) -> None:
             [helper.make_tensor_value_info("y", TensorProto.FLOAT, list(spec.out_shape))],
             [numpy_helper.from_array(v, k) for k, v in
              (("w", w), ("b", b), ("lo", np.float32(0)), ("hi", np.float32(6)))])
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads()
-        session = ort.InferenceSession(helper.make_model(
-            graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10).SerializeToString(),
-            options)
+        session = ort_session(helper.make_model(
+            graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10), threads())
         ref = session.run(None, {"x": x})[0]
         assert math.isclose(float(np.abs(vm["main"](xt).numpy() - ref).max()), 0, abs_tol=1e-4)
         ms_ = time_engines({

@@ -67,10 +67,8 @@ def parse_target(target: str | dict | None) -> dict:
     import tvm
 
     if target is None:
-        import psutil
-
         return {"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu(),
-                "num-cores": psutil.cpu_count(logical=False) or os.cpu_count() or 1}
+                "num-cores": _physical_cores()}
     if isinstance(target, str):
         try:
             target = json.loads(target)
@@ -84,10 +82,14 @@ def parse_target(target: str | dict | None) -> dict:
         raise InputError(f"--target rejected by TVM: {str(e).splitlines()[-1]}") from None
     if target["kind"] == "llvm" and "num-cores" not in target:
         # meta_schedule needs it, and it sets the thread count for TVM and onnxruntime alike
-        import psutil
-
-        target = {**target, "num-cores": psutil.cpu_count(logical=False) or os.cpu_count() or 1}
+        target = {**target, "num-cores": _physical_cores()}
     return target
+
+
+def _physical_cores() -> int:
+    import psutil
+
+    return psutil.cpu_count(logical=False) or os.cpu_count() or 1
 
 
 def load_onnx(path: str) -> onnx.ModelProto:
@@ -152,16 +154,6 @@ def check_parity(outputs, references, rtol=1e-3, atol=1e-4) -> float:
     return max_abs_error(outputs, references)
 
 
-def _ort_session(model: onnx.ModelProto, threads: int):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    return ort.InferenceSession(model.SerializeToString(), options,
-                                providers=["CPUExecutionProvider"])
-
-
 def _as_list(value) -> list[np.ndarray]:
     import tvm
 
@@ -204,6 +196,7 @@ def model_tune(
     from onnxprune.pruning.prune import prune as prune_model
 
     from . import convert, tune
+    from .timing import ort_session
 
     progress = Progress(enabled=verbose)
     tvm_target = tvm.target.Target(target_dict)
@@ -261,7 +254,7 @@ def model_tune(
 
     feeds = graph_inputs(model, np.random.default_rng(0))
     with progress.step(f"checking parity against onnxruntime{where}"):
-        references = _ort_session(model, threads).run(None, feeds)
+        references = ort_session(model, threads).run(None, feeds)
         max_err = parity_on_device(rpc, sparse_ex, feeds, references)
         if dense_ex is not None:
             parity_on_device(rpc, dense_ex, feeds, references)

@@ -48,13 +48,20 @@ def _tvm_engine(path: str, inputs: list[np.ndarray], remote):
     return lambda n: float(vm.time_evaluator("main", device, number=n, repeat=1)(*args).mean)
 
 
-def _ort_engine(onnx_path: str, feeds: dict, threads: int):
+def ort_session(model, threads: int):
+    """An onnxruntime CPU session (default optimizations) on `threads` threads; `model` is a
+    path or a ModelProto.  The one model_tune checks against and times against."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
-    session = ort.InferenceSession(onnx_path, options, providers=["CPUExecutionProvider"])
+    source = model if isinstance(model, str) else model.SerializeToString()
+    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+
+
+def _ort_engine(onnx_path: str, feeds: dict, threads: int):
+    session = ort_session(onnx_path, threads)
 
     def run(n: int) -> float:
         t0 = time.perf_counter()

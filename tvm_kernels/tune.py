@@ -91,8 +91,8 @@ def database(work_dir: str) -> ms.database.JSONDatabase:
 
 
 def prepare(mod: tvm.IRModule, target) -> tvm.IRModule:
-    """Legalize and fuse into TIR: what meta_schedule extracts tasks from and what
-    compile_relax builds (same passes, so the database keys match)."""
+    """Legalize and fuse into TIR, once: meta_schedule extracts its tasks from the result and
+    apply_tuning / build take it as it is, so the database keys match."""
     from tvm.relax import pipeline
 
     passes = [
@@ -129,8 +129,10 @@ def tune_remainder(prepared, target, work_dir: str, trials: int, rpc: RPCTarget 
                    seed: int = 0) -> int:
     """meta_schedule over the dense TIR tasks of a prepared module; records go to (and are
     reused from) the JSON database in `work_dir`.  Returns the number of tasks tuned."""
+    if trials <= 0:  # extracting the tasks runs passes over the whole module: skip it
+        return 0
     tasks = tunable_tasks(prepared, target)
-    if trials <= 0 or not tasks:
+    if not tasks:
         return 0
     light_tensor_intrin()
     _drop_unnamed_log_handlers()
@@ -206,18 +208,11 @@ def quiet_native_stderr():
 
 
 def export_atomically(executable, path: str) -> str:
-    directory = os.path.dirname(os.path.abspath(path)) or "."
-    os.makedirs(directory, exist_ok=True)
-    suffix = os.path.splitext(path)[1] or ".so"
-    fd, tmp = tempfile.mkstemp(dir=directory, suffix=suffix)
-    os.close(fd)
-    try:
-        with quiet_native_stderr():
-            executable.export_library(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    from onnxprune.graph import atomic_path
+
+    with atomic_path(path, suffix=os.path.splitext(path)[1] or ".so") as tmp, \
+            quiet_native_stderr():
+        executable.export_library(tmp)
     return path
 
 
@@ -287,10 +282,10 @@ def _load_json(path: str) -> dict:
 
 
 def _save_json(path: str, data: dict) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".json")
-    with os.fdopen(fd, "w") as f:
+    from onnxprune.graph import atomic_path
+
+    with atomic_path(path, suffix=".json") as tmp, open(tmp, "w") as f:
         json.dump(data, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)
 
 
 def measure_tile(layer: SparseConvLayer, tile: kernels.BSRTile, target, session: Session,
