@@ -41,6 +41,15 @@ class DepthwiseLayer:
     kernel_name: str
 
 
+def depthwise_layer(spec: kernels.ConvSpec, weight, bias, name: str) -> DepthwiseLayer:
+    """A depthwise layer with its weight as (C, kh, kw) and a zero bias when there is none (the
+    kernel always adds one, as kernel_arrays does for BSR)."""
+    c = spec.c_out
+    bias = np.zeros(c, np.float32) if bias is None else np.asarray(bias, np.float32).reshape(c)
+    return DepthwiseLayer(spec, np.asarray(weight, np.float32).reshape(c, *spec.kernel), bias,
+                          name)
+
+
 @dataclass
 class SparseConvLayer:
     """One converted conv: its spec, its constant arrays, and the name of its matmul kernel."""
@@ -280,7 +289,8 @@ class FusionPlanner:
         return self.checked[call]
 
     def _clamp_step(self, call):
-        """(argument, op, constant) if call is max/min/ReLU/Clip of a tensor with constants."""
+        """(argument, [(op, constant), ...]) if call is max/min/ReLU/Clip of a tensor with
+        constants (Clip is a max then a min), else None."""
         if not isinstance(call, relax.Call):
             return None
         if call.op == RELU:
@@ -351,9 +361,9 @@ class FusionPlanner:
 
 @mutator
 class _FuseConvs(PyExprMutator):
-    def __init__(self, mod, plan, report, choose_tile):
+    def __init__(self, mod, plan, report):
         super().__init__(mod)
-        self.plan, self.report, self.choose_tile = plan, report, choose_tile
+        self.plan, self.report = plan, report
 
     def visit_call_(self, call):
         fused = self.plan.get(call)
@@ -365,9 +375,7 @@ class _FuseConvs(PyExprMutator):
             layer = self._sparse_layer(fused, f"bsr_matmul_{index}")
             return emit_sparse_conv(self.builder_, self.visit_expr(fused.conv.args[0]), layer,
                                     residual)
-        bias = fused.bias if fused.bias is not None else np.zeros(fused.spec.c_out, np.float32)
-        depthwise = DepthwiseLayer(fused.spec, fused.weight, bias.astype(np.float32),
-                                   f"depthwise_{index}")
+        depthwise = depthwise_layer(fused.spec, fused.weight, fused.bias, f"depthwise_{index}")
         self.report.depthwise.append(depthwise)
         if fused.expand is None:
             return emit_depthwise_conv(self.builder_, self.visit_expr(fused.conv.args[0]),
@@ -378,21 +386,21 @@ class _FuseConvs(PyExprMutator):
     def _sparse_layer(self, fused: FusedConv, name: str, depthwise=None) -> SparseConvLayer:
         weight = dense_to_bsr(fused.weight, fused.spec.bsr, fused.spec.bsc)
         arrays = kernels.kernel_arrays(weight, fused.bias)
-        layer = SparseConvLayer(fused.spec, weight, arrays, name,
-                                self.choose_tile(fused.spec, arrays), depthwise)
+        # the default tile until tune.tune_tiles measures the candidates and retile swaps it
+        layer = SparseConvLayer(fused.spec, weight, arrays, name, kernels.default_tile(fused.spec),
+                                depthwise)
         self.report.converted.append(layer)
         return layer
 
 
 def convert_to_bsr(
-    mod: tvm.IRModule, bsr: int, bsc: int, sparsity: float, choose_tile=None
+    mod: tvm.IRModule, bsr: int, bsc: int, sparsity: float
 ) -> tuple[tvm.IRModule, ConversionReport]:
     """Replace eligible convs of `mod["main"]` (and what follows them) by our kernels."""
-    choose_tile = choose_tile or (lambda spec, arrays: kernels.default_tile(spec))
     func = mod["main"]
     report = ConversionReport()
     plan = FusionPlanner(mod, func, bsr, bsc, sparsity, report).plan()
-    rewriter = _FuseConvs(mod, plan, report, choose_tile)
+    rewriter = _FuseConvs(mod, plan, report)
     new_func = rewriter.visit_expr(func)
     new_mod = rewriter.builder_.get()
     new_mod["main"] = new_func
@@ -422,8 +430,7 @@ def single_conv_module(spec: kernels.ConvSpec, w: np.ndarray, bias=None, tile=No
         params.append(relax.Var("residual", relax.TensorType(spec.out_shape, "float32")))
     depthwise = w.shape[1] == 1 and spec.c_in == spec.c_out > 1
     if depthwise:
-        bias = np.zeros(spec.c_out, np.float32) if bias is None else np.asarray(bias, np.float32)
-        layer = DepthwiseLayer(spec, w.reshape(spec.c_out, *spec.kernel), bias, "depthwise_0")
+        layer = depthwise_layer(spec, w, bias, "depthwise_0")
     else:
         weight = dense_to_bsr(conv_weight_as_matrix(w), spec.bsr, spec.bsc)
         arrays = kernels.kernel_arrays(weight, bias)

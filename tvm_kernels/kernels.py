@@ -1,10 +1,10 @@
 """TensorIR kernels for block-sparse (BSR) and depthwise 2-D convolution, NCHW, float32.
 
 conv(x, W) = W_mat @ im2col(x), with W_mat = W.reshape(C_out, C_in*kh*kw) stored as BSR.
-Two kernels:
+Kernels:
   * im2col: (N, C_in, H, W) -> (N, C_in*kh*kw, OH*OW); skipped for 1x1/stride-1/no-pad convs,
-    where the input itself, reshaped, is that matrix.
-  * bsr_matmul: y[n, :, p] = W_bsr @ col[n, :, p] (+ bias, ReLU), written as a scheduled
+    where the input itself, viewed flat, is that matrix.
+  * bsr_matmul: y[n, :, p] = W_bsr @ col[n, :, p] (+ epilogue), written as a scheduled
     template the way fast CPU sparse kernels are built: parallel over (batch, block row, pixel
     tile), the bsr output channels of a block x `pixels` accumulators held in registers,
     vectorized over pixels, looping only over the non-zero blocks of the row (CSR indptr),
@@ -14,7 +14,9 @@ Two kernels:
   * depthwise: one channel plane per parallel iteration, copied into a zero-margined scratch
     buffer (columns de-interleaved by stride phase with a vector shuffle, so strided taps are
     contiguous loads), then K*K vector FMAs per output row.  No knob.
-Both end in the same fused epilogue (`Epilogue`): + bias, + residual tensor, clamp (ReLU,
+  * expand_depthwise: a 1x1 bsr_matmul whose only reader is a depthwise conv, both in one
+    kernel; per block row the expanded planes stay in an L2-sized buffer.
+All end in the same fused epilogue (`Epilogue`): + bias, + residual tensor, clamp (ReLU,
 ReLU6, Clip), so a MobileNet/ResNet block's adds and activations cost no extra pass over memory.
 The kernels are marked `tirx.is_scheduled`: meta_schedule leaves them alone and we tune the
 knob ourselves (tune.py), measuring with the real index arrays.
@@ -113,9 +115,6 @@ class ConvSpec:
         if self.needs_im2col:
             return self.col_shape
         return (self.batch, self.c_in, self.height, self.width)
-
-    def flops_dense(self) -> int:
-        return 2 * self.batch * self.c_out * self.num_cols * self.num_pixels
 
 
 @dataclass(frozen=True)
