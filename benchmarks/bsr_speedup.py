@@ -56,13 +56,13 @@ def threads() -> int:
 
 def target_dict() -> dict:
     """This CPU, as model_tune detects it."""
-    from tvm_kernels.api import parse_target
+    from onnxprune.tvm_kernels.api import parse_target
 
     return parse_target(None)
 
 
 def conv_spec(shape, bsr=4):
-    from tvm_kernels.kernels import ConvSpec
+    from onnxprune.tvm_kernels.kernels import ConvSpec
 
     c_in, hw, c_out, k, stride = shape
     pad = (k // 2,) * 4
@@ -100,7 +100,7 @@ def onnx_conv(w: np.ndarray, spec):
 def tune_dense_convs(trials_per_shape: int, work_dir: str) -> None:
     """Child process: meta_schedule every dense conv shape, export one library per shape."""
     import tvm
-    from tvm_kernels import tune
+    from onnxprune.tvm_kernels import tune
 
     target = tvm.target.Target(target_dict())
     prepared = {name: tune.prepare(dense_conv_module(conv_spec(s)), target)
@@ -126,7 +126,7 @@ def tune_dense_convs(trials_per_shape: int, work_dir: str) -> None:
 
 
 def time_engines(engines: dict, rounds: int) -> dict[str, float]:
-    from tvm_kernels.timing import time_interleaved
+    from onnxprune.tvm_kernels.timing import time_interleaved
 
     per_round = time_interleaved(engines, rounds, budget_s=0.03)
     return {name: float(np.median(t)) * 1e3 for name, t in per_round.items()}
@@ -134,7 +134,7 @@ def time_engines(engines: dict, rounds: int) -> dict[str, float]:
 
 def run_kernels(args) -> None:
     """Parent: dense tuning in a child process (keeps this one clean for timing), then time."""
-    from tvm_kernels.timing import ort_session
+    from onnxprune.tvm_kernels.timing import ort_session
 
     work_dir = os.path.join(RESULTS, "kernels_work")
     os.makedirs(work_dir, exist_ok=True)
@@ -146,7 +146,7 @@ def run_kernels(args) -> None:
     from tvm import relax
 
     from onnxprune.pruning import block_prune_weights
-    from tvm_kernels import convert, kernels, tune
+    from onnxprune.tvm_kernels import convert, kernels, tune
 
     target = tvm.target.Target(target_dict())
     results_path = os.path.join(RESULTS, "kernels.json")
@@ -210,8 +210,8 @@ def run_depthwise(args) -> None:
     os.environ["TVM_NUM_THREADS"] = str(threads())
     import tvm
 
-    from tvm_kernels import convert, kernels
-    from tvm_kernels.timing import ort_session
+    from onnxprune.tvm_kernels import convert, kernels
+    from onnxprune.tvm_kernels.timing import ort_session
 
     target = tvm.target.Target({**target_dict(), "num-cores": threads()})
     rng = np.random.default_rng(0)
@@ -289,10 +289,10 @@ def write_kernel_table(rows) -> str:
 def run_e2e(args) -> None:
     import torch
 
-    import models
-    from tvm_kernels import model_tune
+    import onnxprune.models as models
+    from onnxprune.tvm_kernels import model_tune
 
-    from models.mobilenet import V2_REAL_REPEATS, MobileNetV2
+    from onnxprune.models.mobilenet import V2_REAL_REPEATS, MobileNetV2
 
     work_dir = args.work_dir or os.path.join(RESULTS, "e2e_work")
     os.makedirs(work_dir, exist_ok=True)

@@ -17,10 +17,9 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models import ZOO  # noqa: E402
-from models.masks import zero_random_filters  # noqa: E402
+from onnxprune.models import ZOO  # noqa: E402
+from onnxprune.models.masks import zero_random_filters  # noqa: E402
 from onnxprune.demo import export, scaled_model  # noqa: E402
 from onnxprune.simplify import simplify  # noqa: E402
 from onnxprune.timing import time_models  # noqa: E402

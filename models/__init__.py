@@ -4,7 +4,7 @@ Every factory takes ``width`` (a channel multiplier, ``ch(base) = round(base * w
 without divisibility rounding) and ``num_classes``; at each model's default width
 all channel counts are even, so ``width / 2`` is exactly the half-width model.
 
-    >>> from models import build, example_input
+    >>> from onnxprune.models import build, example_input
     >>> model = build("resnet18")            # eval mode, seeded, BN stats randomized
     >>> y = model(example_input("resnet18"))  # (1, 10)
 """

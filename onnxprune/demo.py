@@ -19,7 +19,7 @@ from .timing import time_models
 
 
 def list_models() -> list[str]:
-    from models import ZOO
+    from onnxprune.models import ZOO
 
     return [f"{k:16} input {list(s.input_shape)}" for k, s in ZOO.items()]
 
@@ -41,7 +41,7 @@ def scaled_model(name: str, scale: float, seed: int):
     (models that flatten a fixed-size map into a Linear keep their input size)."""
     import torch
 
-    from models import ZOO, build, example_input
+    from onnxprune.models import ZOO, build, example_input
 
     spec = ZOO[name]
     model = build(name, width=spec.width * scale, seed=seed)
@@ -59,8 +59,8 @@ def run_demo(name: str = "mobilenet_v2", sparsity: float = 0.5, seed: int = 0, t
              out_dir: str | None = None, progress=None, scale: float = 4) -> str:
     import torch
 
-    from models import ZOO
-    from models.masks import zero_random_filters
+    from onnxprune.models import ZOO
+    from onnxprune.models.masks import zero_random_filters
 
     say = progress or (lambda msg: None)
     if name not in ZOO:

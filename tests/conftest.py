@@ -1,12 +1,6 @@
 import os
-import sys
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # models/ is importable from a plain checkout too
-    sys.path.insert(0, str(ROOT))
 
 SLOW = bool(os.environ.get("ONNXPRUNE_SLOW"))
 

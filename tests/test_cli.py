@@ -12,8 +12,8 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 
-from models import build, example_input
-from models.masks import zero_random_filters
+from onnxprune.models import build, example_input
+from onnxprune.models.masks import zero_random_filters
 from onnxprune.cli import main
 
 from .zoo_util import export

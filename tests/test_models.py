@@ -13,9 +13,9 @@ import pytest
 import torch
 from torch import nn
 
-from models import ZOO, build, example_input, randomize_bn
-from models.common import SqueezeExcite
-from models.shufflenet import ShuffleNetV2
+from onnxprune.models import ZOO, build, example_input, randomize_bn
+from onnxprune.models.common import SqueezeExcite
+from onnxprune.models.shufflenet import ShuffleNetV2
 
 NAMES = list(ZOO)
 # An odd class count can never collide with the (even) internal channel counts,

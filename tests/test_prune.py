@@ -7,8 +7,8 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from models import ZOO, build, example_input
-from models.masks import conv_linear_weight_count
+from onnxprune.models import ZOO, build, example_input
+from onnxprune.models.masks import conv_linear_weight_count
 from onnxprune import OnnxPruneError, prune, rearrange, simplify
 from onnxprune.cli import main
 from onnxprune.parity import compare

@@ -7,12 +7,12 @@ import math
 import numpy as np
 import pytest
 
-from tvm_kernels.bsr import bsr_to_dense, block_sparsity, conv_weight_as_matrix, dense_to_bsr
+from onnxprune.tvm_kernels.bsr import bsr_to_dense, block_sparsity, conv_weight_as_matrix, dense_to_bsr
 
 tvm = pytest.importorskip("tvm")
 from tvm import relax  # noqa: E402
 
-from tvm_kernels import convert, kernels  # noqa: E402
+from onnxprune.tvm_kernels import convert, kernels  # noqa: E402
 
 pytestmark = pytest.mark.tvm
 TARGET = {"kind": "llvm", "num-cores": 2}

@@ -13,9 +13,9 @@ import pytest
 tvm = pytest.importorskip("tvm")
 torch = pytest.importorskip("torch")
 
-from tvm_kernels import model_tune  # noqa: E402
-from tvm_kernels.api import ParityError, check_parity  # noqa: E402
-from tvm_kernels.cli import main  # noqa: E402
+from onnxprune.tvm_kernels import model_tune  # noqa: E402
+from onnxprune.tvm_kernels.api import ParityError, check_parity  # noqa: E402
+from onnxprune.tvm_kernels.cli import main  # noqa: E402
 
 pytestmark = pytest.mark.tvm
 TARGET = '{"kind": "llvm", "num-cores": 2}'
@@ -127,19 +127,19 @@ def test_bad_input_is_one_line_and_exit_2(case, small_onnx, tmp_path, capsys):
 
 
 def test_bad_input_from_the_shell_has_no_traceback(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "tvm_kernels.cli", "--onnx_path",
+    proc = subprocess.run([sys.executable, "-m", "onnxprune.tvm_kernels.cli", "--onnx_path",
                            str(tmp_path / "nope.onnx"), "--sparsity", "0.5"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f"model_tune: error: no such file: {tmp_path / 'nope.onnx'}"]
     # argparse errors (a sparsity that is not a number) also exit 2 without a traceback
-    proc = subprocess.run([sys.executable, "-m", "tvm_kernels.cli", "--onnx_path", "m.onnx",
+    proc = subprocess.run([sys.executable, "-m", "onnxprune.tvm_kernels.cli", "--onnx_path", "m.onnx",
                            "--sparsity", "high"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
 
 
 def test_sparsity_is_a_float():
-    from tvm_kernels.cli import build_parser
+    from onnxprune.tvm_kernels.cli import build_parser
 
     args = build_parser().parse_args(["--onnx_path", "m.onnx", "--sparsity", "0.75"])
     assert args.sparsity == 0.75
@@ -163,7 +163,7 @@ def test_tuned_records_are_applied_to_functions_with_constants(tmp_path):
     import tvm
     from onnx import TensorProto, helper, numpy_helper
 
-    from tvm_kernels import convert, tune
+    from onnxprune.tvm_kernels import convert, tune
 
     rng = np.random.default_rng(0)
     inits = [numpy_helper.from_array(v.astype(np.float32), k) for k, v in {
@@ -207,7 +207,7 @@ def test_model_tune_on_zoo_models_exported_with_batchnorm(name, tmp_path):
 
     import torch
 
-    import models
+    import onnxprune.models as models
 
     assert set(ZOO) == set(models.ZOO)
     path = str(tmp_path / f"{name}.onnx")

@@ -8,7 +8,7 @@ import pytest
 tvm = pytest.importorskip("tvm")
 pytest.importorskip("tornado")
 
-from tvm_kernels.cli import main  # noqa: E402
+from onnxprune.tvm_kernels.cli import main  # noqa: E402
 
 from tests.test_tvm_model_tune import MEAN_LINE, small_onnx  # noqa: E402,F401
 

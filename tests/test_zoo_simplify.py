@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from models import ZOO, build, example_input
-from models.masks import conv_linear_weight_count, zero_random_filters, zero_upper_half
+from onnxprune.models import ZOO, build, example_input
+from onnxprune.models.masks import conv_linear_weight_count, zero_random_filters, zero_upper_half
 from onnxprune import simplify
 
 from .zoo_util import assert_matches_torch, export, layer_weight_count, run_ort

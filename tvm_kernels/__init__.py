@@ -2,7 +2,7 @@
 
 
 def model_tune(*args, **kwargs):
-    """See tvm_kernels.api.model_tune (imported lazily: TVM is an optional extra)."""
+    """See onnxprune.tvm_kernels.api.model_tune (imported lazily: TVM is an optional extra)."""
     from .api import model_tune as _model_tune
 
     return _model_tune(*args, **kwargs)

@@ -1,6 +1,6 @@
 """Interleaved timing of compiled TVM libraries and onnxruntime, in a fresh process.
 
-Run as `python -m tvm_kernels.timing SPEC.json`: a process that has just tuned is a bad place to
+Run as `python -m onnxprune.tvm_kernels.timing SPEC.json`: a process that has just tuned is a bad place to
 time parallel kernels (idle meta_schedule/XGBoost threads steal the cores from the TVM thread
 pool), so model_tune times in a child process and reads the JSON it prints.
 """
@@ -94,7 +94,7 @@ def time_in_subprocess(spec: dict, spec_path: str, timeout_s: float = 1800) -> d
     with open(spec_path, "w") as f:
         json.dump(spec, f)
     env = dict(os.environ, TVM_NUM_THREADS=str(spec["threads"]))
-    proc = subprocess.run([sys.executable, "-m", "tvm_kernels.timing", spec_path], env=env,
+    proc = subprocess.run([sys.executable, "-m", "onnxprune.tvm_kernels.timing", spec_path], env=env,
                           capture_output=True, text=True, timeout=timeout_s)
     if proc.returncode != 0:
         raise RuntimeError(f"timing process failed: {proc.stderr.strip().splitlines()[-1:]}")
