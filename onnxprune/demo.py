@@ -10,15 +10,21 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from .errors import OnnxPruneError
-from .graph import save_model
+from . import checks
+from .errors import OnnxPruneError, require_torch
+from .files import FilePlan, Outputs
+from .graph import write_model
 from .parity import session
 from .report import ModelStats
 from .simplify import simplify
 from .timing import time_models
 
 
+LABELS = ("dense", "masked", "simplified")
+
+
 def list_models() -> list[str]:
+    require_torch("the demo's model zoo")
     from onnxprune.models import ZOO
 
     return [f"{k:16} input {list(s.input_shape)}" for k, s in ZOO.items()]
@@ -57,16 +63,19 @@ def scaled_model(name: str, scale: float, seed: int):
 
 def run_demo(name: str = "mobilenet_v2", sparsity: float = 0.5, seed: int = 0, threads: int = 1,
              out_dir: str | None = None, progress=None, scale: float = 4) -> str:
-    import torch
-
+    torch = require_torch("onnxprune demo")
     from onnxprune.models import ZOO
     from onnxprune.models.masks import zero_random_filters
 
     say = progress or (lambda msg: None)
     if name not in ZOO:
         raise OnnxPruneError(f"unknown model {name!r}; choose one of: {', '.join(ZOO)}")
-    if not 0 <= sparsity < 1:
-        raise OnnxPruneError(f"--sparsity must be in [0, 1), got {sparsity}")
+    checks.sparsity(sparsity, "sparsity")
+    outputs = {label: Path(out_dir) / f"{name}.{label}.onnx" for label in LABELS} if out_dir else {}
+    plan = FilePlan()
+    for label, path in outputs.items():
+        plan.write_model(path, f"the {label} model")
+    plan.check()
     t0 = time.perf_counter()
     model, x = scaled_model(name, scale, seed)
     dense = export(model, x)
@@ -81,13 +90,14 @@ def run_demo(name: str = "mobilenet_v2", sparsity: float = 0.5, seed: int = 0, t
     torch_err = float(np.abs(got - reference).max() / max(np.abs(reference).max(), 1e-12))
     say(f"timing on onnxruntime ({threads} thread(s), interleaved runs, medians)")
     ms = time_models({"dense": dense, "masked": masked, "simplified": small}, threads=threads)
-    if out_dir:
+    with Outputs() as out:
         for label, m in (("dense", dense), ("masked", masked), ("simplified", small)):
-            save_model(m, Path(out_dir) / f"{name}.{label}.onnx")
+            if label in outputs:
+                write_model(m, out.path(outputs[label]))
     stats = {"dense": ModelStats.of(dense), "masked": ModelStats.of(masked), "simplified": report.after}
     lines = [f"onnxprune demo: {name}, input {list(x.shape)}, {sparsity:.0%} of filters zeroed at random (seed {seed})", ""]
     lines.append(f"{'model':12}{'params':>12}{'MACs':>14}{'latency ms':>12}{'speedup':>9}")
-    for label in ("dense", "masked", "simplified"):
+    for label in LABELS:
         s = stats[label]
         lines.append(f"{label:12}{s.params:>12,}{s.macs:>14,}{ms[label]:>12.3f}{ms['masked'] / ms[label]:>8.2f}x")
     ideal = stats["masked"].macs / max(stats["simplified"].macs, 1)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
 from collections import defaultdict
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .errors import OnnxPruneError
+from .files import EXTERNAL_DATA_SUFFIX, Outputs
 
 # onnxruntime 1.2x/1.3x accepts IR versions up to 10.
 MAX_IR_VERSION = 10
@@ -63,6 +63,32 @@ def _first_line(e: Exception) -> str:
     return text[0][:200] if text else type(e).__name__
 
 
+def check_pins(graph: onnx.GraphProto, pins) -> None:
+    """--pin names tensors of the model as given: an unknown name is an error in every command."""
+    names = {n for node in graph.node for n in list(node.input) + list(node.output)}
+    names |= {i.name for i in graph.input} | {t.name for t in graph.initializer}
+    unknown = sorted(set(pins) - names)
+    if unknown:
+        raise OnnxPruneError(f"--pin: no tensor named {', '.join(unknown)} in the model "
+                             "(`onnxprune inspect` lists the inputs and outputs; Netron shows every tensor)")
+
+
+def tensor_signature(model: onnx.ModelProto) -> dict[str, list[dict]]:
+    """Graph inputs (initializers excluded) and outputs: name, element type, shape (a name for a
+    symbolic dim, '?' for an unknown one)."""
+    inits = {t.name for t in model.graph.initializer}
+
+    def describe(vi):
+        t = vi.type.tensor_type
+        dtype = onnx.TensorProto.DataType.Name(t.elem_type).lower() if vi.type.HasField("tensor_type") else "non-tensor"
+        shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in t.shape.dim] \
+            if t.HasField("shape") else "unknown"
+        return {"name": vi.name, "dtype": dtype, "shape": shape}
+
+    return {"inputs": [describe(i) for i in model.graph.input if i.name not in inits],
+            "outputs": [describe(o) for o in model.graph.output]}
+
+
 def default_opset(model: onnx.ModelProto) -> int:
     for imp in model.opset_import:
         if imp.domain in ("", "ai.onnx"):
@@ -71,36 +97,31 @@ def default_opset(model: onnx.ModelProto) -> int:
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike, suffix: str = ".tmp"):
-    """A temporary path next to `path` to write to: renamed onto `path` when the block succeeds,
-    removed when it fails, so nobody ever reads a half-written file.  `suffix` matters to
-    writers that pick the format by it (numpy's .npz, TVM's .so)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+def atomic_path(path: str | os.PathLike):
+    """A temporary path with `path`'s own name to write one file to: moved onto `path` when the
+    block succeeds, removed when it fails, so nobody ever reads a half-written file (see
+    files.Outputs for several files at once)."""
+    with Outputs() as out:
+        yield out.path(path)
 
 
 def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> None:
-    """Write atomically (temp file + rename); models over 2 GB go to external data."""
+    """Write atomically; models over 2 GB go to external data (<name>.data next to it)."""
+    with Outputs() as out:
+        write_model(model, out.path(path))
+
+
+def write_model(model: onnx.ModelProto, path: str | os.PathLike) -> None:
+    """Write a model to `path` (not atomically: give it an `Outputs` path)."""
     path = Path(path)
     model = _with_supported_ir(model)
-    big = model.ByteSize() > PROTOBUF_LIMIT - 2**20
-    with atomic_path(path) as tmp:
-        if big:  # onnx moves the tensors out of the proto it saves: save a copy
-            copy = onnx.ModelProto()
-            copy.CopyFrom(model)
-            # the data file is written under its final name next to the temp file
-            onnx.save_model(copy, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=path.name + ".data", size_threshold=1024)
-        else:
-            onnx.save_model(model, tmp)
+    if model.ByteSize() > PROTOBUF_LIMIT - 2**20:  # onnx moves the tensors out of the proto it saves: save a copy
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+        onnx.save_model(copy, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=path.name + EXTERNAL_DATA_SUFFIX, size_threshold=1024)
+    else:
+        onnx.save_model(model, str(path))
 
 
 def _with_supported_ir(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -210,7 +210,7 @@ def quiet_native_stderr():
 def export_atomically(executable, path: str) -> str:
     from onnxprune.graph import atomic_path
 
-    with atomic_path(path, suffix=os.path.splitext(path)[1] or ".so") as tmp, \
+    with atomic_path(path) as tmp, \
             quiet_native_stderr():
         executable.export_library(tmp)
     return path
@@ -284,7 +284,7 @@ def _load_json(path: str) -> dict:
 def _save_json(path: str, data: dict) -> None:
     from onnxprune.graph import atomic_path
 
-    with atomic_path(path, suffix=".json") as tmp, open(tmp, "w") as f:
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
         json.dump(data, f, indent=1, sort_keys=True)
 
 
