@@ -2,29 +2,35 @@
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
-from .errors import OnnxPruneError, ParityError
-from .graph import atomic_path, load_model, save_model
+from .arrays import read_arrays, write_npz
+from .errors import ParityError
+from .files import FilePlan, Outputs
+from .graph import check_pins, load_model, save_model, tensor_signature, write_model
 from .parity import DEFAULT_ATOL, DEFAULT_RTOL, ParityReport, compare, load_inputs
 from .report import ModelStats, Report, channel_summary
 from .simplify import simplify
 
 
-def _inputs(inputs, model):
+def _inputs(inputs, model, what: str = "inputs"):
     if inputs is None or isinstance(inputs, list):
         return inputs
     if isinstance(inputs, dict):
         return [inputs]
-    return load_inputs(inputs, model)
+    return load_inputs(inputs, model, what)
+
+
+def _is_path(x) -> bool:
+    return isinstance(x, (str, os.PathLike))
 
 
 def simplify_file(src, dst, *, check: bool = True, inputs=None, progress=None, **options) -> Report:
     """Simplify the model at `src` and write it atomically to `dst` (only if it passes the check)."""
     say = progress or (lambda msg: None)
-    _refuse_same(src, dst)
+    FilePlan().read_model(src).read(inputs if _is_path(inputs) else None, "the --inputs file").write_model(dst).check()
     model = load_model(src)
     say(f"loaded {src}: {len(model.graph.node)} nodes")
     t = time.perf_counter()
@@ -43,34 +49,41 @@ def check(reference, candidate, *, inputs=None, atol: float = DEFAULT_ATOL, rtol
 
 
 def prune_file(src, dst, *, calib=None, masks=None, save_masks=None, simplify_after: bool = False,
-               progress=None, **options):
-    """`onnxprune prune`: prune the model at `src`, optionally simplify, write `dst` atomically.
-    Returns (PruneReport, simplify Report or None)."""
+               config=None, progress=None, **options):
+    """`onnxprune prune`: prune the model at `src`, optionally simplify, write `dst` (and the masks)
+    all or nothing. Returns (PruneReport, simplify Report or None)."""
     from .pruning.prune import prune
 
     say = progress or (lambda msg: None)
-    _refuse_same(src, dst)
+    plan = FilePlan().read_model(src)
+    plan.read(calib if _is_path(calib) else None, "the --calib file")
+    plan.read(masks if _is_path(masks) else None, "the --masks file")
+    plan.read(config if _is_path(config) else None, "the --config file")
+    plan.write_model(dst).write(save_masks, "the masks file (--save-masks)").check()
     model = load_model(src)
     if masks is not None and not isinstance(masks, dict):
-        masks = _load_npz(masks, "masks")
-    result, report = prune(model, calib=_inputs(calib, model), masks=masks, **options)
+        masks = read_arrays(masks, "masks", allow_npy=False)
+    result, report = prune(model, calib=_inputs(calib, model, "calibration inputs"), masks=masks, config=config, **options)
     say(f"pruned in {report.seconds:.2f} s")
     simplified = None
     if simplify_after:
         result, simplified = simplify(result)
         say(f"simplified; parity with the pruned model: {'PASS' if simplified.parity.passed else 'FAIL'}")
-    save_model(result, dst)
+    with Outputs() as out:
+        write_model(result, out.path(dst))
+        if save_masks:
+            write_npz(out.path(save_masks), report.masks)
     if save_masks:
-        _save_npz(save_masks, report.masks)
         say(f"wrote masks to {save_masks}")
     say(f"wrote {dst}")
     return report, simplified
 
 
-def rearrange(model, *, n: int = 4, check: bool = True, inputs=None, atol: float = DEFAULT_ATOL,
+def rearrange(model, *, check: bool = True, inputs=None, atol: float = DEFAULT_ATOL,
               rtol: float = DEFAULT_RTOL, seed: int = 0):
-    """Permute channels so that 1xN blocks group filters of similar norm; exact (parity-checked).
-    Returns (ModelProto, number of layers permuted, ParityReport or None)."""
+    """Permute channels so that filters of similar L1 norm are neighbours (any 1xN block then groups
+    similar filters); exact (parity-checked). Returns (ModelProto, number of layer groups permuted,
+    ParityReport or None)."""
     from .passes.base import Context
     from .passes.cleanup import cleaned_graph
     from .passes.rearrange import rearrange_graph
@@ -78,7 +91,7 @@ def rearrange(model, *, n: int = 4, check: bool = True, inputs=None, atol: float
     original = load_model(model)
     ctx = Context()
     g = cleaned_graph(original, ctx)
-    moved = rearrange_graph(g, n, ctx)
+    moved = rearrange_graph(g, ctx)
     result = g.to_model()
     parity = None
     if check:
@@ -88,43 +101,26 @@ def rearrange(model, *, n: int = 4, check: bool = True, inputs=None, atol: float
     return result, moved, parity
 
 
-def rearrange_file(src, dst, **options):
+def rearrange_file(src, dst, *, inputs=None, **options):
     """`onnxprune rearrange`: rearrange the model at `src` and write it atomically to `dst`."""
-    _refuse_same(src, dst)
-    result, moved, parity = rearrange(src, **options)
+    FilePlan().read_model(src).read(inputs if _is_path(inputs) else None, "the --inputs file").write_model(dst).check()
+    result, moved, parity = rearrange(src, inputs=inputs, **options)
     save_model(result, dst)
     return moved, parity
-
-
-def _refuse_same(src, dst) -> None:
-    if Path(dst).resolve() == Path(src).resolve():
-        raise OnnxPruneError(f"output {dst} is the input: the input file is never modified, choose another -o")
-
-
-def _load_npz(path, what: str) -> dict:
-    import numpy as np
-
-    try:
-        return dict(np.load(path))
-    except Exception as e:
-        raise OnnxPruneError(f"{what} {path}: cannot read ({str(e).splitlines()[0][:200]})") from None
-
-
-def _save_npz(path, arrays: dict) -> None:
-    import numpy as np
-
-    with atomic_path(path, suffix=".npz") as tmp:
-        np.savez_compressed(tmp, **arrays)
 
 
 @dataclass
 class Inspection:
     stats: ModelStats
     classes: dict
+    io: dict  # "inputs" / "outputs" -> [{name, dtype, shape}]: the keys an --inputs .npz needs
 
     def text(self, verbose: bool = False) -> str:
         s = self.stats
         lines = [f"opset {s.opset}, {sum(s.ops.values())} nodes, {s.params:,} parameters, {s.macs:,} MACs, {s.size_bytes:,} bytes"]
+        for kind in ("inputs", "outputs"):
+            lines.append(f"{kind}:")
+            lines.extend(f"  {t['name']:30} {t['dtype']:8} {t['shape']}" for t in self.io[kind])
         lines.append("ops: " + ", ".join(f"{k} {v}" for k, v in s.ops.items()))
         c = self.classes
         lines.append(f"channel classes: {c['total']} ({', '.join(f'{k} {v}' for k, v in c['by_kind'].items())})")
@@ -140,14 +136,15 @@ class Inspection:
         return "\n".join(lines)
 
     def as_dict(self) -> dict:
-        return {"stats": self.stats.__dict__, "classes": self.classes}
+        return {"stats": self.stats.__dict__, "classes": self.classes, **self.io}
 
 
 def inspect(model, pins=()) -> Inspection:
     from .passes.cleanup import cleaned_graph
 
     m = load_model(model)
-    return Inspection(ModelStats.of(m), channel_summary(cleaned_graph(m).to_model(), pins))
+    check_pins(m.graph, pins)
+    return Inspection(ModelStats.of(m), channel_summary(cleaned_graph(m).to_model(), pins), tensor_signature(m))
 
 
 __all__ = ["simplify", "simplify_file", "check", "inspect", "prune_file", "rearrange", "rearrange_file"]

@@ -11,3 +11,15 @@ class ParityError(OnnxPruneError):
     """The rewritten model does not compute the same function: exit code 1."""
 
     exit_code = 1
+
+
+TORCH_INSTALL = "pip install 'onnxprune[torch]' (or any torch build of your own, >= 2.4)"
+
+
+def require_torch(what: str):
+    """PyTorch, or a one-line error saying how to install it: the core never needs it."""
+    try:
+        import torch
+    except ImportError:
+        raise OnnxPruneError(f"{what} needs PyTorch: {TORCH_INSTALL}") from None
+    return torch

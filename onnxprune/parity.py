@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from . import checks
+from .arrays import read_arrays
 from .errors import OnnxPruneError
 from .graph import PROTOBUF_LIMIT, save_model, serialize
 
@@ -83,44 +85,52 @@ def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
 
 
 def random_inputs(model: onnx.ModelProto, seed: int = 0) -> dict[str, np.ndarray]:
-    """Seeded inputs for every graph input; a dynamic leading (batch) dim becomes 1."""
-    rng = np.random.default_rng(seed)
-    feeds = {}
-    for vi in graph_inputs(model):
-        t = vi.type.tensor_type
-        shape = []
-        for k, d in enumerate(t.shape.dim):
-            if d.HasField("dim_value"):
-                shape.append(d.dim_value)
-            elif k == 0:
-                shape.append(1)
-            else:
-                raise OnnxPruneError(
-                    f"input {vi.name} has a dynamic dim {d.dim_param or '?'} at axis {k}: give real inputs with --inputs file.npz"
-                )
-        dtype = onnx.helper.tensor_dtype_to_np_dtype(t.elem_type)
-        if dtype.kind == "f":
-            feeds[vi.name] = rng.standard_normal(shape).astype(dtype)
-        elif dtype.kind in "iu":
-            feeds[vi.name] = rng.integers(0, 10, shape).astype(dtype)
-        elif dtype.kind == "b":
-            feeds[vi.name] = rng.random(shape) < 0.5
+    """Seeded inputs for every graph input (0-d tensors, float, integer and bool alike); a dynamic
+    leading (batch) dim becomes 1."""
+    rng = np.random.default_rng(checks.seed(seed))
+    return {vi.name: _random_tensor(vi, rng) for vi in graph_inputs(model)}
+
+
+def _random_tensor(vi: onnx.ValueInfoProto, rng: np.random.Generator) -> np.ndarray:
+    t = vi.type.tensor_type
+    if not vi.type.HasField("tensor_type"):
+        raise OnnxPruneError(f"input {vi.name} is not a tensor (a sequence or map): give real inputs with --inputs file.npz")
+    shape = []
+    for k, d in enumerate(t.shape.dim):
+        if d.HasField("dim_value"):
+            shape.append(d.dim_value)
+        elif k == 0:
+            shape.append(1)
         else:
-            raise OnnxPruneError(f"input {vi.name}: cannot make random data of type {dtype}")
-    return feeds
+            raise OnnxPruneError(
+                f"input {vi.name} has a dynamic dim {d.dim_param or '?'} at axis {k}: give real inputs with --inputs file.npz"
+            )
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(t.elem_type)
+    if dtype.kind == "f":
+        return np.asarray(rng.standard_normal(shape)).astype(dtype)
+    if dtype.kind in "iu":
+        return np.asarray(rng.integers(0, 10, shape)).astype(dtype)
+    if dtype.kind == "b":
+        return np.asarray(rng.random(shape) < 0.5)
+    raise OnnxPruneError(f"input {vi.name}: cannot make random data of type {dtype}: give real inputs with --inputs file.npz")
 
 
-def load_inputs(path: str | Path, model: onnx.ModelProto) -> list[dict[str, np.ndarray]]:
-    """Inputs from an .npz keyed by input name; a leading extra axis means several batches."""
-    try:
-        data = dict(np.load(path))
-    except Exception as e:
-        raise OnnxPruneError(f"{path}: cannot read inputs ({str(e).splitlines()[0][:200]})") from None
-    names = [vi.name for vi in graph_inputs(model)]
+def load_inputs(path: str | Path, model: onnx.ModelProto, what: str = "inputs") -> list[dict[str, np.ndarray]]:
+    """Inputs from an .npz keyed by input name (an .npy for a single-input model); a leading extra
+    axis means several batches."""
+    inputs = graph_inputs(model)
+    names = [vi.name for vi in inputs]
+    data = read_arrays(path, what)
+    if isinstance(data, np.ndarray):
+        if len(names) != 1:
+            raise OnnxPruneError(f"{what} {path}: an .npy holds one array but the model has {len(names)} inputs "
+                                 f"({', '.join(names)}): give an .npz keyed by input name")
+        data = {names[0]: data}
     missing = [n for n in names if n not in data]
     if missing:
-        raise OnnxPruneError(f"{path}: no array for input(s) {', '.join(missing)} (has {', '.join(data) or 'nothing'})")
-    ranks = {vi.name: len(vi.type.tensor_type.shape.dim) for vi in graph_inputs(model)}
+        raise OnnxPruneError(f"{what} {path}: no array for input(s) {', '.join(missing)} (has {', '.join(data) or 'nothing'}; "
+                             "`onnxprune inspect` lists the inputs)")
+    ranks = {vi.name: len(vi.type.tensor_type.shape.dim) for vi in inputs}
     first = names[0]
     if data[first].ndim == ranks[first] + 1:
         return [{n: data[n][b] for n in names} for b in range(data[first].shape[0])]
@@ -136,8 +146,9 @@ def run(sess, feeds) -> list[np.ndarray]:
 
 def compare(reference: onnx.ModelProto, candidate: onnx.ModelProto, inputs: list[dict] | None = None,
             atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL, seed: int = 0, batches: int = 2) -> ParityReport:
+    atol, rtol = checks.tolerance(atol, "atol"), checks.tolerance(rtol, "rtol")
     if inputs is None:
-        inputs = [random_inputs(reference, seed + b) for b in range(batches)]
+        inputs = [random_inputs(reference, checks.seed(seed) + b) for b in range(batches)]
     ref_sess, cand_sess = session(reference), session(candidate)
     names = [o.name for o in ref_sess.get_outputs()]
     if names != [o.name for o in cand_sess.get_outputs()]:

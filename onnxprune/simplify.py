@@ -7,8 +7,9 @@ import time
 
 import onnx
 
-from .errors import OnnxPruneError, ParityError
-from .graph import Graph, load_model
+from . import checks
+from .errors import ParityError
+from .graph import Graph, check_pins, load_model
 from .parity import DEFAULT_ATOL, DEFAULT_RTOL, compare
 from .passes.base import Context, run_to_fixed_point
 from .passes.cleanup import cleanup
@@ -32,10 +33,8 @@ def simplify(model, *, fold_bn: bool = True, propagate: bool = True, remove: boo
     start = time.perf_counter()
     g = Graph(load_model(original))
     _name_nodes(g)
-    ctx = Context(pins=set(pins), align=align)
-    unknown = sorted(set(pins) - _tensor_names(g))
-    if unknown:
-        raise OnnxPruneError(f"--pin: no tensor named {', '.join(unknown)} in the model")
+    ctx = Context(pins=set(pins), align=checks.positive_int(align, "align"))
+    check_pins(g.g, pins)
     cleanup(g, ctx)
     if fold_bn:
         fold_bn_pass(g, ctx)
@@ -64,6 +63,3 @@ def _name_nodes(g: Graph) -> None:
             node.name = g.fresh_name(f"{node.op_type}_{i}")
         seen.add(node.name)
 
-
-def _tensor_names(g: Graph) -> set[str]:
-    return {n for node in g.g.node for n in list(node.input) + list(node.output)} | set(g.input_names)

@@ -63,7 +63,7 @@ def test_simplify_json_and_verbose(pruned, tmp_path, capsys):
 def test_refuses_to_overwrite_input(pruned, capsys):
     before = digest(pruned)
     code, _, err = run(["simplify", pruned, "-o", pruned], capsys)
-    assert code == 2 and "never modified" in err
+    assert code == 2 and "never overwrites" in err
     assert digest(pruned) == before
 
 

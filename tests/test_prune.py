@@ -98,7 +98,7 @@ def test_pruning_every_bucket_in_half_and_simplifying_gives_the_half_width_model
 @pytest.mark.parametrize("name", list(zoo_params(CI_MODELS + ["shufflenet_v2", "squeezenet", "inception"])))
 def test_rearrange_is_exact(name):
     model = onnx_model(name)
-    out, moved, parity = rearrange(model, n=4)
+    out, moved, parity = rearrange(model)
     assert moved > 0 and parity.passed
     rep = compare(model, out, atol=1e-5, rtol=1e-4)
     assert rep.passed
@@ -205,5 +205,5 @@ def test_cli_prune_simplify_and_masks_round_trip(tmp_path, capsys):
     capsys.readouterr()
     assert main(["prune", str(src), "-o", str(tmp_path / "x.onnx")]) == 2
     assert "--sparsity" in capsys.readouterr().err
-    assert main(["rearrange", str(src), "-o", str(tmp_path / "r.onnx"), "--n", "4"]) == 0
+    assert main(["rearrange", str(src), "-o", str(tmp_path / "r.onnx")]) == 0
     assert "PASS" in capsys.readouterr().out

@@ -107,6 +107,26 @@ def load_onnx(path: str) -> onnx.ModelProto:
     return model
 
 
+LIBRARY_SUFFIXES = (".so", ".tar", ".dylib", ".dll")
+
+
+def plan_files(onnx_path, work_dir, library, prune, dense_baseline):
+    """What model_tune reads and writes, checked before any work (onnxprune.files)."""
+    from onnxprune.files import FilePlan
+
+    if os.path.exists(work_dir) and not os.path.isdir(work_dir):
+        raise InputError(f"--work-dir {work_dir} is a file, not a folder")
+    plan = FilePlan().read_model(onnx_path).write(library, "the compiled library (--output)")
+    # the tuning files are updated in place by design (the next run reuses them)
+    written = ["bsr_tiles.json", "database_workload.json", "database_tuning_record.json"]
+    written += ["model_dense.so"] if dense_baseline else []
+    for name in written:
+        plan.write(os.path.join(work_dir, name), f"the tuning file {name} in --work-dir")
+    if prune:
+        plan.write_model(os.path.join(work_dir, "pruned.onnx"), "the pruned model in --work-dir")
+    return plan
+
+
 def check_numbers(bsr: int, bsc: int, sparsity: float, trials: int) -> None:
     if bsr < 1 or bsc < 1:
         raise InputError(f"block shape must be positive, got {bsr}x{bsc}")
@@ -114,21 +134,6 @@ def check_numbers(bsr: int, bsc: int, sparsity: float, trials: int) -> None:
         raise InputError(f"sparsity must be in [0, 1), got {sparsity}")
     if trials < 0:
         raise InputError(f"--trials must be >= 0, got {trials}")
-
-
-def graph_inputs(model: onnx.ModelProto, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """Random float32 data for every graph input (unknown dims taken as 1)."""
-    initializers = {t.name for t in model.graph.initializer}
-    feeds = {}
-    for value in model.graph.input:
-        if value.name in initializers:
-            continue
-        tensor_type = value.type.tensor_type
-        if tensor_type.elem_type != onnx.TensorProto.FLOAT:
-            raise InputError(f"input {value.name} is not float32")
-        shape = [d.dim_value if d.dim_value > 0 else 1 for d in tensor_type.shape.dim]
-        feeds[value.name] = rng.standard_normal(shape).astype(np.float32)
-    return feeds
 
 
 # ---------------------------------------------------------------------------- checks
@@ -182,6 +187,10 @@ def model_tune(
     verbose: bool = True,
 ) -> ModelTuneResult:
     check_numbers(bsr, bsc, sparsity, trials)
+    library = output or os.path.join(work_dir, "model_bsr.so")
+    plan_files(onnx_path, work_dir, library, prune, dense_baseline).check()
+    if not str(library).endswith(LIBRARY_SUFFIXES):
+        raise InputError(f"--output {library}: a library name ends with one of {', '.join(LIBRARY_SUFFIXES)}")
     model = load_onnx(onnx_path)
     target_dict = parse_target(target)
     if bool(rpc_tracker) != bool(rpc_key):
@@ -193,6 +202,7 @@ def model_tune(
     import tvm
     from onnxprune.errors import OnnxPruneError
     from onnxprune.graph import save_model
+    from onnxprune.parity import random_inputs
     from onnxprune.pruning.prune import prune as prune_model
 
     from . import convert, tune
@@ -252,7 +262,7 @@ def model_tune(
         sparse_ex = tune.build(sparse_mod, tvm_target)
         dense_ex = tune.compile_module(dense_mod, tvm_target, work_dir) if dense_baseline else None
 
-    feeds = graph_inputs(model, np.random.default_rng(0))
+    feeds = random_inputs(model, seed=0)  # onnxprune's rule: a dynamic batch dim is 1
     with progress.step(f"checking parity against onnxruntime{where}"):
         references = ort_session(model, threads).run(None, feeds)
         max_err = parity_on_device(rpc, sparse_ex, feeds, references)
@@ -260,7 +270,6 @@ def model_tune(
             parity_on_device(rpc, dense_ex, feeds, references)
     progress.log(f"  sparse TVM matches onnxruntime, max abs error {max_err:.2e}")
 
-    library = output or os.path.join(work_dir, "model_bsr.so")
     with progress.step(f"exporting {library}"):
         tune.export_atomically(sparse_ex, library)
         libraries = {"sparse TVM": library}

@@ -1,5 +1,7 @@
-"""Rearrange: permute each layer's output channels so that filters of similar L1 norm sit in the
-same block of N — a real permutation of the graph, not just a mask computed in sorted order.
+"""Rearrange: permute each layer's output channels by descending L1 norm, so that filters of
+similar norm are neighbours and any block of N consecutive filters groups similar ones (the 1×N
+paper's rearrangement; the order is the same for every N) — a real permutation of the graph, not
+just a mask computed in sorted order.
 
 The permutation is one of channel *classes*: every slot coupled to a layer's outputs (BN, the
 activations, depthwise convs, the readers' input columns, concat offsets, flatten→Gemm columns)
@@ -30,7 +32,7 @@ PERMUTABLE = set(UNARY) | set(BINARY) | {
 }
 
 
-def rearrange_graph(g: Graph, n: int, ctx: Context) -> int:
+def rearrange_graph(g: Graph, ctx: Context) -> int:
     """Permute every movable bucket by descending L1 norm; returns how many were permuted."""
     cg = build_channel_graph(g, ctx.pins)
     roots = cg.roots()

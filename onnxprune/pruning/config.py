@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .. import checks
 from ..errors import OnnxPruneError
 
 KEYS = {"sparsity", "sparsity_per_layer", "op_types", "op_names", "exclude"}
@@ -43,13 +44,7 @@ def load_config(source) -> list[dict]:
 
 
 def check_sparsity(value, where: str) -> float:
-    try:
-        s = float(value)
-    except (TypeError, ValueError):
-        raise OnnxPruneError(f"{where}: sparsity must be a number, got {value!r}") from None
-    if not 0 <= s < 1:
-        raise OnnxPruneError(f"{where}: sparsity must be in [0, 1), got {s}")
-    return s
+    return checks.sparsity(value, f"{where}: sparsity")
 
 
 def resolve(config: list[dict], layers: list, prune_first: bool = False, prune_last: bool = False

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
+from .. import checks
 from ..channels.core import build_channel_graph
 from ..errors import OnnxPruneError
 from ..graph import Graph, attrs
@@ -23,6 +24,7 @@ from . import criteria
 from .block import block_prune_weights, block_scores
 from .config import check_sparsity, default_config, load_config, resolve
 from .groups import Bucket, buckets, filters, layers
+from .mask_names import match_masks
 
 GRANULARITIES = ("filter", "weight", "1xN")
 
@@ -50,7 +52,7 @@ class PruneReport:
 
     def table(self) -> str:
         unit = {"filter": "filters", "weight": "weights", "1xN": f"1x{self.n} blocks"}[self.granularity]
-        pruned = sum(1 for r in self.layers if r.requested is not None or r.note == "mask applied")
+        pruned = sum(1 for r in self.layers if r.requested is not None or r.note.startswith("mask applied"))
         lines = [f"prune: criterion {self.criterion}, granularity {self.granularity}, {pruned} layer(s) pruned "
                  f"in {self.seconds:.2f} s" + (f", {self.rearranged} layer(s) rearranged" if self.rearranged else "")]
         lines.append(f"{'layer':48}{'op':>6}{'shape':>20}{'asked':>7}{'zero ' + unit:>16}  note")
@@ -88,8 +90,8 @@ def prune(model, *, criterion: str = "l1", sparsity: float | None = None, granul
         wanted, skipped = resolve(config, nodes, prune_first, prune_last)
         if rearrange:
             from ..passes.rearrange import rearrange_graph
-            report.rearranged = rearrange_graph(g, n, Context())
-        rng = np.random.default_rng(seed)
+            report.rearranged = rearrange_graph(g, Context())
+        rng = np.random.default_rng(checks.seed(seed))
         if granularity == "filter":
             _prune_filters(g, wanted, skipped, criterion, group_reduce, calib, rng, report)
         else:
@@ -106,8 +108,7 @@ def _check_args(criterion, granularity, n, group_reduce, sparsity, config, masks
         raise OnnxPruneError(f"criterion {criterion!r} does not go with granularity {granularity} (use {', '.join(allowed)})")
     if group_reduce not in criteria.REDUCE:
         raise OnnxPruneError(f"group reduce must be one of {', '.join(criteria.REDUCE)}, got {group_reduce!r}")
-    if granularity == "1xN" and n < 1:
-        raise OnnxPruneError(f"N must be a positive integer, got {n}")
+    checks.positive_int(n, "N")
     if masks is None and config is None:
         if sparsity is None:
             raise OnnxPruneError("give --sparsity, --config or --masks")
@@ -115,18 +116,16 @@ def _check_args(criterion, granularity, n, group_reduce, sparsity, config, masks
 
 
 def _apply_masks(g: Graph, masks: dict[str, np.ndarray], report: PruneReport) -> None:
-    for name, mask in masks.items():
-        w = g.const(name)
-        if w is None:
-            raise OnnxPruneError(f"masks: no initializer named {name}")
-        if mask.shape != w.shape:
-            raise OnnxPruneError(f"masks: {name} has shape {list(w.shape)}, the mask {list(mask.shape)}")
-        g.inits[name] = np.where(mask.astype(bool), w, np.zeros_like(w))
-        report.masks[name] = mask.astype(bool)
+    matched, how = match_masks(g, masks)
+    for name, mask in matched.items():
+        w = g.inits[name]
+        g.inits[name] = np.where(mask, w, np.zeros_like(w))
+        report.masks[name] = mask
     for node in layers(g):
-        if node.input[1] in masks:
+        if node.input[1] in matched:
             w = g.inits[node.input[1]]
-            report.layers.append(LayerResult(node.name, node.op_type, w.shape, None, float((w == 0).mean()), "mask applied"))
+            note = "; ".join(filter(None, ["mask applied", how[node.input[1]]]))
+            report.layers.append(LayerResult(node.name, node.op_type, w.shape, None, float((w == 0).mean()), note))
 
 
 # --- filters, dependency-aware ----------------------------------------------------------------
