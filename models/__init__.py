@@ -32,6 +32,7 @@ from . import (
     vgg,
 )
 from .common import normalize_activations
+from .transformers import TRANSFORMERS  # noqa: F401  (attention models; not in ZOO, whose tests assume CNNs)
 
 __all__ = ["ModelSpec", "ZOO", "build", "example_input", "randomize_bn"]
 

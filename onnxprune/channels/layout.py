@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..graph import attrs, default_opset, set_attr
-from .rules import RULES, Rule, new_dims
+from .rules import RULES, Rule, contiguous, new_dims, take_channels
 
 
 def _axis(node, rank, default=0) -> int:
@@ -15,6 +15,16 @@ def _axis(node, rank, default=0) -> int:
 
 
 class Concat(Rule):
+    """Concat on the channel axis: out[offset_i + c] ≡ in_i[c]. Along another axis every input
+    carries the same channels; a constant input there (a class token before the patch tokens) is a
+    per-channel parameter, cut along with the channels."""
+
+    @staticmethod
+    def is_parameter(node, cg, name, sp_out) -> bool:
+        c = cg.g.const(name)
+        return (c is not None and _axis(node, c.ndim) not in sp_out.axes and c.ndim == cg.rank(node.output[0])
+                and tuple(c.shape[a] for a in sp_out.axes) == sp_out.dims)
+
     def couple(self, node, cg):
         out = node.output[0]
         rank = cg.rank(out)
@@ -38,6 +48,8 @@ class Concat(Rule):
                     return self.pin_through(node, cg, f"Concat {node.name}: dynamic input size")
                 part = sp_out.slots[offset: offset + n]
                 offset += n
+            elif self.is_parameter(node, cg, name, sp_out):
+                continue
             else:
                 part = sp_out.slots
             if sp is not None and sp.axes == axes and sp.size == len(part):
@@ -67,6 +79,15 @@ class Concat(Rule):
             stacked = np.stack([cg.values[p] for p in parts])
             same = np.all(stacked == stacked[0], axis=0)
             cg.values[out] = np.where(same, stacked[0], np.nan)
+
+    def rewrite(self, node, g, cg, keep):
+        out = node.output[0]
+        if out not in keep:
+            return
+        sp_out = cg.space(out)
+        for i, name in enumerate(node.input):
+            if self.is_parameter(node, cg, name, sp_out):
+                g.set_input_const(node, i, take_channels(g.inits[name], sp_out.axes, sp_out, keep[out]))
 
 
 class Split(Rule):
@@ -230,7 +251,7 @@ def reshape_channel_map(in_shape, sp, out_shape):
     Elements keep their row-major order. The batch prefix must survive unchanged; the channel
     range may be split over several axes (channel shuffle) or merged with the leading part of
     the dims after it (flatten: slot k of the output belongs to channel k // I')."""
-    if in_shape is None or out_shape is None:
+    if in_shape is None or out_shape is None or not contiguous(sp):
         return None
     a0, a1 = sp.axes[0], sp.axes[-1] + 1
     inner = in_shape[a1:]
@@ -313,27 +334,27 @@ class Reshape(Rule):
 
 
 class Transpose(Rule):
+    """A permutation of the channel factors: [B, N, h, d] -> [B, h, N, d] puts heads and features on
+    axes 1 and 3 (a space need not sit on adjacent axes)."""
+
     @staticmethod
     def channel_map(node, cg):
         sp = cg.space(node.input[0])
         rank = cg.rank(node.input[0])
         perm = list(attrs(node).get("perm", range(rank - 1, -1, -1)))
-        positions = sorted(perm.index(a) for a in sp.axes)
-        if positions != list(range(positions[0], positions[0] + len(positions))):
-            return None
-        order = sorted(sp.axes, key=perm.index)
-        mapping = np.arange(sp.size).reshape(sp.dims).transpose([a - sp.axes[0] for a in order]).ravel()
-        return tuple(positions), mapping
+        order = sorted(sp.axes, key=perm.index)  # the channel factors in output order
+        mapping = np.arange(sp.size).reshape(sp.dims).transpose([sp.axes.index(a) for a in order]).ravel()
+        return tuple(perm.index(a) for a in order), mapping
 
     def couple(self, node, cg):
         sp = cg.space(node.input[0])
         if sp is None:
             return
-        m = self.channel_map(node, cg)
-        sp_o = cg.new_space(node.output[0], m[0]) if m is not None else None
+        axes, mapping = self.channel_map(node, cg)
+        sp_o = cg.new_space(node.output[0], axes)
         if sp_o is None:
-            return self.pin_through(node, cg, f"Transpose {node.name}: scatters the channel axes")
-        cg.unite(sp.slots[m[1]], sp_o.slots)
+            return self.pin_through(node, cg, f"Transpose {node.name}: unknown output shape")
+        cg.unite(sp.slots[mapping], sp_o.slots)
 
     def values(self, node, cg):
         if cg.space(node.input[0]) is None or cg.space(node.output[0]) is None:
@@ -350,38 +371,87 @@ class Transpose(Rule):
 
 
 class Gather(Rule):
-    """Gather of constant 1-D indices on the channel axis: a channel selection / permutation."""
+    """Gather, three ways:
+    - an embedding lookup: a constant table [V, D] indexed by token ids opens a space on the output's
+      last axis; channel c is column c of the table (a linear layer of one-hot ids);
+    - constant indices on a channel axis: 1-D ones select / permute the channels; a scalar one picks
+      one entry of a channel factor (q = qkv[0] of [3, B, h, N, d]) and leaves the other factors;
+    - constant indices on another axis (the class token x[:, 0]): every channel passes through."""
 
-    def indices(self, node, cg):
-        sp = cg.space(node.input[0])
-        idx = cg.g.const(node.input[1])
-        if sp is None or idx is None or idx.ndim != 1 or len(sp.axes) != 1:
+    @staticmethod
+    def is_lookup(node, cg) -> bool:
+        table = cg.g.const(node.input[0])
+        return (table is not None and table.ndim == 2 and table.dtype.kind == "f"
+                and not cg.g.is_const(node.input[1]) and _axis(node, 2) == 0)
+
+    @staticmethod
+    def selection(node, cg):
+        """(output axes, output slot -> input slot) for constant indices, or None."""
+        x = node.input[0]
+        sp, idx, rank = cg.space(x), cg.g.const(node.input[1]), cg.rank(x)
+        if sp is None or idx is None or rank is None:
             return None
-        if _axis(node, cg.rank(node.input[0])) != sp.axes[0]:
-            return None
-        return np.where(idx < 0, idx + sp.size, idx).astype(np.int64)
+        axis = _axis(node, rank)
+        if axis not in sp.axes:  # the axes after `axis` shift by the rank the indices add or remove
+            return tuple(a if a < axis else a + idx.ndim - 1 for a in sp.axes), np.arange(sp.size)
+        j = sp.axes.index(axis)
+        idx = np.where(idx < 0, idx + sp.dims[j], idx).astype(np.int64)
+        if idx.ndim == 1 and len(sp.axes) == 1:
+            return sp.axes, idx
+        if idx.ndim == 0 and len(sp.axes) > 1:
+            axes = tuple(a if a < axis else a - 1 for a in sp.axes if a != axis)
+            return axes, np.arange(sp.size).reshape(sp.dims).take(int(idx), axis=j).ravel()
+        return None
 
     def couple(self, node, cg):
+        out = node.output[0]
+        if self.is_lookup(node, cg):
+            rank = cg.rank(out)
+            if rank is None or cg.new_space(out, (rank - 1,)) is None:
+                self.pin_through(node, cg, f"Gather {node.name}: embedding lookup with unknown output shape")
+            return
         if cg.space(node.input[0]) is None:
             return self.pin_through(node, cg, f"Gather {node.name}: input channels unknown")
-        idx = self.indices(node, cg)
-        sp_o = cg.new_space(node.output[0], cg.space(node.input[0]).axes) if idx is not None else None
-        if sp_o is None:
+        m = self.selection(node, cg)
+        sp_o = cg.new_space(out, m[0]) if m is not None else None
+        if sp_o is None or sp_o.size != len(m[1]):
             return self.pin_through(node, cg, f"Gather {node.name}: not a constant selection of channels")
-        cg.unite(cg.space(node.input[0]).slots[idx], sp_o.slots)
+        cg.unite(cg.space(node.input[0]).slots[m[1]], sp_o.slots)
 
     def values(self, node, cg):
-        if cg.space(node.output[0]) is not None:
-            cg.take(node.input[0], node.output[0], self.indices(node, cg))
+        x, out = node.input[0], node.output[0]
+        if cg.space(out) is None:
+            return
+        if self.is_lookup(node, cg):  # an all-zero column embeds every token as 0
+            cg.values[out] = np.where(np.abs(cg.g.inits[x]).max(axis=0) == 0, 0.0, np.nan)
+        elif _axis(node, cg.rank(x)) in cg.space(x).axes:
+            cg.take(x, out, self.selection(node, cg)[1])
+        else:  # rows picked along another axis: uniform constants stay, maps would be cut
+            cg.values[out] = cg.values[x].copy()
 
     def rewrite(self, node, g, cg, keep):
         x, out = node.input[0], node.output[0]
         if x not in keep and out not in keep:
             return
-        idx = self.indices(node, cg)
-        kept_out = keep.get(out, np.arange(len(idx)))
-        kept_in = keep.get(x, np.arange(cg.space(x).size))
-        g.set_input_const(node, 1, np.searchsorted(kept_in, idx[kept_out]).astype(g.inits[node.input[1]].dtype))
+        if self.is_lookup(node, cg):
+            g.set_input_const(node, 0, np.ascontiguousarray(g.inits[x][:, keep[out]]))
+            return
+        sp, axis = cg.space(x), _axis(node, cg.rank(x))
+        if axis not in sp.axes:
+            return
+        idx = g.inits[node.input[1]]
+        kept_in = keep.get(x, np.arange(sp.size))
+        if idx.ndim == 0:  # a scalar index into one channel factor: count the entries kept before it
+            j = sp.axes.index(axis)
+            mask = np.zeros(sp.size, bool)
+            mask[kept_in] = True
+            kept_j = mask.reshape(sp.dims).any(axis=tuple(k for k in range(len(sp.dims)) if k != j))
+            i = int(idx) + sp.dims[j] if int(idx) < 0 else int(idx)
+            g.set_input_const(node, 1, np.array(int(kept_j[:i].sum()), idx.dtype))
+            return
+        selected = self.selection(node, cg)[1]
+        kept_out = keep.get(out, np.arange(len(selected)))
+        g.set_input_const(node, 1, np.searchsorted(kept_in, selected[kept_out]).astype(idx.dtype))
 
 
 RULES["Concat"] = Concat()

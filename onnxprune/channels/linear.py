@@ -264,8 +264,10 @@ class ConvTranspose(Rule):
 
     def reads(self, node, cg):
         sp_in = cg.space(node.input[0])
+        if sp_in is None or cg.space(node.output[0]) is None:  # no output space: weights not constant
+            return []
         w = cg.g.inits[node.input[1]]
-        if sp_in is None or sp_in.axes != (1,) or sp_in.size != w.shape[0] or cg.space(node.output[0]) is None:
+        if sp_in.axes != (1,) or sp_in.size != w.shape[0]:
             return []
         row_max = np.abs(w.reshape(w.shape[0], -1)).max(axis=1)
         return _reads(node, cg, row_max, _spatial_static(cg, node.input[0]), "ConvTranspose with dynamic spatial size")
@@ -329,8 +331,10 @@ class Gemm(Rule):
 
     def reads(self, node, cg):
         sp_in = cg.space(node.input[0])
+        if sp_in is None or cg.space(node.output[0]) is None:  # no output space: weights not constant
+            return []
         w = self.weights_in_out(cg.g, node)
-        if sp_in is None or sp_in.axes != (1,) or sp_in.size != w.shape[0] or cg.space(node.output[0]) is None:
+        if sp_in.axes != (1,) or sp_in.size != w.shape[0]:
             return []
         return _reads(node, cg, np.abs(w).max(axis=1), True, "", maps_ok=False)
 
@@ -368,19 +372,57 @@ class Gemm(Rule):
         g.set_input_const(node, 1, np.ascontiguousarray(w.T if trans_b else w))
 
 
+def attention_reason(node) -> str:
+    return f"MatMul {node.name}: attention (product of two activations): heads are not removed yet"
+
+
+class ActivationProduct:
+    """MatMul of two activations (Q·Kᵀ, attn·V): no weights to cut, and a channel of either side meets
+    input-dependent data. Both operands are pinned. A product that contracts tracked channels
+    (Q·Kᵀ over the head features) gives scores, which carry none; otherwise (attn·V) the output's
+    head and feature axes — all but the leading batch axis and the row axis — open a space of their
+    own, pinned too, so that the layer reading them knows why they stay."""
+
+    @staticmethod
+    def couple(node, cg):
+        a, b = node.input
+        reason = attention_reason(node)
+        cg.pin_tensor(a, reason)
+        cg.pin_tensor(b, reason)
+        out_rank = cg.rank(node.output[0])
+        if out_rank is None or out_rank < 2 or ActivationProduct.contracts_channels(node, cg):
+            return
+        cg.pin_space(cg.new_space(node.output[0], tuple(range(1, out_rank - 2)) + (out_rank - 1,)), reason)
+
+    @staticmethod
+    def contracts_channels(node, cg) -> bool:
+        """A's last axis or B's second-to-last axis (the contracted one) carries channels."""
+        for name, contracted in zip(node.input, (-1, -2)):
+            sp, rank = cg.space(name), cg.rank(name)
+            if sp is not None and rank is not None and rank >= 2 and rank + contracted in sp.axes:
+                return True
+        return False
+
+
 class MatMul(Rule):
-    """A [..., F] @ W [F, K] with a constant 2-D W: channels on A's last axis."""
+    """A [..., F] @ W [F, K] with a constant 2-D W: channels on A's last axis. A product of two
+    activations is an ActivationProduct."""
+
+    @staticmethod
+    def linear(node, cg) -> bool:
+        a, w = node.input
+        return not cg.g.is_const(a) and cg.g.is_const(w) and cg.g.inits[w].ndim == 2
 
     def couple(self, node, cg):
-        g = cg.g
-        a, w = node.input
-        rank = cg.rank(a)
-        if g.is_const(a) or not g.is_const(w) or g.inits[w].ndim != 2 or rank is None:
+        if not any(n in cg.g.inits for n in node.input):  # two computed tensors (an overridable initializer is a weight)
+            return ActivationProduct.couple(node, cg)
+        rank = cg.rank(node.input[0])
+        if not self.linear(node, cg) or rank is None:
             return self.pin_through(node, cg, f"MatMul {node.name}: not activations × constant matrix")
         _open_layer(self, node, cg, (rank - 1,), (rank - 1,))
 
     def values(self, node, cg):
-        if cg.space(node.output[0]) is None:
+        if cg.space(node.output[0]) is None or not self.linear(node, cg):
             return
         w = cg.g.inits[node.input[1]]
         cg.values[node.output[0]] = np.where(np.abs(w).max(axis=0) == 0, 0.0, np.nan)
@@ -388,10 +430,12 @@ class MatMul(Rule):
     def reads(self, node, cg):
         a = node.input[0]
         sp_in = cg.space(a)
-        w = cg.g.inits[node.input[1]]
-        if sp_in is None or sp_in.axes != (cg.rank(a) - 1,) or sp_in.size != w.shape[0] or cg.space(node.output[0]) is None:
+        if sp_in is None or cg.space(node.output[0]) is None or not self.linear(node, cg):
             return []
-        return _reads(node, cg, np.abs(cg.g.inits[node.input[1]]).max(axis=1), True, "", maps_ok=False)
+        w = cg.g.inits[node.input[1]]
+        if sp_in.axes != (cg.rank(a) - 1,) or sp_in.size != w.shape[0]:
+            return []
+        return _reads(node, cg, np.abs(w).max(axis=1), True, "", maps_ok=False)
 
     def absorb(self, node, g, cg, items):
         w = g.inits[node.input[1]]
@@ -401,6 +445,8 @@ class MatMul(Rule):
             vec += v * w[k].astype(np.float64)
             w_new[k] = 0
         g.set_input_const(node, 1, w_new)
+        if not vec.any():  # constant zeros (silu(0)·up, an all-zero embedding column) add nothing
+            return
         out = node.output[0]
         users = g.consumers().get(out, [])
         if len(users) == 1 and users[0].op_type == "Add" and out not in g.output_names:
@@ -418,7 +464,7 @@ class MatMul(Rule):
 
     def rewrite(self, node, g, cg, keep):
         ko, ki = keep.get(node.output[0]), keep.get(node.input[0])
-        if ko is None and ki is None:
+        if (ko is None and ki is None) or not self.linear(node, cg):
             return
         w = g.inits[node.input[1]]
         if ki is not None:

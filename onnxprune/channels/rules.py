@@ -42,18 +42,31 @@ def new_dims(space: Space, keep: np.ndarray) -> tuple[int, ...]:
 
 
 def take_channels(arr: np.ndarray, axes: tuple[int, ...], space: Space, keep: np.ndarray) -> np.ndarray:
-    """Keep the slots `keep` of `arr`, whose axes `axes` hold the channel range of `space`."""
-    a0, a1 = axes[0], axes[-1] + 1
-    flat = arr.reshape(arr.shape[:a0] + (-1,) + arr.shape[a1:])
-    kept = np.take(flat, keep, axis=a0)
-    return kept.reshape(arr.shape[:a0] + new_dims(space, keep) + arr.shape[a1:])
+    """Keep the slots `keep` of `arr`, whose axes `axes` (not necessarily adjacent: heads and
+    features after a transpose) hold the channel range of `space`."""
+    n = len(axes)
+    first = np.moveaxis(arr, axes, tuple(range(n)))  # channel axes in front, in slot order
+    kept = np.take(first.reshape((-1,) + first.shape[n:]), keep, axis=0)
+    return np.moveaxis(kept.reshape(new_dims(space, keep) + first.shape[n:]), tuple(range(n)), axes)
+
+
+def contiguous(space: Space) -> bool:
+    return space.axes == tuple(range(space.axes[0], space.axes[-1] + 1))
 
 
 def aligned_axes(space_axes: tuple[int, ...], out_rank: int, in_rank: int) -> tuple[int, ...] | None:
-    """The axes of a broadcast operand of rank `in_rank` that line up with `space_axes` of the output."""
+    """The axes of a broadcast operand of rank `in_rank` that line up with `space_axes` of the output
+    (None if the operand does not reach all of them)."""
     shift = out_rank - in_rank
     axes = tuple(a - shift for a in space_axes)
     return axes if min(axes) >= 0 else None
+
+
+def operand_extents(space_axes: tuple[int, ...], out_rank: int, shape) -> tuple:
+    """A broadcast operand's extent along each channel axis of the output: 1 where its rank does not
+    reach that axis (numpy broadcasting aligns trailing axes)."""
+    shift = out_rank - len(shape)
+    return tuple(shape[a - shift] if a - shift >= 0 else 1 for a in space_axes)
 
 
 def channel_vector_shape(rank: int, space: Space) -> tuple[int, ...]:
@@ -168,16 +181,14 @@ class Elementwise(Rule):
         if sp_out is None:
             return self.pin_through(node, cg, f"{node.op_type} {node.name}: dynamic channel dim")
         for n in self.operands(node):
-            rank = cg.rank(n)
-            axes = aligned_axes(ref, out_rank, rank) if rank is not None else None
-            if rank is not None and axes is None:
-                continue  # a lower-rank operand (a scalar, x / 6 ...) broadcasts over the channels
-            dims = None if axes is None else tuple(cg.shape(n)[a] for a in axes)
-            if dims is not None and all(d == 1 for d in dims):
-                continue  # broadcast along the channels: no coupling
+            shape = cg.g.inits[n].shape if cg.g.is_const(n) else cg.shape(n)  # (a constant knows its own)
+            axes = aligned_axes(ref, out_rank, len(shape)) if shape is not None else None
+            extents = operand_extents(ref, out_rank, shape) if shape is not None else None
+            if extents is not None and all(d == 1 for d in extents):
+                continue  # broadcast along the channels (a scalar, x / 6, a [1, 1, H, W] map ...): no coupling
             sp = cg.space(n)
             if cg.g.is_const(n):
-                if dims != sp_out.dims:
+                if axes is None or extents != sp_out.dims:  # e.g. a rotary table [N, d] over heads × d
                     cg.pin_space(sp_out, f"{node.op_type} {node.name}: constant operand shape not per-channel")
                 continue
             if sp is not None and sp.axes == axes and sp.dims == sp_out.dims:
@@ -296,6 +307,29 @@ class BatchNorm(Rule):
             g.set_input_const(node, i, g.inits[node.input[i]].reshape(-1)[k])
 
 
+class LayerNorm(Rule):
+    """LayerNormalization, RMSNormalization: statistics over the axes from `axis` on. Channels on those
+    axes all enter every mean and variance, so none can go without changing the others: the width
+    stays (pinned, with that reason). Channels on the other axes are normalized each on their own."""
+
+    def couple(self, node, cg):
+        x, out = node.input[0], node.output[0]
+        sp, rank = cg.space(x), cg.rank(x)
+        self.pin_extra_inputs(node, cg, 1)
+        if any(o and cg.g.uses(o) for o in node.output[1:]):
+            return self.pin_through(node, cg, f"{node.op_type} {node.name}: mean / inverse std outputs in use")
+        if sp is None or rank is None:
+            return
+        axis = int(attrs(node).get("axis", -1))
+        axis = axis + rank if axis < 0 else axis
+        cg.same_space(x, out)
+        if max(sp.axes) >= axis:
+            reason = (f"{node.op_type} {node.name}: statistics over the hidden axis (every channel enters the "
+                      "mean and variance): its width stays")
+            cg.pin_space(sp, reason)
+            cg.pin_tensor(out, reason)
+
+
 UNARY = """Relu LeakyRelu Sigmoid HardSigmoid HardSwish Tanh Erf Softplus Softsign Mish Elu Selu Celu Gelu
 Exp Log Abs Neg Sqrt Reciprocal Floor Ceil Round Sign Sin Cos Identity Cast ThresholdedRelu Shrink""".split()
 BINARY = "Add Sub Mul Div Max Min Sum Mean Pow PRelu".split()
@@ -309,6 +343,8 @@ RULES["Clip"] = Elementwise(data_inputs=1)
 RULES["Dropout"] = Elementwise(data_inputs=1)
 RULES["BatchNormalization"] = BatchNorm()
 RULES["InstanceNormalization"] = BatchNorm()
+RULES["LayerNormalization"] = LayerNorm()
+RULES["RMSNormalization"] = LayerNorm()
 
 DEFAULT = Rule()
 

@@ -26,15 +26,17 @@ class Spatial(Rule):
         if op in REDUCES:
             axes, keepdims = self.reduce_axes(node, cg)
             if axes is None or any(a in sp.axes for a in axes):
-                return "reduces over the channel axis"
-            shift = 0 if keepdims else sum(1 for a in axes if a < sp.axes[0])
-            return tuple(a - shift for a in sp.axes)
+                return ("reduces over the channel axis: every channel enters the result (the statistics of "
+                        "an RMSNorm / LayerNorm, a mean over channels ...), so the width stays")
+            return tuple(a - (0 if keepdims else sum(1 for r in axes if r < a)) for a in sp.axes)
         if op == "Pad":
             pads = self.pads(node, cg)
             if pads is None or any(pads[a] or pads[a + rank] for a in sp.axes):
                 return "pads the channel axis"
             return sp.axes
         if op in ("Resize", "Upsample"):
+            if len(node.input) > 3 and node.input[3] and not cg.g.is_const(node.input[3]):
+                return "output sizes computed at run time (they would keep the old channel count)"
             in_shape, out_shape = cg.shape(x), cg.shape(node.output[0])
             if out_shape is None or any(in_shape[a] != out_shape[a] for a in sp.axes):
                 return "resizes the channel axis"

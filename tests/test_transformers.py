@@ -1,0 +1,260 @@
+"""Transformers (ViT, BERT-, GPT-, LLaMA-style; models/transformers.py) through both exporters:
+`simplify`, `prune` and `inspect` do not crash; zeroed MLP neurons are removed exactly (the result has
+the weights of the half-MLP model); zeroed attention heads stay, exactly, and the report says why.
+Every result is compared with the PyTorch model itself."""
+
+from __future__ import annotations
+
+import io
+import warnings
+from collections import Counter
+from functools import lru_cache
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from torch import nn
+
+from onnxprune import simplify
+from onnxprune.cli import main
+from onnxprune.models.masks import conv_linear_weight_count
+from onnxprune.models.transformers import TRANSFORMERS, mlps, zero_heads, zero_mlp_neurons
+
+from .zoo_util import assert_matches_torch, layer_weight_count
+
+EXPORTERS = ("torchscript", "dynamo")
+CASES = [(name, exporter) for name in TRANSFORMERS for exporter in EXPORTERS]
+ATTENTION = "attention (product of two activations): heads are not removed yet"
+NORM = ("statistics over the hidden axis", "reduces over the channel axis")  # LayerNormalization, RMSNorm
+
+
+def export(model: nn.Module, inputs: tuple, exporter: str) -> onnx.ModelProto:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if exporter == "dynamo":
+            return torch.onnx.export(model, inputs, dynamo=True, verbose=False).model_proto
+        buf = io.BytesIO()
+        torch.onnx.export(model, inputs, buf, dynamo=False, opset_version=17, do_constant_folding=False)
+        return onnx.load_from_string(buf.getvalue())
+
+
+def run_all(model: onnx.ModelProto, inputs: tuple) -> np.ndarray:
+    """The first output on onnxruntime (optimizations off), every graph input fed by name."""
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    so.intra_op_num_threads = 1
+    model.ir_version = min(model.ir_version, 10)
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    names = [i.name for i in sess.get_inputs()]
+    assert len(names) == len(inputs)
+    return sess.run(None, {n: t.numpy() for n, t in zip(names, inputs)})[0]
+
+
+def torch_output(model: nn.Module, inputs: tuple) -> np.ndarray:
+    with torch.no_grad():
+        return model(*inputs).numpy()
+
+
+def linear_shapes(model: onnx.ModelProto) -> Counter:
+    """(in, out) features of every MatMul / Gemm whose weight matrix is an initializer."""
+    inits = {t.name: list(t.dims) for t in model.graph.initializer}
+    shapes = Counter()
+    for n in model.graph.node:
+        if n.op_type in ("MatMul", "Gemm") and n.input[1] in inits and len(inits[n.input[1]]) == 2:
+            rows, cols = inits[n.input[1]]
+            trans_b = n.op_type == "Gemm" and any(a.name == "transB" and a.i for a in n.attribute)
+            shapes[(cols, rows) if trans_b else (rows, cols)] += 1
+    return shapes
+
+
+def torch_linear_shapes(model: nn.Module) -> Counter:
+    return Counter((m.in_features, m.out_features) for m in model.modules() if isinstance(m, nn.Linear))
+
+
+@lru_cache(maxsize=None)
+def dense_export(name: str, exporter: str) -> bytes:
+    spec = TRANSFORMERS[name]
+    return export(spec.build(), spec.example_input(), exporter).SerializeToString()
+
+
+@pytest.mark.parametrize("name,exporter", CASES)
+def test_half_of_the_mlp_neurons_zeroed_are_removed(name, exporter):
+    """Rows of fc1 (or of gate and up) zeroed, biases kept: those neurons carry a constant (GELU of
+    the bias; silu(0)·0 = 0) that fc2 / down absorbs, and they go. What remains has exactly the
+    linear layers of the same architecture built with half the MLP width."""
+    spec = TRANSFORMERS[name]
+    model = spec.build()
+    assert zero_mlp_neurons(model, 0.5, seed=1) == len(mlps(model)) * spec.mlp // 2
+    inputs = spec.example_input()
+    small, _ = simplify(export(model, inputs, exporter), align=1)
+    assert_matches_torch(run_all(small, inputs), torch_output(model, inputs), rel=1e-4)
+    half = spec.build(mlp=spec.mlp // 2)
+    assert linear_shapes(small) == torch_linear_shapes(half)
+    assert layer_weight_count(small) == conv_linear_weight_count(half)
+
+
+@pytest.mark.parametrize("name,exporter", CASES)
+def test_zeroed_heads_stay_exact_and_the_report_says_why(name, exporter):
+    """The q, k and v rows of head 0 zeroed in every layer: heads are not removed yet, so nothing
+    changes width, the result is exact, and the pin reasons name the attention product."""
+    spec = TRANSFORMERS[name]
+    model = spec.build()
+    zero_heads(model, (0,))
+    inputs = spec.example_input()
+    small, report = simplify(export(model, inputs, exporter), align=1)
+    assert_matches_torch(run_all(small, inputs), torch_output(model, inputs), rel=1e-4)
+    assert linear_shapes(small) == torch_linear_shapes(model)
+    assert any(ATTENTION in reason for reason in report.classes["pinned"])
+    assert ATTENTION in report.table(verbose=True)
+    # the residual stream stays for its own reason: LayerNorm / RMSNorm statistics over the hidden axis
+    assert any(why in reason and reason.endswith("width stays") for reason in report.classes["pinned"] for why in NORM)
+
+
+@pytest.mark.parametrize("name,exporter", CASES)
+def test_cli_prune_inspect_simplify(name, exporter, tmp_path, capsys):
+    spec = TRANSFORMERS[name]
+    src, pruned, small = tmp_path / "m.onnx", tmp_path / "p.onnx", tmp_path / "s.onnx"
+    src.write_bytes(dense_export(name, exporter))
+    inputs = spec.example_input()
+    expected_shape = torch_output(spec.build(), inputs).shape
+
+    assert main(["prune", str(src), "-o", str(pruned), "--sparsity", "0.5"]) == 0
+    out = run_all(onnx.load(str(pruned)), inputs)
+    assert out.shape == expected_shape and np.isfinite(out).all()
+
+    capsys.readouterr()
+    assert main(["inspect", str(src)]) == 0
+    assert ATTENTION in capsys.readouterr().out
+
+    assert main(["simplify", str(src), "-o", str(small)]) == 0
+    assert small.exists()
+    assert main(["simplify", str(pruned), "-o", str(tmp_path / "ps.onnx")]) == 0
+
+
+# --- the rules on small hand-built graphs: removal through what the transformers only pin --------
+
+def hand_model(nodes, inputs: dict, output: tuple, inits: dict) -> onnx.ModelProto:
+    """inputs: name -> (elem type, shape); output: (name, shape); inits: name -> array."""
+    graph = onnx.helper.make_graph(
+        nodes, "g", [onnx.helper.make_tensor_value_info(k, t, s) for k, (t, s) in inputs.items()],
+        [onnx.helper.make_tensor_value_info(output[0], onnx.TensorProto.FLOAT, output[1])],
+        initializer=[onnx.numpy_helper.from_array(np.asarray(v), k) for k, v in inits.items()])
+    return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)], ir_version=10)
+
+
+def node(op, inputs, output, **attributes):
+    return onnx.helper.make_node(op, inputs, [output], name=output, **attributes)
+
+
+def const_input(model: onnx.ModelProto, node_name: str, index: int = 1) -> np.ndarray:
+    """A node's constant input (weights, a shape, indices ...)."""
+    n = next(n for n in model.graph.node if n.name == node_name)
+    return onnx.numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == n.input[index]))
+
+
+def same_outputs(a: onnx.ModelProto, b: onnx.ModelProto, feeds: dict) -> None:
+    got, ref = run_feeds(b, feeds), run_feeds(a, feeds)
+    assert got.shape == ref.shape
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
+
+
+def run_feeds(model: onnx.ModelProto, feeds: dict) -> np.ndarray:
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+
+
+@pytest.fixture
+def randn():
+    """Seeded N(0, 1) float32 arrays, the same in every test whatever ran before."""
+    rng = np.random.default_rng(7)
+    return lambda *shape: rng.standard_normal(shape).astype(np.float32)
+
+
+def test_embedding_column_of_zeros_is_removed_from_the_table(randn):
+    """An embedding lookup is a linear layer of one-hot ids: an all-zero column embeds every token
+    as 0, the MatMul reading it absorbs nothing, and the column goes from the table."""
+    table = randn(12, 6)
+    table[:, 2] = 0
+    m = hand_model([node("Gather", ["table", "ids"], "emb"), node("MatMul", ["emb", "w"], "y")],
+                   {"ids": (onnx.TensorProto.INT64, [1, 4])}, ("y", [1, 4, 5]), {"table": table, "w": randn(6, 5)})
+    small, _ = simplify(m, align=1)
+    assert (const_input(small, "emb", 0).shape, const_input(small, "y").shape) == ((12, 5), (5, 5))
+    same_outputs(m, small, {"ids": np.array([[0, 3, 11, 3]], np.int64)})
+
+
+def test_class_token_concat_is_cut_with_its_channels(randn):
+    """A constant joined along the token axis (ViT's class token) is a per-channel parameter: when a
+    channel goes (nobody reads it), its class-token entry goes with it."""
+    w = randn(6, 5)
+    w[2] = 0
+    m = hand_model([node("Conv", ["x", "wc", "bc"], "conv"), node("Reshape", ["conv", "flat"], "tokens_t"),
+                    node("Transpose", ["tokens_t"], "tokens", perm=[0, 2, 1]),
+                    node("Concat", ["cls", "tokens"], "seq", axis=1), node("MatMul", ["seq", "w"], "y")],
+                   {"x": (onnx.TensorProto.FLOAT, [1, 3, 4, 4])}, ("y", [1, 17, 5]),
+                   {"wc": randn(6, 3, 1, 1), "bc": randn(6), "flat": np.array([1, 6, 16], np.int64),
+                    "cls": randn(1, 1, 6), "w": w})
+    small, _ = simplify(m, align=1)
+    shapes = [const_input(small, "conv").shape, const_input(small, "seq", 0).shape, const_input(small, "y").shape]
+    assert shapes == [(5, 3, 1, 1), (1, 1, 5), (5, 5)]
+    same_outputs(m, small, {"x": randn(1, 3, 4, 4)})
+
+
+def test_a_head_of_zeros_goes_through_a_transposed_per_head_constant(randn):
+    """[B, N, h·d] -> [B, h, N, d]: heads and features on axes 1 and 3. A whole head of constant zeros
+    is removed through a per-(head, feature) constant on those axes, which is cut to the heads kept."""
+    w1 = randn(12, 12)
+    w1[:, 4:8] = 0  # head 1 of 3 (d = 4)
+    m = hand_model([node("MatMul", ["x", "w1"], "proj"), node("Reshape", ["proj", "split"], "heads"),
+                    node("Transpose", ["heads"], "bhnd", perm=[0, 2, 1, 3]), node("Mul", ["bhnd", "k"], "scaled"),
+                    node("Transpose", ["scaled"], "bnhd", perm=[0, 2, 1, 3]), node("Reshape", ["bnhd", "merge"], "merged"),
+                    node("MatMul", ["merged", "w2"], "y")],
+                   {"x": (onnx.TensorProto.FLOAT, [1, 8, 12])}, ("y", [1, 8, 5]),
+                   {"w1": w1, "split": np.array([1, 8, 3, 4], np.int64), "k": randn(1, 3, 1, 4),
+                    "merge": np.array([1, 8, 12], np.int64), "w2": randn(12, 5)})
+    small, _ = simplify(m, align=1)
+    shapes = [const_input(small, "proj").shape, const_input(small, "scaled").shape, const_input(small, "y").shape]
+    assert shapes == [(12, 8), (1, 2, 1, 4), (8, 5)]
+    assert const_input(small, "heads").tolist() == [1, 8, 2, 4]
+    same_outputs(m, small, {"x": randn(1, 8, 12)})
+
+
+def test_unused_part_of_a_fused_projection_goes_and_the_scalar_gather_follows(randn):
+    """qkv [B, N, 2·h·d] -> [2, B, h, N, d], part = qkv[1]: the other part is read by nobody, so its
+    rows go and the scalar index into that factor becomes 0."""
+    m = hand_model([node("MatMul", ["x", "w1"], "qkv"), node("Reshape", ["qkv", "split"], "parts"),
+                    node("Transpose", ["parts"], "pbhnd", perm=[2, 0, 3, 1, 4]), node("Gather", ["pbhnd", "one"], "part", axis=0),
+                    node("Transpose", ["part"], "bnhd", perm=[0, 2, 1, 3]), node("Reshape", ["bnhd", "merge"], "merged"),
+                    node("MatMul", ["merged", "w2"], "y")],
+                   {"x": (onnx.TensorProto.FLOAT, [1, 8, 12])}, ("y", [1, 8, 5]),
+                   {"w1": randn(12, 24), "split": np.array([1, 8, 2, 3, 4], np.int64), "one": np.array(1, np.int64),
+                    "merge": np.array([1, 8, 12], np.int64), "w2": randn(12, 5)})
+    small, _ = simplify(m, align=1)
+    assert const_input(small, "qkv").shape == (12, 12)
+    assert int(const_input(small, "part")) == 0
+    same_outputs(m, small, {"x": randn(1, 8, 12)})
+
+
+@pytest.mark.parametrize("layer", ["Gemm", "MatMul", "ConvTranspose"])
+def test_layer_with_weights_computed_at_run_time_pins_instead_of_crashing(layer, randn):
+    """Regression: Gemm / ConvTranspose .reads looked the weights up as an initializer before checking
+    they were one (KeyError, exit 3); weights scaled by an input statistic are not constant, so the
+    channels they read stay, exactly."""
+    wc = randn(4, 3, 1, 1)
+    wc[1] = 0
+    nodes = [node("Conv", ["x", "wc", "bc"], "conv"), node("ReduceMean", ["x"], "scale", keepdims=1)]
+    inits = {"wc": wc, "bc": randn(4)}
+    if layer == "ConvTranspose":
+        nodes += [node("Mul", ["w0", "scale"], "w"), node("ConvTranspose", ["conv", "w"], "y", kernel_shape=[2, 2], strides=[2, 2])]
+        inits["w0"], out = randn(4, 2, 2, 2), [1, 2, 8, 8]
+    else:
+        nodes += [node("GlobalAveragePool", ["conv"], "pooled"), node("Flatten", ["pooled"], "flat"),
+                  node("Reshape", ["scale", "two_d"], "scale2"), node("Mul", ["w0", "scale2"], "w"), node(layer, ["flat", "w"], "y")]
+        inits.update(w0=randn(4, 5), two_d=np.array([1, 1], np.int64))
+        out = [1, 5]
+    m = hand_model(nodes, {"x": (onnx.TensorProto.FLOAT, [1, 3, 4, 4])}, ("y", out), inits)
+    small, report = simplify(m, align=1)
+    assert report.after.layers["conv"] == (3, 4)
+    same_outputs(m, small, {"x": randn(1, 3, 4, 4)})
