@@ -26,16 +26,27 @@ class ModelStats:
     @classmethod
     def of(cls, model: onnx.ModelProto) -> "ModelStats":
         shapes = static_shapes(model)
-        inits = {t.name: t for t in model.graph.initializer}
         params = sum(int(np.prod(t.dims)) for t in model.graph.initializer)
         ops = Counter(n.op_type for n in model.graph.node)
+        constant = _constant_tensors(model)
         macs, layers = 0, {}
         for n in model.graph.node:
-            if n.op_type in LAYERS and len(n.input) > 1 and n.input[1] in inits:
-                m, io = layer_macs(n, shapes, list(inits[n.input[1]].dims))
+            w = shapes.get(n.input[1]) if len(n.input) > 1 and n.input[1] in constant else None
+            if n.op_type in LAYERS and w is not None and all(d is not None for d in w):
+                m, io = layer_macs(n, shapes, list(w))
                 macs += m
                 layers[n.name] = io
         return cls(dict(sorted(ops.items())), params, macs, model.ByteSize(), default_opset(model), layers)
+
+
+def _constant_tensors(model: onnx.ModelProto) -> set[str]:
+    """Initializers and what nodes compute from them alone: a weight exported behind a Transpose
+    (TorchScript without constant folding) is still a layer's weight."""
+    const = {t.name for t in model.graph.initializer}
+    for n in model.graph.node:  # topological order
+        if n.input and all(i in const for i in n.input if i) and n.op_type not in ("RandomNormal", "RandomUniform"):
+            const.update(o for o in n.output if o)
+    return const
 
 
 def _per_item(shape):

@@ -31,6 +31,8 @@ def cleanup(g: Graph, ctx: Context) -> bool:
     changed |= copy_batch_dims(g, ctx)
     changed |= remove_dead_nodes(g)
     topo_sort(g.g, g.inits)
+    if changed:  # shapes computed before a fold are stale: a reshape fed by a folded shape now has one
+        g.invalidate_shapes()
     return changed
 
 
