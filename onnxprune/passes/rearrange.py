@@ -40,7 +40,7 @@ def rearrange_graph(g: Graph, ctx: Context) -> int:
     order: dict[int, tuple[int, int]] = {}  # class root -> (bucket, new rank within the bucket)
     moved = 0
     for b in buckets(g, cg):
-        why = _immovable(b, g, cg, roots)
+        why = immovable(b, g, cg, roots)
         if why:
             ctx.log(PASS, "keep", ",".join(b.layers), why)
             continue
@@ -61,7 +61,7 @@ def rearrange_graph(g: Graph, ctx: Context) -> int:
     return moved
 
 
-def _immovable(b: Bucket, g: Graph, cg: ChannelGraph, roots) -> str:
+def immovable(b: Bucket, g: Graph, cg: ChannelGraph, roots) -> str:
     if b.pinned:
         return "pinned: " + next(iter(b.pinned.values()))
     if any(len(r) != 1 for rows in b.rows.values() for r in rows):

@@ -1,0 +1,29 @@
+"""onnxprune.pytorch: prune while training, with NNI's pruner names and arguments, dependency-aware
+through onnxprune's channel graph; `speedup()` then exports, simplifies and proves the smaller
+ONNX model equal to the PyTorch model.
+
+    from onnxprune.pytorch import L1FilterPruner, speedup
+    pruner = L1FilterPruner(model, [{"sparsity": 0.5, "op_types": ["Conv2d"]}], dummy_input=x)
+    model = pruner.compress()                 # torch.nn.utils.prune masks; keep training
+    small, report = speedup(model, x, "small.onnx")
+"""
+
+try:
+    import torch  # noqa: F401
+except ImportError as e:  # the core never needs PyTorch; this part does
+    from ..errors import TORCH_INSTALL
+
+    raise ImportError(f"onnxprune.pytorch needs PyTorch: {TORCH_INSTALL}") from e
+
+from .export import export_onnx
+from .groups import Channel, DependencyGroups, Group, ParamSlice, Plan, dependency_groups
+from .masks import apply_masks, current_masks, make_permanent, normalize_masks
+from .pruner import FilterPruner, FPGMPruner, L1FilterPruner, L2FilterPruner, LevelPruner, Pruner, masked_state_dict
+from .speedup import SpeedupReport, speedup
+
+__all__ = [
+    "dependency_groups", "DependencyGroups", "Group", "Channel", "ParamSlice", "Plan",
+    "Pruner", "FilterPruner", "LevelPruner", "L1FilterPruner", "L2FilterPruner", "FPGMPruner",
+    "speedup", "SpeedupReport", "export_onnx",
+    "apply_masks", "current_masks", "make_permanent", "normalize_masks", "masked_state_dict",
+]
