@@ -6,7 +6,7 @@ import os
 import time
 from dataclasses import dataclass
 
-from .arrays import read_arrays, write_npz
+from .arrays import read_masks, write_npz
 from .errors import ParityError
 from .files import FilePlan, Outputs
 from .graph import check_pins, load_model, save_model, tensor_signature, write_model
@@ -62,7 +62,7 @@ def prune_file(src, dst, *, calib=None, masks=None, save_masks=None, simplify_af
     plan.write_model(dst).write(save_masks, "the masks file (--save-masks)").check()
     model = load_model(src)
     if masks is not None and not isinstance(masks, dict):
-        masks = read_arrays(masks, "masks", allow_npy=False)
+        masks = read_masks(masks)
     result, report = prune(model, calib=_inputs(calib, model, "calibration inputs"), masks=masks, config=config, **options)
     say(f"pruned in {report.seconds:.2f} s")
     simplified = None

@@ -19,11 +19,7 @@ HOW_TO = "write one with numpy.savez(path, name=array, ...)"
 def read_arrays(path, what: str, allow_npy: bool = True) -> dict[str, np.ndarray] | np.ndarray:
     """An .npz as {name: array}, or (where `allow_npy`) an .npy as one array."""
     path = Path(path)
-    try:
-        with open(path, "rb") as f:
-            head = f.read(8)
-    except OSError as e:
-        raise OnnxPruneError(f"{what} {path}: cannot read ({e.strerror or e})") from None
+    head = head_of(path)
     if head.startswith(NPY_MAGIC):
         if not allow_npy:
             raise OnnxPruneError(f"{what} {path}: an .npy holds one unnamed array; this needs named arrays "
@@ -40,6 +36,40 @@ def read_arrays(path, what: str, allow_npy: bool = True) -> dict[str, np.ndarray
         return {k: data[k] for k in data.files}
     expected = ".npz or .npy" if allow_npy else ".npz"
     raise OnnxPruneError(f"{what} {path}: not an {expected} file; {HOW_TO}")
+
+
+def read_masks(path) -> dict[str, np.ndarray]:
+    """Keep-masks from an .npz (keyed by initializer or parameter name) or from a PyTorch file:
+    NNI's masks dict {module: {"weight": mask, "bias": mask}} (what export_model(mask_path=)
+    writes) or a flat {"conv1.weight": mask}; the keys become parameter names."""
+    path = Path(path)
+    if not (head_of(path).startswith(ZIP_MAGIC) and "data.pkl" in {m.rsplit("/", 1)[-1] for m in _members(path)}):
+        return read_arrays(path, "masks", allow_npy=False)
+    from .errors import require_torch
+
+    torch = require_torch(f"masks {path} (a PyTorch file)")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise OnnxPruneError(f"masks {path}: cannot read ({str(e).splitlines()[0][:200]})") from None
+    if not isinstance(data, dict):
+        raise OnnxPruneError(f"masks {path}: expected a dict of masks, got {type(data).__name__}")
+    flat = {}
+    for key, value in data.items():
+        items = value.items() if isinstance(value, dict) else [(None, value)]
+        for param, mask in items:
+            if mask is not None:
+                name = str(key) if param is None else (f"{key}.{param}" if key else param)
+                flat[name] = np.asarray(torch.as_tensor(mask).cpu().numpy() != 0)
+    return flat
+
+
+def head_of(path: Path, n: int = 8) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read(n)
+    except OSError as e:
+        raise OnnxPruneError(f"{path}: cannot read ({e.strerror or e})") from None
 
 
 def _members(path: Path) -> list[str]:

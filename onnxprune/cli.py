@@ -128,8 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prune-last", action="store_true", help="also prune the classifier")
     p.add_argument("--calib", metavar="NPZ", help="calibration inputs for apoz / mean_activation, like --inputs "
                    "(default: seeded random, with a warning)")
-    p.add_argument("--masks", metavar="NPZ", help="apply these keep-masks instead of computing them: keyed by initializer "
-                   "name, or by PyTorch parameter name where the match is unambiguous")
+    p.add_argument("--masks", metavar="NPZ|PTH", help="apply these keep-masks instead of computing them: an .npz keyed by "
+                   "initializer name or PyTorch parameter name (matched where unambiguous), or NNI's mask .pth "
+                   "(export_model(mask_path=...); needs PyTorch)")
     p.add_argument("--save-masks", metavar="NPZ", help="write the masks applied, keyed by initializer name")
     p.add_argument("--simplify", action="store_true", help="simplify the pruned model (parity-checked) before writing it")
     p.add_argument("--seed", type=flag(checks.seed, "--seed"), default=0)
