@@ -298,6 +298,15 @@ def _subgraph_inputs(node: onnx.NodeProto):
                 yield from _subgraph_inputs(n)
 
 
+def name_nodes(g: "Graph") -> None:
+    """Passes refer to nodes by name: make every name present and unique."""
+    seen = set()
+    for i, node in enumerate(g.g.node):
+        if not node.name or node.name in seen:
+            node.name = g.fresh_name(f"{node.op_type}_{i}")
+        seen.add(node.name)
+
+
 def topo_sort(g: onnx.GraphProto, constants=()) -> None:
     """Sort nodes topologically in place (ONNX requires it; passes that insert nodes rely on it)."""
     nodes = list(g.node)

@@ -9,7 +9,7 @@ import onnx
 
 from . import checks
 from .errors import ParityError
-from .graph import Graph, check_pins, load_model
+from .graph import Graph, check_pins, load_model, name_nodes
 from .parity import DEFAULT_ATOL, DEFAULT_RTOL, compare
 from .passes.base import Context, run_to_fixed_point
 from .passes.cleanup import cleanup
@@ -32,7 +32,7 @@ def simplify(model, *, fold_bn: bool = True, propagate: bool = True, remove: boo
     original = load_model(model)
     start = time.perf_counter()
     g = Graph(load_model(original))
-    _name_nodes(g)
+    name_nodes(g)
     ctx = Context(pins=set(pins), align=checks.positive_int(align, "align"))
     check_pins(g.g, pins)
     cleanup(g, ctx)
@@ -53,13 +53,3 @@ def simplify(model, *, fold_bn: bool = True, propagate: bool = True, remove: boo
             err.report, err.model = report, result
             raise err
     return result, report
-
-
-def _name_nodes(g: Graph) -> None:
-    """Passes refer to nodes by name: make every name present and unique."""
-    seen = set()
-    for i, node in enumerate(g.g.node):
-        if not node.name or node.name in seen:
-            node.name = g.fresh_name(f"{node.op_type}_{i}")
-        seen.add(node.name)
-

@@ -30,7 +30,7 @@ import onnx
 from ..channels.core import build_channel_graph
 from ..channels.verdict import PINNED, judge
 from ..errors import OnnxPruneError
-from ..graph import Graph, attrs
+from ..graph import Graph, attrs, name_nodes
 from ..passes.base import Context
 from ..passes.cleanup import cleanup
 from ..passes.rearrange import immovable
@@ -142,7 +142,7 @@ def dependency_groups(model, dummy_input) -> DependencyGroups:
     onnx_model = _export_for_analysis(probe, args)
     owner = _owners(probe, onnx_model)
     g = Graph(onnx_model)
-    _name_nodes(g)
+    name_nodes(g)
     cleanup(g, Context())
     cg = build_channel_graph(g)
     roots = cg.roots()
@@ -162,8 +162,9 @@ def dependency_groups(model, dummy_input) -> DependencyGroups:
             slices_of.setdefault(root, []).append(
                 ParamSlice(module, param, (1 - axis) if transposed else axis, tuple(indices)))
     groups = []
+    weight_of = {n.name: n.input[1] for n in g.nodes if len(n.input) > 1}
     for b in buckets(g, cg):
-        layer_of = {name: owner.get(g_node_weight(g, name)) for name in b.layers}
+        layer_of = {name: owner.get(weight_of[name]) for name in b.layers}
         if any(v is None for v in layer_of.values()):
             missing = next(n for n, v in layer_of.items() if v is None)
             reason = f"{missing}: its weights are not a module parameter"
@@ -181,11 +182,6 @@ def dependency_groups(model, dummy_input) -> DependencyGroups:
     result = DependencyGroups(groups, unmapped)
     result._names = {id(m): n for n, m in model.named_modules()}
     return result
-
-
-def g_node_weight(g: Graph, node_name: str) -> str:
-    node = next(n for n in g.nodes if n.name == node_name)
-    return node.input[1]
 
 
 def _is_output_axis(s: ParamSlice, model) -> bool:
@@ -248,14 +244,6 @@ def _owners(probe, onnx_model) -> dict[str, tuple[tuple[str, str], bool]]:
             module, _, param = name.rpartition(".")
             owner[init.name] = ((module, param), transposed)
     return owner
-
-
-def _name_nodes(g: Graph) -> None:
-    seen = set()
-    for i, node in enumerate(g.g.node):
-        if not node.name or node.name in seen:
-            node.name = g.fresh_name(f"{node.op_type}_{i}")
-        seen.add(node.name)
 
 
 def _unmapped_constant(b, g, cg, roots, owner) -> str:
