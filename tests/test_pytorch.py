@@ -321,3 +321,32 @@ def test_importing_without_torch_says_how_to_install():
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert "onnxprune.pytorch needs PyTorch: pip install 'onnxprune[torch]'" in out.stdout, out.stderr
+
+
+class ConvsWithBias(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = torch.nn.Linear(8, 4)
+
+    def forward(self, x):
+        y = torch.relu(self.conv2(torch.relu(self.conv1(x))))
+        return self.fc(y.mean(dim=(2, 3)))
+
+
+@pytest.mark.parametrize("prune_bias", [False, True])
+def test_pruned_filters_keep_their_bias_unless_asked(prune_bias):
+    torch.manual_seed(0)
+    model, x = ConvsWithBias(), torch.randn(1, 3, 8, 8)
+    L1FilterPruner(model, [{"sparsity": 0.5, "op_names": ["conv1"]}], dummy_input=x, prune_bias=prune_bias).compress()
+    masks = current_masks(model)
+    rows = ~masks["conv1.weight"].reshape(8, -1).any(dim=1)
+    assert int(rows.sum()) == 4
+    if prune_bias:
+        assert torch.equal(masks["conv1.bias"], ~rows)
+    else:
+        assert "conv1.bias" not in masks
+    small, _ = speedup(model, x, exporter="torchscript", align=1)  # either way the channels go, exactly
+    assert_matches_torch(run_ort(small, x.numpy()), torch_out(model, x), rel=1e-4)
+    assert layer_weight_count(small) == 4 * 27 + 8 * 4 * 9 + 8 * 4
