@@ -208,7 +208,7 @@ class FilterPruner(Pruner):
             chosen = np.array(free)[criteria.lowest(scores[free], count)]
             row.pruned = len(chosen)
             for ci in chosen:
-                self._mask_channel(masks, group.channels[ci], torch)
+                self.mask_channel(masks, group.channels[ci], torch)
         return masks
 
     @staticmethod
@@ -219,13 +219,15 @@ class FilterPruner(Pruner):
             return m is not None and not bool(m.index_select(s.axis, _index(s.indices)).any())
         return np.array([bool(ch.producers) and all(masked(s) for s in ch.producers) for ch in group.channels], bool)
 
-    def _mask_channel(self, masks, channel: Channel, torch) -> None:
+    def mask_channel(self, masks, channel: Channel, torch) -> None:
+        """Mask one chosen channel: its producer rows (and biases with prune_bias). Subclasses that
+        prune elsewhere (Slim: the BN scale) override this."""
         for s in channel.producers:
-            self._zero(masks, s, torch)
+            self.zero_slice(masks, s, torch)
             if self.prune_bias and getattr(self.module(s.module), "bias", None) is not None:
-                self._zero(masks, ParamSlice(s.module, "bias", 0, s.indices), torch)
+                self.zero_slice(masks, ParamSlice(s.module, "bias", 0, s.indices), torch)
 
-    def _zero(self, masks, s: ParamSlice, torch) -> None:
+    def zero_slice(self, masks, s: ParamSlice, torch) -> None:
         name = f"{s.module}.{s.param}" if s.module else s.param
         if name not in masks:
             shape = getattr(self.module(s.module), s.param).shape
