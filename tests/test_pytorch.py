@@ -350,3 +350,21 @@ def test_pruned_filters_keep_their_bias_unless_asked(prune_bias):
     small, _ = speedup(model, x, exporter="torchscript", align=1)  # either way the channels go, exactly
     assert_matches_torch(run_ort(small, x.numpy()), torch_out(model, x), rel=1e-4)
     assert layer_weight_count(small) == 4 * 27 + 8 * 4 * 9 + 8 * 4
+
+
+@pytest.mark.parametrize("name", ["vit", "bert", "gpt", "llama"])
+def test_mlp_neurons_of_transformers_prune_in_pytorch_to_the_half_mlp_model(name):
+    """The MLP hidden width is a group (LLaMA's gate and up projections together): L1 at 0.5 on every
+    Linear leaves exactly the weights of the model built with half the MLP; heads and the residual
+    width stay (pinned)."""
+    from onnxprune.models.transformers import TRANSFORMERS
+
+    spec = TRANSFORMERS[name]
+    model, x = spec.build(), spec.example_input()
+    pruner = L1FilterPruner(model, [{"sparsity": 0.5, "op_types": ["Linear"]}], dummy_input=x)
+    pruner.compress()
+    assert {tuple(g.layers) for g in pruner.groups if g.free} == {
+        tuple(f"blocks.{i}.mlp.{p}" for p in (("gate", "up") if name == "llama" else ("fc1",))) for i in range(2)}
+    small, report = speedup(model, x, exporter="torchscript", align=1)
+    assert report.torch_parity.passed
+    assert layer_weight_count(small) == conv_linear_weight_count(spec.build(mlp=spec.mlp // 2))

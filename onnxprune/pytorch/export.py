@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import warnings
 
 import onnx
@@ -12,6 +13,18 @@ from ..errors import OnnxPruneError
 from .masks import baked_copy
 
 EXPORTERS = ("dynamo", "torchscript")
+
+
+@contextlib.contextmanager
+def _quiet_logger(name: str):
+    """The dynamo exporter logs a warning per torchvision op it cannot register: noise here."""
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def as_args(dummy_input) -> tuple:
@@ -28,7 +41,7 @@ def export_onnx(model, dummy_input, exporter: str = "dynamo", opset: int | None 
     clone = baked_copy(model).eval()
     args = as_args(dummy_input)
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), _quiet_logger("torch.onnx"):
             warnings.simplefilter("ignore")
             if exporter == "dynamo":
                 kwargs = {"opset_version": opset} if opset else {}

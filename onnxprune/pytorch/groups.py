@@ -139,11 +139,10 @@ def dependency_groups(model, dummy_input) -> DependencyGroups:
 
     probe, names = _probe_copy(model)
     args = dummy_input if isinstance(dummy_input, tuple) else (dummy_input,)
-    onnx_model = _export_for_analysis(probe, args)
-    owner = _owners(probe, onnx_model)
-    g = Graph(onnx_model)
+    g = Graph(_export_for_analysis(probe, args))
     name_nodes(g)
-    cleanup(g, Context())
+    cleanup(g, Context())  # folds the exporter's Transpose of a Linear weight: match after it
+    owner = _owners(probe, g.inits)
     cg = build_channel_graph(g)
     roots = cg.roots()
     classes = cg.classes()
@@ -226,7 +225,7 @@ def _digest(a: np.ndarray) -> str:
     return hashlib.sha1(np.ascontiguousarray(a).tobytes() + str(a.shape).encode()).hexdigest()
 
 
-def _owners(probe, onnx_model) -> dict[str, tuple[tuple[str, str], bool]]:
+def _owners(probe, inits: dict[str, np.ndarray]) -> dict[str, tuple[tuple[str, str], bool]]:
     """Initializer name -> ((module, parameter), transposed), matched by exact values."""
     by_value: dict[str, tuple[str, bool]] = {}
     for name, t in list(probe.named_parameters()) + list(probe.named_buffers()):
@@ -237,12 +236,12 @@ def _owners(probe, onnx_model) -> dict[str, tuple[tuple[str, str], bool]]:
         if a.ndim == 2:
             by_value.setdefault(_digest(a.T), (name, True))
     owner = {}
-    for init in onnx_model.graph.initializer:
-        hit = by_value.get(_digest(onnx.numpy_helper.to_array(init)))
+    for init, value in inits.items():
+        hit = by_value.get(_digest(value))
         if hit is not None:
             name, transposed = hit
             module, _, param = name.rpartition(".")
-            owner[init.name] = ((module, param), transposed)
+            owner[init] = ((module, param), transposed)
     return owner
 
 
@@ -312,35 +311,30 @@ def _conv_transpose_axes(node, g, cg):
 
 
 def _gemm_axes(node, g, cg):
+    return _matrix_axes(node, g, cg, trans_b=bool(int(attrs(node).get("transB", 0))), bias=True)
+
+
+def _matmul_axes(node, g, cg):
+    return _matrix_axes(node, g, cg, trans_b=False, bias=False)
+
+
+def _matrix_axes(node, g, cg, trans_b: bool, bias: bool):
+    """A [.., F] @ W (W [F, K], or [K, F] with trans_b) + C: W's K axis carries the output channels
+    (and a 1-D C with them), its F axis the input's."""
     w = g.inits.get(node.input[1])
     if w is None or w.ndim != 2:
         return []
-    trans_b = int(attrs(node).get("transB", 0))
     out_axis, in_axis = (0, 1) if trans_b else (1, 0)
     out = []
     cols = _slots(cg.space(node.output[0]), w.shape[out_axis])
     if cols is not None:
         out.append((node.input[1], out_axis, cols))
-        c = g.inits.get(node.input[2]) if len(node.input) > 2 else None
+        c = g.inits.get(node.input[2]) if bias and len(node.input) > 2 else None
         if c is not None and c.ndim == 1 and c.size == w.shape[out_axis]:
             out.append((node.input[2], 0, cols))
     rows = _slots(cg.space(node.input[0]), w.shape[in_axis])
     if rows is not None:
         out.append((node.input[1], in_axis, rows))
-    return out
-
-
-def _matmul_axes(node, g, cg):
-    w = g.inits.get(node.input[1])
-    if w is None or w.ndim != 2:
-        return []
-    out = []
-    cols = _slots(cg.space(node.output[0]), w.shape[1])
-    if cols is not None:
-        out.append((node.input[1], 1, cols))
-    rows = _slots(cg.space(node.input[0]), w.shape[0])
-    if rows is not None:
-        out.append((node.input[1], 0, rows))
     return out
 
 
