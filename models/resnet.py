@@ -59,6 +59,20 @@ class Bottleneck(nn.Module):
         return self.relu(self.conv3(self.conv2(self.conv1(x))) + identity)
 
 
+def stages(block, ch, in_base: int, widths: Sequence[int], depths: Sequence[int], groups: int = 1,
+           width_per_group: int = 64) -> tuple[nn.Sequential, int]:
+    """The residual stages: stage i has depths[i] blocks of widths[i] planes, its first block
+    strided (but for the first stage); returns them and the final base width."""
+    out = []
+    for i, (planes, n) in enumerate(zip(widths, depths)):
+        blocks = []
+        for j in range(n):
+            blocks.append(block(ch, in_base, planes, 2 if i > 0 and j == 0 else 1, groups, width_per_group))
+            in_base = planes * block.expansion
+        out.append(nn.Sequential(*blocks))
+    return nn.Sequential(*out), in_base
+
+
 class ResNet(nn.Module):
     def __init__(self, block: type[BasicBlock] | type[Bottleneck], layers: Sequence[int], width: float,
                  num_classes: int = 10, groups: int = 1, width_per_group: int = 64) -> None:
@@ -68,16 +82,7 @@ class ResNet(nn.Module):
             ConvBNAct(3, ch(64), 7, 2, padding=3),
             nn.MaxPool2d(3, 2, padding=1),
         )
-        in_base = 64
-        stages = []
-        for i, (planes, n) in enumerate(zip((64, 128, 256, 512), layers)):
-            blocks = []
-            for j in range(n):
-                stride = 2 if i > 0 and j == 0 else 1
-                blocks.append(block(ch, in_base, planes, stride, groups, width_per_group))
-                in_base = planes * block.expansion
-            stages.append(nn.Sequential(*blocks))
-        self.layers = nn.Sequential(*stages)
+        self.layers, in_base = stages(block, ch, 64, (64, 128, 256, 512), layers, groups, width_per_group)
         self.pool = GlobalPoolFlatten()
         self.fc = nn.Linear(ch(in_base), num_classes)
         init_weights(self)
@@ -105,3 +110,27 @@ def resnext(width: float = 0.125, num_classes: int = 10) -> ResNet:
 def wide_resnet(width: float = 0.125, num_classes: int = 10) -> ResNet:
     # Wide ResNet-50-2: bottleneck mid width doubled (width_per_group = 128).
     return ResNet(Bottleneck, (1, 2, 1, 1), width, num_classes, width_per_group=128).eval()
+
+
+class CifarResNet(nn.Module):
+    """CIFAR-style ResNet (He et al. 2016, section 4.2): conv3x3 16 -> 3 stages of BasicBlocks at
+    16 / 32 / 64 channels (strides 1, 2, 2) -> global pool -> fc, for 32x32 inputs. Shortcuts
+    that change shape are 1x1 conv + BN projections (option B)."""
+
+    def __init__(self, blocks_per_stage: int, width: float, num_classes: int = 10) -> None:
+        super().__init__()
+        ch = scaler(width)
+        self.stem = ConvBNAct(3, ch(16), 3, 1)
+        self.layers, in_base = stages(BasicBlock, ch, 16, (16, 32, 64), (blocks_per_stage,) * 3)
+        self.pool = GlobalPoolFlatten()
+        self.fc = nn.Linear(ch(in_base), num_classes)
+        init_weights(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.pool(self.layers(self.stem(x))))
+
+
+def resnet20(width: float = 1.0, num_classes: int = 10) -> CifarResNet:
+    # 3 stages x 3 BasicBlocks x 2 convs + stem + fc = 20 weighted layers (plus 2 projections).
+    # Not in ZOO (whose tests build every entry at a small width): build it directly.
+    return CifarResNet(3, width, num_classes).eval()

@@ -30,6 +30,7 @@ class OutputDiff:
     atol_needed: float   # the smallest atol that passes at the given rtol
     passed: bool
     top1: float | None = None  # agreement of argmax over the last axis, for [N, classes] outputs
+    nonfinite: int = 0         # NaN / inf in the reference (equal NaNs pass: the same function, but say so)
 
 
 @dataclass
@@ -47,6 +48,7 @@ class ParityReport:
         out = []
         for o in self.outputs:
             top1 = f"  top-1 agree {o.top1:.1%}" if o.top1 is not None else ""
+            top1 += f"  ({o.nonfinite} NaN/inf values in the reference)" if o.nonfinite else ""
             verdict = "ok" if o.passed else "FAIL"
             out.append(
                 f"{verdict:4} {o.name} {list(o.shape)}: max abs {o.max_abs:.3g}, max rel {o.max_rel:.3g}; "
@@ -167,8 +169,8 @@ def diff(name, shape, a, b, atol, rtol, pairs=()) -> OutputDiff:
     if a.shape != b.shape:
         return OutputDiff(name, shape, float("inf"), float("inf"), float("inf"), False)
     err = np.abs(a - b)
-    both_nan = np.isnan(a) & np.isnan(b)
-    err = np.where(both_nan, 0.0, err)
+    same_nonfinite = (np.isnan(a) & np.isnan(b)) | (np.isinf(b) & (a == b))
+    err = np.where(same_nonfinite, 0.0, err)
     scale = np.abs(b)
     rel = err / np.maximum(scale, np.finfo(np.float64).tiny)
     over_rtol = err > rtol * scale
@@ -181,4 +183,6 @@ def diff(name, shape, a, b, atol, rtol, pairs=()) -> OutputDiff:
     if len(shape) == 2 and shape[1] > 1:
         agree = [np.mean(np.argmax(c, axis=1) == np.argmax(r, axis=1)) for c, r in pairs]
         top1 = float(np.mean(agree)) if agree else None
-    return OutputDiff(name, tuple(shape), float(err.max(initial=0)), float(rel.max(initial=0)), atol_needed, passed, top1)
+    nonfinite = int((~np.isfinite(b)).sum())
+    return OutputDiff(name, tuple(shape), float(err.max(initial=0)), float(rel.max(initial=0)), atol_needed, passed, top1,
+                      nonfinite)
