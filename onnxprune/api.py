@@ -9,18 +9,20 @@ from dataclasses import dataclass
 from .arrays import read_masks, write_npz
 from .errors import ParityError
 from .files import FilePlan, Outputs
-from .graph import check_pins, load_model, save_model, tensor_signature, write_model
+from .graph import load_model, read_model, save_model, tensor_signature, write_model
 from .parity import DEFAULT_ATOL, DEFAULT_RTOL, ParityReport, compare, load_inputs
 from .report import ModelStats, Report, channel_summary
-from .simplify import simplify
+from .simplify import simplify, simplify_to
 
 
 def _inputs(inputs, model, what: str = "inputs"):
+    """Inputs as a list of feeds; a file is read against `model`'s signature (a ModelProto or a
+    path, which is read, validated, without its external data, only then)."""
     if inputs is None or isinstance(inputs, list):
         return inputs
     if isinstance(inputs, dict):
         return [inputs]
-    return load_inputs(inputs, model, what)
+    return load_inputs(inputs, read_model(model) if _is_path(model) else model, what)
 
 
 def _is_path(x) -> bool:
@@ -31,12 +33,9 @@ def simplify_file(src, dst, *, check: bool = True, inputs=None, progress=None, *
     """Simplify the model at `src` and write it atomically to `dst` (only if it passes the check)."""
     say = progress or (lambda msg: None)
     FilePlan().read_model(src).read(inputs if _is_path(inputs) else None, "the --inputs file").write_model(dst).check()
-    model = load_model(src)
-    say(f"loaded {src}: {len(model.graph.node)} nodes")
     t = time.perf_counter()
-    result, report = simplify(model, check=check, inputs=_inputs(inputs, model), **options)
+    report = simplify_to(src, dst, check=check, inputs=_inputs(inputs, src), **options)
     say(f"simplified in {time.perf_counter() - t:.2f} s" + (", parity checked" if check else " (parity check skipped)"))
-    save_model(result, dst)
     say(f"wrote {dst}")
     return report
 
@@ -44,7 +43,7 @@ def simplify_file(src, dst, *, check: bool = True, inputs=None, progress=None, *
 def check(reference, candidate, *, inputs=None, atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL,
           seed: int = 0) -> ParityReport:
     """Compare two models (paths or ModelProtos) on onnxruntime."""
-    ref, cand = load_model(reference), load_model(candidate)
+    ref, cand = (m if _is_path(m) and read_model(m) else load_model(m) for m in (reference, candidate))
     return compare(ref, cand, inputs=_inputs(inputs, ref), atol=atol, rtol=rtol, seed=seed)
 
 
@@ -85,14 +84,14 @@ def rearrange(model, *, check: bool = True, inputs=None, atol: float = DEFAULT_A
     similar filters); exact (parity-checked). Returns (ModelProto, number of layer groups permuted,
     ParityReport or None)."""
     from .passes.base import Context
-    from .passes.cleanup import cleaned_graph
-    from .passes.rearrange import rearrange_graph
+    from .pipeline import REARRANGE_ONLY, prepare
 
-    original = load_model(model)
+    original = model if _is_path(model) else load_model(model)
     ctx = Context()
-    g = cleaned_graph(original, ctx)
-    moved = rearrange_graph(g, ctx)
-    result = g.to_model()
+    g = prepare(original)
+    REARRANGE_ONLY(g, ctx)
+    moved = sum(e.what == "permute" for e in ctx.events)
+    result = g.to_model(copy=False)
     parity = None
     if check:
         parity = compare(original, result, inputs=_inputs(inputs, original), atol=atol, rtol=rtol, seed=seed)
@@ -140,11 +139,13 @@ class Inspection:
 
 
 def inspect(model, pins=()) -> Inspection:
-    from .passes.cleanup import cleaned_graph
+    from .passes.base import Context
+    from .pipeline import ANALYSIS, prepare
 
-    m = load_model(model)
-    check_pins(m.graph, pins)
-    return Inspection(ModelStats.of(m), channel_summary(cleaned_graph(m).to_model(), pins), tensor_signature(m))
+    g, stats = prepare(model, pins, stats=True)
+    io = tensor_signature(g.model)
+    ANALYSIS(g, Context(pins=set(pins)))
+    return Inspection(stats, channel_summary(g.channel_graph(pins)), io)
 
 
 __all__ = ["simplify", "simplify_file", "check", "inspect", "prune_file", "rearrange", "rearrange_file"]

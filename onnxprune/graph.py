@@ -7,6 +7,7 @@ writes them back. Nodes are the ModelProto's own NodeProtos, edited in place.
 from __future__ import annotations
 
 import contextlib
+import heapq
 import os
 from collections import defaultdict
 from pathlib import Path
@@ -25,28 +26,51 @@ SUPPORTED_OPSET = (7, 23)
 
 
 def load_model(src: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
-    """A private copy of the model, external data loaded; bad input raises OnnxPruneError."""
+    """A private copy of the model, external data loaded; bad input raises OnnxPruneError.
+    (Commands that only stream a model's weights use `read_model` and a Graph instead.)"""
     if isinstance(src, onnx.ModelProto):
         model = onnx.ModelProto()
         model.CopyFrom(src)
-        return _validated(model, "model")
-    path = Path(src)
+        return _validated(model, "model", too_big=not fits_in_protobuf(model))
+    model = read_model(src)
+    if has_external_data(model):
+        onnx.load_external_data_for_model(model, str(Path(src).parent))
+    return model
+
+
+def read_model(path: str | os.PathLike) -> onnx.ModelProto:
+    """The model at `path`, validated (the checker reads a model with external data by path), its
+    external tensors left on disk: `Graph(model, base_dir=path's folder)` maps them lazily."""
+    path = Path(path)
     if not path.exists():
         raise OnnxPruneError(f"{path}: no such file")
     if not path.is_file():
         raise OnnxPruneError(f"{path}: not a file")
     try:
-        model = onnx.load(str(path), load_external_data=True)
+        model = onnx.load(str(path), load_external_data=False)
     except Exception as e:  # protobuf raises DecodeError and friends
         raise OnnxPruneError(f"{path}: not a readable ONNX model ({_first_line(e)})") from None
-    return _validated(model, str(path), checkable=str(path))
+    return _validated(model, str(path), by_path=has_external_data(model))
 
 
-def _validated(model: onnx.ModelProto, what: str, checkable=None) -> onnx.ModelProto:
+def has_external_data(model: onnx.ModelProto) -> bool:
+    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+
+
+def fits_in_protobuf(model: onnx.ModelProto) -> bool:
+    """protobuf (upb) refuses to size or serialize a message over 2 GB: it raises."""
+    try:
+        return model.ByteSize() <= PROTOBUF_LIMIT - 2**20
+    except Exception:
+        return False
+
+
+def _validated(model: onnx.ModelProto, what: str, by_path: bool = False, too_big: bool = False) -> onnx.ModelProto:
     if not model.graph.node:
         raise OnnxPruneError(f"{what}: not an ONNX model (empty graph)")
-    try:  # the checker takes a path for models over 2 GB (external data)
-        onnx.checker.check_model(checkable if checkable and model.ByteSize() > PROTOBUF_LIMIT else model, full_check=False)
+    try:  # by path, the checker resolves external data itself and never serializes the model; an
+        # in-memory model over 2 GB can only be checked without its weights
+        onnx.checker.check_model(what if by_path else weightless(model) if too_big else model, full_check=False)
     except Exception as e:
         raise OnnxPruneError(f"{what}: invalid ONNX model ({_first_line(e)})") from None
     opset = default_opset(model)
@@ -115,13 +139,63 @@ def write_model(model: onnx.ModelProto, path: str | os.PathLike) -> None:
     """Write a model to `path` (not atomically: give it an `Outputs` path)."""
     path = Path(path)
     model = _with_supported_ir(model)
-    if model.ByteSize() > PROTOBUF_LIMIT - 2**20:  # onnx moves the tensors out of the proto it saves: save a copy
+    if not fits_in_protobuf(model):  # onnx moves the tensors out of the proto it saves: save a copy
         copy = onnx.ModelProto()
         copy.CopyFrom(model)
         onnx.save_model(copy, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=path.name + EXTERNAL_DATA_SUFFIX, size_threshold=1024)
     else:
         onnx.save_model(model, str(path))
+
+
+# a model whose weights exceed this is written with external data (<name>.data); below it,
+# one protobuf file. A module constant so that tests can take the external path with small models.
+EXTERNAL_DATA_THRESHOLD = PROTOBUF_LIMIT - 2**26
+EXTERNAL_MIN_BYTES = 1024   # smaller tensors stay inside the model file
+EXTERNAL_ALIGN = 4096       # page-aligned offsets let onnxruntime map tensors instead of copying
+
+
+def write_graph(g: "Graph", path: str | os.PathLike) -> None:
+    """Write the Graph's model to `path` (an `Outputs` path) with one serialization: weights over
+    EXTERNAL_DATA_THRESHOLD are streamed tensor by tensor to `<name>.data`, never held as one
+    message."""
+    path = Path(path)
+    total = sum(int(a.nbytes) for a in g.inits.values())
+    if total <= EXTERNAL_DATA_THRESHOLD:
+        onnx.save_model(_with_supported_ir(g.to_model(copy=False)), str(path))
+        return
+    data = path.with_name(path.name + EXTERNAL_DATA_SUFFIX)
+    with open(data, "wb") as f:
+        model = g.to_model(copy=False, external=_ExternalWriter(f, data.name))
+    onnx.save_model(_with_supported_ir(model), str(path))
+
+
+class _ExternalWriter:
+    def __init__(self, f, location: str):
+        self.f, self.location = f, location
+
+    def tensor(self, name: str, arr: np.ndarray) -> onnx.TensorProto:
+        arr = np.asarray(arr)
+        if arr.nbytes < EXTERNAL_MIN_BYTES:
+            return numpy_helper.from_array(np.asarray(arr, order="C"), name)
+        offset = -self.f.tell() % EXTERNAL_ALIGN
+        self.f.write(b"\0" * offset)
+        offset = self.f.tell()
+        for chunk in _chunks(np.ascontiguousarray(arr).reshape(-1)):
+            self.f.write(chunk.astype(chunk.dtype.newbyteorder("<"), copy=False).tobytes())
+        t = onnx.TensorProto()
+        t.name, t.data_type = name, helper.np_dtype_to_tensor_dtype(arr.dtype)
+        t.dims.extend(arr.shape)
+        t.data_location = onnx.TensorProto.EXTERNAL
+        for key, value in (("location", self.location), ("offset", str(offset)), ("length", str(arr.nbytes))):
+            entry = t.external_data.add()
+            entry.key, entry.value = key, value
+        return t
+
+
+def _chunks(flat: np.ndarray, size: int = 1 << 24):
+    for start in range(0, flat.size, size):
+        yield flat[start: start + size]
 
 
 def _with_supported_ir(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -177,49 +251,139 @@ def set_attr(node: onnx.NodeProto, name: str, value) -> None:
 
 
 class Graph:
-    """Mutable working view of a model for the passes."""
+    """Mutable working view of a model for the passes, with a use–def index.
 
-    def __init__(self, model: onnx.ModelProto):
+    Nodes are the model's NodeProtos, edited in place; `producer`/`consumers`/`uses` are O(1) and
+    kept up to date by every edit made through this class (`set_input`, `set_output`,
+    `insert_after`, `remove_node`, `rename_input_everywhere`, `set_input_const`). Inserts and
+    removals are applied to the node order lazily, in one pass, the next time `nodes` is read, so
+    a pass that edits node by node stays linear. Initializers live as numpy arrays in `inits`;
+    `to_model()` writes everything back."""
+
+    def __init__(self, model: onnx.ModelProto, base_dir: str | os.PathLike | None = None):
+        """Takes ownership of `model`: its nodes are edited in place and its initializer protos
+        are released once they are arrays (`to_model` writes them back). External tensors are
+        memory-mapped copy-on-write from `base_dir` (the model file's folder), so a model over
+        2 GB is never read whole: only the tensors a pass touches are paged in."""
         self.model = model
         self.g = model.graph
-        self.inits: dict[str, np.ndarray] = {t.name: numpy_helper.to_array(t) for t in self.g.initializer}
+        self._init_dtypes = {t.name: t.data_type for t in self.g.initializer}
+        self.inits: dict[str, np.ndarray] = {}
+        while self.g.initializer:  # from the end: each proto is freed as soon as it is an array
+            t = self.g.initializer[-1]
+            self.inits[t.name] = tensor_array(t, base_dir)
+            del self.g.initializer[-1]
+        self.inits = dict(reversed(self.inits.items()))
         self.input_names = [i.name for i in self.g.input if i.name not in self.inits]
         # an initializer also listed as a graph input is only a default the caller may override:
         # never treat it as a constant we can fold or reshape
         self.overridable = {i.name for i in self.g.input if i.name in self.inits}
         self.output_names = [o.name for o in self.g.output]
-        self._names = {n for node in self.g.node for n in list(node.input) + list(node.output)} | set(self.inits)
         self._shapes: dict[str, tuple] | None = None
+        self._channel_graphs: dict[frozenset, object] = {}
+        self._load_nodes()
 
     # --- structure -------------------------------------------------------------------
+    def _load_nodes(self) -> None:
+        self._nodes: list[onnx.NodeProto] = list(self.g.node)
+        self._after: dict[int, list[onnx.NodeProto]] = {}   # id(anchor) -> nodes to insert after it
+        self._dropped: set[int] = set()                      # ids of nodes to drop
+        self._producer: dict[str, onnx.NodeProto] = {}
+        self._consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+        for n in self._nodes:
+            self._index(n)
+        self._names = set(self._producer) | set(self._consumers) | set(self.inits)
+
+    def _index(self, n: onnx.NodeProto) -> None:
+        for o in n.output:
+            if o:
+                self._producer[o] = n
+        for i in n.input:
+            if i:
+                self._consumers[i].append(n)
+
+    def _unindex(self, n: onnx.NodeProto) -> None:
+        for o in n.output:
+            if o and self._producer.get(o) is n:
+                del self._producer[o]
+        for i in n.input:
+            if i:
+                self._drop_use(i, n)
+
+    def _drop_use(self, name: str, n: onnx.NodeProto) -> None:
+        users = self._consumers.get(name, [])
+        for k, u in enumerate(users):
+            if u is n:
+                del users[k]
+                break
+
     @property
     def nodes(self) -> list[onnx.NodeProto]:
-        return list(self.g.node)
+        """The nodes in graph order (a snapshot: editing while iterating over it is safe)."""
+        self._flush()
+        return list(self._nodes)
+
+    def _flush(self) -> None:
+        if not self._after and not self._dropped:
+            return
+        out: list[onnx.NodeProto] = []
+
+        def place(n):
+            if id(n) not in self._dropped:
+                out.append(n)
+            for m in self._after.pop(id(n), ()):
+                place(m)
+
+        for n in self._nodes:
+            place(n)
+        self._nodes, self._dropped = out, set()
+
+    def producer(self, name: str) -> onnx.NodeProto | None:
+        return self._producer.get(name)
 
     def producers(self) -> dict[str, onnx.NodeProto]:
-        return {o: n for n in self.g.node for o in n.output if o}
+        """tensor -> the node writing it (the live index: read it, do not edit it)."""
+        return self._producer
 
     def consumers(self) -> dict[str, list[onnx.NodeProto]]:
-        users = defaultdict(list)
-        for n in self.g.node:
-            for i in n.input:
-                if i:
-                    users[i].append(n)
-        return users
+        """tensor -> the nodes reading it, once per input slot (the live index: read only)."""
+        return self._consumers
 
     def uses(self, name: str) -> int:
-        count = sum(1 for n in self.g.node for i in n.input if i == name)
-        return count + (name in self.output_names)
+        return len(self._consumers.get(name, ())) + (name in self.output_names)
 
     @property
     def shapes(self) -> dict[str, tuple]:
+        """Static shapes from ONNX shape inference on a weightless view, computed once per change."""
         if self._shapes is None:
-            self._shapes = static_shapes(self.to_model(copy=False))
+            self._shapes = static_shapes(self.weightless())
         return self._shapes
 
     def invalidate_shapes(self) -> None:
         self._shapes = None
         del self.g.value_info[:]
+
+    def changed(self) -> None:
+        """The graph was edited: drop everything derived from it (the pipeline runner calls this
+        when a pass reports a change; a pass never needs to)."""
+        self.invalidate_shapes()
+        self._channel_graphs.clear()
+
+    def channel_graph(self, pins=frozenset()):
+        """The channel graph of the graph as it is now, built once per change and shared by the
+        passes of a round and the report."""
+        from .channels.core import build_channel_graph
+
+        key = frozenset(pins)
+        if key not in self._channel_graphs:
+            self._channel_graphs[key] = build_channel_graph(self, set(key))
+        return self._channel_graphs[key]
+
+    def weightless(self) -> onnx.ModelProto:
+        """The graph with large initializers replaced by graph inputs of their type and shape:
+        what shape inference needs (small ones keep their values: reshape shapes, slice bounds)."""
+        self._flush()
+        return _weightless(self.model, self._nodes, self.inits.items())
 
     def fresh_name(self, base: str) -> str:
         name, i = base, 0
@@ -244,35 +408,62 @@ class Graph:
             return
         name = self.fresh_name(base or (old or f"{node.name or node.op_type}_in{index}"))
         self.inits[name] = value
-        while len(node.input) <= index:
-            node.input.append("")
-        node.input[index] = name
+        self.set_input(node, index, name)
 
     # --- editing ---------------------------------------------------------------------
+    def set_input(self, node: onnx.NodeProto, index: int, name: str) -> None:
+        while len(node.input) <= index:
+            node.input.append("")
+        old = node.input[index]
+        if old:
+            self._drop_use(old, node)
+        node.input[index] = name
+        if name:
+            self._consumers[name].append(node)
+            self._names.add(name)
+
+    def set_output(self, node: onnx.NodeProto, index: int, name: str) -> None:
+        old = node.output[index]
+        if old and self._producer.get(old) is node:
+            del self._producer[old]
+        node.output[index] = name
+        if name:
+            self._producer[name] = node
+            self._names.add(name)
+
     def insert_after(self, node: onnx.NodeProto, new_nodes: list[onnx.NodeProto]) -> None:
-        nodes = list(self.g.node)
-        at = nodes.index(node) + 1
-        for k, n in enumerate(new_nodes):
-            self.g.node.insert(at + k, n)
+        self._after.setdefault(id(node), []).extend(new_nodes)
+        for n in new_nodes:
+            self._index(n)
+            self._names.update(x for x in list(n.input) + list(n.output) if x)
 
     def remove_node(self, node: onnx.NodeProto) -> None:
-        self.g.node.remove(node)
+        self._unindex(node)
+        self._dropped.add(id(node))
 
     def rename_input_everywhere(self, old: str, new: str) -> None:
-        for n in self.g.node:
+        for n in list(self._consumers.get(old, ())):
             for k, i in enumerate(n.input):
                 if i == old:
-                    n.input[k] = new
+                    self.set_input(n, k, new)
 
-    def to_model(self, copy: bool = True) -> onnx.ModelProto:
-        """Write initializers back (dropping unused ones) and return the ModelProto."""
-        used = {i for n in self.g.node for i in n.input} | set(self.output_names)
-        used |= {i for n in self.g.node for i in _subgraph_inputs(n)}
-        dtypes = {t.name: t.data_type for t in self.g.initializer}
+    def topo_sort(self) -> None:
+        """Sort the nodes topologically (ONNX requires it; passes that insert nodes rely on it)."""
+        self._nodes = _topological(self.nodes, {i.name for i in self.g.input} | set(self.inits) | {""})
+
+    def to_model(self, copy: bool = True, external: "_ExternalWriter | None" = None) -> onnx.ModelProto:
+        """Write nodes and initializers back (dropping unused initializers) and return the ModelProto;
+        with `external`, large tensors go to its data file instead of into the proto."""
+        nodes = self.nodes
+        used = {i for n in nodes for i in n.input} | set(self.output_names)
+        used |= {i for n in nodes for i in _subgraph_inputs(n)}
+        dtypes = self._init_dtypes
+        del self.g.node[:]
+        self.g.node.extend(nodes)
         del self.g.initializer[:]
         for name, arr in self.inits.items():
             if name in used:
-                t = numpy_helper.from_array(np.asarray(arr, order="C"), name)  # keeps 0-d scalars 0-d
+                t = external.tensor(name, arr) if external else numpy_helper.from_array(np.asarray(arr, order="C"), name)
                 if name in dtypes and t.data_type != dtypes[name]:
                     raise AssertionError(f"initializer {name} changed dtype")
                 self.g.initializer.append(t)
@@ -281,11 +472,73 @@ class Graph:
         if len(keep_inputs) != len(self.g.input):
             del self.g.input[:]
             self.g.input.extend(keep_inputs)
+        self._load_nodes()  # the container holds copies now: index those
         if copy:
             out = onnx.ModelProto()
             out.CopyFrom(self.model)
             return out
         return self.model
+
+
+SMALL_CONSTANT = 64  # initializers up to this many elements keep their values in the weightless view
+
+
+def weightless(model: onnx.ModelProto) -> onnx.ModelProto:
+    """`model` with its large initializers turned into typed graph inputs (see Graph.weightless);
+    the tensors' data is never read, so this works on models with external data too."""
+    def arrays():
+        for t in model.graph.initializer:
+            if int(np.prod(t.dims)) <= SMALL_CONSTANT and t.data_location != onnx.TensorProto.EXTERNAL:
+                yield t.name, numpy_helper.to_array(t)
+            else:
+                yield t.name, _Placeholder(t)
+    return _weightless(model, model.graph.node, arrays())
+
+
+class _Placeholder:
+    """A tensor's type and shape without its data."""
+    def __init__(self, t: onnx.TensorProto):
+        self.size, self.shape, self.elem_type = int(np.prod(t.dims)), tuple(t.dims), t.data_type
+
+
+def _weightless(model, nodes, named_arrays) -> onnx.ModelProto:
+    view = onnx.ModelProto()
+    for field in ("ir_version", "producer_name", "domain", "model_version"):
+        setattr(view, field, getattr(model, field))
+    view.opset_import.extend(model.opset_import)
+    view.functions.extend(model.functions)
+    g = view.graph
+    g.name = model.graph.name
+    g.node.extend(nodes)
+    g.input.extend(model.graph.input)
+    g.output.extend(model.graph.output)
+    g.value_info.extend(model.graph.value_info)
+    listed = {i.name for i in model.graph.input}
+    for name, arr in named_arrays:
+        if arr.size <= SMALL_CONSTANT and isinstance(arr, np.ndarray):
+            g.initializer.append(numpy_helper.from_array(np.asarray(arr, order="C"), name))
+        elif name not in listed:
+            elem = arr.elem_type if isinstance(arr, _Placeholder) else helper.np_dtype_to_tensor_dtype(arr.dtype)
+            g.input.append(helper.make_tensor_value_info(name, elem, arr.shape))
+    return view
+
+
+def tensor_array(t: onnx.TensorProto, base_dir=None) -> np.ndarray:
+    """The tensor as a numpy array; external data is memory-mapped copy-on-write (writes stay
+    private to this process, the file is never changed)."""
+    if t.data_location != onnx.TensorProto.EXTERNAL:
+        return numpy_helper.to_array(t)
+    info = {e.key: e.value for e in t.external_data}
+    dtype = helper.tensor_dtype_to_np_dtype(t.data_type)
+    shape = tuple(t.dims)
+    count = int(np.prod(shape))
+    path = Path(base_dir or ".") / info["location"]
+    if count == 0 or dtype.kind not in "fiub" or dtype.itemsize * count != int(info.get("length", dtype.itemsize * count)):
+        return numpy_helper.to_array(t, str(base_dir or "."))
+    try:
+        return np.asarray(np.memmap(path, dtype=dtype, mode="c", offset=int(info.get("offset", 0)), shape=shape))
+    except (OSError, ValueError) as e:
+        raise OnnxPruneError(f"{path}: cannot read the external data of {t.name} ({_first_line(e)})") from None
 
 
 def _subgraph_inputs(node: onnx.NodeProto):
@@ -301,36 +554,35 @@ def _subgraph_inputs(node: onnx.NodeProto):
 def name_nodes(g: "Graph") -> None:
     """Passes refer to nodes by name: make every name present and unique."""
     seen = set()
-    for i, node in enumerate(g.g.node):
+    for i, node in enumerate(g.nodes):
         if not node.name or node.name in seen:
             node.name = g.fresh_name(f"{node.op_type}_{i}")
         seen.add(node.name)
 
 
-def topo_sort(g: onnx.GraphProto, constants=()) -> None:
-    """Sort nodes topologically in place (ONNX requires it; passes that insert nodes rely on it)."""
-    nodes = list(g.node)
-    produced = _all_outputs(nodes)
-    available = {i.name for i in g.input} | {t.name for t in g.initializer} | set(constants) | {""}
+def _topological(nodes: list[onnx.NodeProto], available: set[str]) -> list[onnx.NodeProto]:
+    """Kahn's algorithm, taking ready nodes in their current order (a sorted graph stays as it is)."""
+    producer = {o: k for k, n in enumerate(nodes) for o in n.output if o}
+    readers: dict[int, list[int]] = defaultdict(list)
+    waiting = [0] * len(nodes)
+    for k, n in enumerate(nodes):
+        for name in {*n.input, *_subgraph_inputs(n)} - available:
+            if name in producer and producer[name] != k:
+                readers[producer[name]].append(k)
+                waiting[k] += 1
+            elif name not in producer and name in n.input:
+                raise OnnxPruneError(f"node {n.name or n.op_type} reads {name}, which nobody produces")
+    ready = [k for k, w in enumerate(waiting) if w == 0]
+    heapq.heapify(ready)
     done: list[onnx.NodeProto] = []
-    pending = nodes
-    while pending:
-        progress = False
-        rest = []
-        for n in pending:
-            outer = set(_subgraph_inputs(n))
-            if all(i in available for i in n.input) and all(i in available or i not in produced for i in outer):
-                done.append(n)
-                available.update(n.output)
-                progress = True
-            else:
-                rest.append(n)
-        if not progress:
-            raise OnnxPruneError("graph has a cycle or reads a tensor nobody produces: " + rest[0].name)
-        pending = rest
-    del g.node[:]
-    g.node.extend(done)
-
-
-def _all_outputs(nodes):
-    return {o for n in nodes for o in n.output}
+    while ready:
+        k = heapq.heappop(ready)
+        done.append(nodes[k])
+        for r in readers.pop(k, ()):
+            waiting[r] -= 1
+            if waiting[r] == 0:
+                heapq.heappush(ready, r)
+    if len(done) != len(nodes):
+        stuck = next(n for k, n in enumerate(nodes) if waiting[k])
+        raise OnnxPruneError("graph has a cycle: " + (stuck.name or stuck.op_type))
+    return done

@@ -5,6 +5,7 @@ also stay below rtol × the output's largest magnitude (or atol/100)."""
 
 from __future__ import annotations
 
+import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +16,7 @@ import onnx
 from . import checks
 from .arrays import read_arrays
 from .errors import OnnxPruneError
-from .graph import PROTOBUF_LIMIT, save_model, serialize
+from .graph import fits_in_protobuf, save_model, serialize
 
 DEFAULT_ATOL = 1e-4
 DEFAULT_RTOL = 1e-3
@@ -63,7 +64,9 @@ class ParityReport:
         }
 
 
-def session(model: onnx.ModelProto, threads: int = 1, optimize: bool = False):
+def session(model, threads: int = 1, optimize: bool = False):
+    """An onnxruntime CPU session for a ModelProto or a model file (read by onnxruntime itself,
+    external data included: nothing is serialized here)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -72,13 +75,23 @@ def session(model: onnx.ModelProto, threads: int = 1, optimize: bool = False):
     so.inter_op_num_threads = 1
     so.log_severity_level = 3
     try:
-        if model.ByteSize() > PROTOBUF_LIMIT - 2**20:  # over 2 GB: onnxruntime reads it from disk
+        if isinstance(model, (str, os.PathLike)):
+            return ort.InferenceSession(os.fspath(model), so, providers=["CPUExecutionProvider"])
+        if not fits_in_protobuf(model):  # over 2 GB: onnxruntime reads it from disk
             with tempfile.TemporaryDirectory() as tmp:
                 save_model(model, Path(tmp) / "model.onnx")
                 return ort.InferenceSession(str(Path(tmp) / "model.onnx"), so, providers=["CPUExecutionProvider"])
         return ort.InferenceSession(serialize(model), so, providers=["CPUExecutionProvider"])
     except Exception as e:
         raise OnnxPruneError(f"onnxruntime cannot load the model: {str(e).splitlines()[0][:300]}") from None
+
+
+def signature_of(model) -> onnx.ModelProto:
+    """A model to read inputs and outputs from: the proto itself, or a file's proto without its
+    external data."""
+    if isinstance(model, (str, os.PathLike)):
+        return onnx.load(os.fspath(model), load_external_data=False)
+    return model
 
 
 def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
@@ -146,23 +159,28 @@ def run(sess, feeds) -> list[np.ndarray]:
         raise OnnxPruneError(f"onnxruntime failed to run the model: {str(e).splitlines()[0][:300]}") from None
 
 
-def compare(reference: onnx.ModelProto, candidate: onnx.ModelProto, inputs: list[dict] | None = None,
+def compare(reference, candidate, inputs: list[dict] | None = None,
             atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL, seed: int = 0, batches: int = 2) -> ParityReport:
+    """Run both models (ModelProtos or files) on the same inputs, one session at a time."""
     atol, rtol = checks.tolerance(atol, "atol"), checks.tolerance(rtol, "rtol")
     if inputs is None:
-        inputs = [random_inputs(reference, checks.seed(seed) + b) for b in range(batches)]
-    ref_sess, cand_sess = session(reference), session(candidate)
-    names = [o.name for o in ref_sess.get_outputs()]
-    if names != [o.name for o in cand_sess.get_outputs()]:
-        raise OnnxPruneError("the two models have different outputs: " f"{names} vs {[o.name for o in cand_sess.get_outputs()]}")
-    ref_out = [run(ref_sess, f) for f in inputs]
-    cand_out = [run(cand_sess, f) for f in inputs]
+        ref_model = signature_of(reference)
+        inputs = [random_inputs(ref_model, checks.seed(seed) + b) for b in range(batches)]
+    names, ref_out = _outputs(reference, inputs)
+    cand_names, cand_out = _outputs(candidate, inputs)
+    if names != cand_names:
+        raise OnnxPruneError(f"the two models have different outputs: {names} vs {cand_names}")
     report = ParityReport(atol, rtol, len(inputs))
     for k, name in enumerate(names):
         a = np.concatenate([np.asarray(r[k], np.float64).reshape(1, -1) for r in cand_out], axis=1)
         b = np.concatenate([np.asarray(r[k], np.float64).reshape(1, -1) for r in ref_out], axis=1)
         report.outputs.append(diff(name, np.shape(ref_out[0][k]), a, b, atol, rtol, [(c[k], r[k]) for c, r in zip(cand_out, ref_out)]))
     return report
+
+
+def _outputs(model, inputs) -> tuple[list[str], list[list[np.ndarray]]]:
+    sess = session(model)
+    return [o.name for o in sess.get_outputs()], [run(sess, f) for f in inputs]
 
 
 def diff(name, shape, a, b, atol, rtol, pairs=()) -> OutputDiff:

@@ -9,9 +9,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from .graph import Graph, attrs, default_opset, static_shapes
+from .graph import default_opset, fits_in_protobuf, static_shapes, weightless
+from .layers import io_channels, is_linear
+from .layers import macs as layer_macs
 
-LAYERS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 
 @dataclass
@@ -25,18 +26,34 @@ class ModelStats:
 
     @classmethod
     def of(cls, model: onnx.ModelProto) -> "ModelStats":
-        shapes = static_shapes(model)
+        """Statistics of a model whose weights may be external (their data is never read)."""
+        shapes = static_shapes(weightless(model))
         params = sum(int(np.prod(t.dims)) for t in model.graph.initializer)
         ops = Counter(n.op_type for n in model.graph.node)
         constant = _constant_tensors(model)
         macs, layers = 0, {}
         for n in model.graph.node:
             w = shapes.get(n.input[1]) if len(n.input) > 1 and n.input[1] in constant else None
-            if n.op_type in LAYERS and w is not None and all(d is not None for d in w):
-                m, io = layer_macs(n, shapes, list(w))
-                macs += m
-                layers[n.name] = io
-        return cls(dict(sorted(ops.items())), params, macs, model.ByteSize(), default_opset(model), layers)
+            if is_linear(n) and w is not None and all(d is not None for d in w):
+                macs += layer_macs(n, shapes, list(w))
+                layers[n.name] = io_channels(n, list(w))
+        return cls(dict(sorted(ops.items())), params, macs, model_bytes(model), default_opset(model), layers)
+
+
+def model_bytes(model: onnx.ModelProto) -> int:
+    """The model's size on disk: the proto plus its external data (summed per part when the
+    proto is over 2 GB, which protobuf cannot size)."""
+    external = sum(_tensor_bytes(t) for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL)
+    if fits_in_protobuf(model):
+        return model.ByteSize() + external
+    return external + sum(p.ByteSize() for p in [*model.graph.initializer, *model.graph.node])
+
+
+def _tensor_bytes(t: onnx.TensorProto) -> int:
+    length = next((e.value for e in t.external_data if e.key == "length"), None)
+    if length is not None:
+        return int(length)
+    return int(np.prod(t.dims)) * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
 
 
 def _constant_tensors(model: onnx.ModelProto) -> set[str]:
@@ -47,35 +64,6 @@ def _constant_tensors(model: onnx.ModelProto) -> set[str]:
         if n.input and all(i in const for i in n.input if i) and n.op_type not in ("RandomNormal", "RandomUniform"):
             const.update(o for o in n.output if o)
     return const
-
-
-def _per_item(shape):
-    """A dynamic leading (batch) dim counts as 1: MACs are reported per input item then."""
-    return None if shape is None else tuple(1 if d is None and i == 0 else d for i, d in enumerate(shape))
-
-
-def layer_macs(node, shapes, w) -> tuple[int, tuple[int, int]]:
-    out = _per_item(shapes.get(node.output[0]))
-    a = attrs(node)
-    static = out is not None and all(d is not None for d in out)
-    if node.op_type == "Conv":
-        g = int(a.get("group", 1))
-        io = (w[1] * g, w[0])
-        macs = int(np.prod(out)) * w[1] * int(np.prod(w[2:])) if static else 0
-    elif node.op_type == "ConvTranspose":
-        g = int(a.get("group", 1))
-        inp = _per_item(shapes.get(node.input[0]))
-        io = (w[0], w[1] * g)
-        ok = inp is not None and all(d is not None for d in inp)
-        macs = int(np.prod(inp)) * w[1] * int(np.prod(w[2:])) if ok else 0
-    elif node.op_type == "Gemm":
-        trans_b = int(a.get("transB", 0))
-        io = (w[1], w[0]) if trans_b else (w[0], w[1])
-        macs = int(np.prod(out)) * io[0] if static else 0
-    else:  # MatMul with a 2-D constant
-        io = (w[0], w[-1])
-        macs = int(np.prod(out)) * w[0] if static else 0
-    return macs, io
 
 
 @dataclass
@@ -160,13 +148,11 @@ class Report:
         return json.dumps(self.as_dict(), indent=2, default=lambda o: list(o) if isinstance(o, tuple) else str(o))
 
 
-def channel_summary(model: onnx.ModelProto, pins=()) -> dict:
-    """Count channel classes by verdict and group the pin / keep reasons (for reports and inspect)."""
-    from .channels.core import build_channel_graph
+def channel_summary(cg) -> dict:
+    """Count a channel graph's classes by verdict and group the pin / keep reasons (for reports
+    and inspect)."""
     from .channels.verdict import BLOCKED, PINNED, judge
 
-    g = Graph(model)
-    cg = build_channel_graph(g, set(pins))
     by_kind, pinned, blocked = Counter(), Counter(), Counter()
     for cls in cg.classes().values():
         v = judge(cls, cg)

@@ -1,22 +1,26 @@
-"""The simplify pipeline: cleanup → fold BN → (propagate constants → remove dead channels →
-cleanup) to a fixed point → parity gate."""
+"""The simplify command: prepare → the simplify pipeline (cleanup → fold BN → (propagate
+constants → remove dead channels → cleanup) to a fixed point) → report → parity gate.
+
+`simplify(model)` works in memory and returns a ModelProto. `simplify_to(src, dst)` is the path
+route the CLI takes: the input's weights are memory-mapped, the result is serialized once (into
+the output's temporary path, with external data when large), and onnxruntime compares the two
+files from disk, one session at a time, so no step holds the model twice in memory."""
 
 from __future__ import annotations
 
+import os
 import time
 
 import onnx
 
 from . import checks
 from .errors import ParityError
-from .graph import Graph, check_pins, load_model, name_nodes
+from .files import Outputs
+from .graph import Graph, write_graph
 from .parity import DEFAULT_ATOL, DEFAULT_RTOL, compare
-from .passes.base import Context, run_to_fixed_point
-from .passes.cleanup import cleanup
-from .passes.fold_bn import fold_bn as fold_bn_pass
-from .passes.propagate_constants import propagate_constants
-from .passes.remove_channels import remove_channels
-from .report import Report, channel_summary
+from .passes.base import Context
+from .pipeline import prepare, simplify_pipeline
+from .report import ModelStats, Report, channel_summary
 
 
 def simplify(model, *, fold_bn: bool = True, propagate: bool = True, remove: bool = True,
@@ -29,27 +33,44 @@ def simplify(model, *, fold_bn: bool = True, propagate: bool = True, remove: boo
     (onnxruntime's blocked conv kernels are much faster then); align=1 removes every dead channel.
     Returns the new model and a Report. With `check` (the default) the result is compared with
     the input on onnxruntime and ParityError (carrying the report) is raised if they differ."""
-    original = load_model(model)
-    start = time.perf_counter()
-    g = Graph(load_model(original))
-    name_nodes(g)
-    ctx = Context(pins=set(pins), align=checks.positive_int(align, "align"))
-    check_pins(g.g, pins)
-    cleanup(g, ctx)
-    if fold_bn:
-        fold_bn_pass(g, ctx)
-    passes = ([propagate_constants] if propagate else []) + ([remove_channels] if remove else [])
-    if passes:
-        run_to_fixed_point(passes + [cleanup], g, ctx)
-    result = g.to_model()
-    del result.graph.value_info[:]
-    seconds = time.perf_counter() - start
-    report = Report.build(original, result, ctx.events, seconds, channel_summary(result, ctx.pins))
+    g, report = _run(model, fold_bn, propagate, remove, pins, align)
+    result = g.to_model(copy=False)
+    report.after = ModelStats.of(result)
     if check:
-        report.parity = compare(original, result, inputs=inputs, atol=atol, rtol=rtol, seed=seed)
-        if not report.parity.passed:
-            err = ParityError("simplified model differs from the input: " + "; ".join(
-                line for line in report.parity.lines() if line.startswith("FAIL")))
-            err.report, err.model = report, result
-            raise err
+        _gate(report, model, result, inputs, atol, rtol, seed)
     return result, report
+
+
+def simplify_to(src, dst, *, check: bool = True, inputs: list[dict] | None = None,
+                atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL, seed: int = 0,
+                fold_bn: bool = True, propagate: bool = True, remove: bool = True, pins=(),
+                align: int = 8) -> Report:
+    """Simplify the model file `src` into `dst`, written atomically and only if it passes the check."""
+    g, report = _run(os.fspath(src), fold_bn, propagate, remove, pins, align)
+    with Outputs() as out:
+        path = out.path(dst)
+        write_graph(g, path)
+        report.after = ModelStats.of(g.model)
+        del g  # onnxruntime reads both models from disk now
+        if check:
+            _gate(report, os.fspath(src), path, inputs, atol, rtol, seed)
+    return report
+
+
+def _run(model, fold_bn, propagate, remove, pins, align) -> tuple[Graph, Report]:
+    ctx = Context(pins=set(pins), align=checks.positive_int(align, "align"))
+    start = time.perf_counter()
+    g, before = prepare(model, pins, stats=True)
+    simplify_pipeline(fold_bn, propagate, remove)(g, ctx)
+    classes = channel_summary(g.channel_graph(ctx.pins))  # the last round's: nothing changed since
+    seconds = time.perf_counter() - start
+    return g, Report(before, before, seconds, list(ctx.events), classes)
+
+
+def _gate(report: Report, reference, candidate, inputs, atol, rtol, seed) -> None:
+    report.parity = compare(reference, candidate, inputs=inputs, atol=atol, rtol=rtol, seed=seed)
+    if not report.parity.passed:
+        err = ParityError("simplified model differs from the input: " + "; ".join(
+            line for line in report.parity.lines() if line.startswith("FAIL")))
+        err.report, err.model = report, candidate if isinstance(candidate, onnx.ModelProto) else None
+        raise err

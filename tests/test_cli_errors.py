@@ -95,7 +95,7 @@ def test_internal_errors_are_exit_3_and_one_line(model_path, tmp_path, capsys, m
     def bug(*args, **kwargs):
         raise ZeroDivisionError("division by zero")
 
-    monkeypatch.setattr(onnxprune.api, "simplify", bug)
+    monkeypatch.setattr(onnxprune.api, "simplify_to", bug)
     code, _, err = run(["simplify", model_path, tmp_path / "o.onnx"], capsys)
     assert code == 3
     lines = error_lines(err)

@@ -34,7 +34,7 @@ def _insert_bias_map(g, node, bias_map: np.ndarray) -> None:
     mid = g.fresh_name(f"{out}_before_border_correction")
     name = g.fresh_name(f"{node.name or out}_border_correction")
     g.inits[name] = bias_map
-    node.output[0] = mid
+    g.set_output(node, 0, mid)
     g.insert_after(node, [helper.make_node("Add", [mid, name], [out], name=name)])
 
 
@@ -459,7 +459,7 @@ class MatMul(Rule):
         mid = g.fresh_name(f"{out}_before_bias")
         name = g.fresh_name(f"{node.name or out}_absorbed_bias")
         g.inits[name] = vec.astype(w.dtype)
-        node.output[0] = mid
+        g.set_output(node, 0, mid)
         g.insert_after(node, [helper.make_node("Add", [mid, name], [out], name=name)])
 
     def rewrite(self, node, g, cg, keep):

@@ -7,7 +7,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ..graph import Graph, _subgraph_inputs, attrs, load_model, static_shapes, topo_sort
+from ..graph import Graph, _subgraph_inputs, attrs, static_shapes
 from .base import Context
 
 PASS = "cleanup"
@@ -15,24 +15,16 @@ NONDETERMINISTIC = {"RandomNormal", "RandomUniform", "RandomNormalLike", "Random
 FOLD_LIMIT = 1 << 22  # don't materialize constant outputs above 4M elements
 
 
-def cleaned_graph(model, ctx: Context | None = None) -> Graph:
-    """A working Graph over a private copy of `model` (path or ModelProto), cleaned up: Constant
-    nodes and Identities would otherwise hide the structure the channel graph reads."""
-    g = Graph(load_model(model))
-    cleanup(g, ctx or Context())
-    return g
-
-
 def cleanup(g: Graph, ctx: Context) -> bool:
     changed = constants_to_initializers(g)
     changed |= remove_identities(g, ctx)
+    if changed:  # shape inference sees through the folded constants now
+        g.invalidate_shapes()
     changed |= fold_static_shapes(g, ctx)
     changed |= fold_constants(g, ctx)
     changed |= copy_batch_dims(g, ctx)
     changed |= remove_dead_nodes(g)
-    topo_sort(g.g, g.inits)
-    if changed:  # shapes computed before a fold are stale: a reshape fed by a folded shape now has one
-        g.invalidate_shapes()
+    g.topo_sort()
     return changed
 
 
@@ -72,7 +64,7 @@ def remove_identities(g: Graph, ctx: Context) -> bool:
             # keep graph I/O names: rename the producer's output to the graph output's name instead
             if producer is None or src in g.output_names:
                 continue
-            producer.output[list(producer.output).index(src)] = dst
+            g.set_output(producer, list(producer.output).index(src), dst)
             g.rename_input_everywhere(src, dst)
         else:
             g.rename_input_everywhere(dst, src)
@@ -88,7 +80,6 @@ def fold_static_shapes(g: Graph, ctx: Context) -> bool:
     targets = [n for n in g.nodes if n.op_type in ("Shape", "Size") and n.domain in ("", "ai.onnx")]
     if not targets:
         return False
-    g.invalidate_shapes()
     changed = _fold_static_shape_dims(g, ctx, targets)
     for node in targets:
         shape = g.shapes.get(node.input[0])
@@ -136,7 +127,7 @@ def copy_batch_dims(g: Graph, ctx: Context) -> bool:
                and not int(attrs(n).get("allowzero", 0)) and getattr(producers.get(n.input[1]), "op_type", "") == "Concat"]
     if not targets:
         return False
-    symbolic = static_shapes(g.to_model(copy=False), symbolic=True)
+    symbolic = static_shapes(g.weightless(), symbolic=True)
     changed = False
     for node in targets:
         data, pieces = node.input[0], []

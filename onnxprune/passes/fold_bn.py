@@ -46,13 +46,10 @@ def fold_bn(g: Graph, ctx: Context) -> bool:
         if last is None:
             continue
         # the folded layer (or the Add that replaces the BN) now writes the BN's output
-        last.output[0] = bn.output[0]
         g.remove_node(bn)
-        producers = g.producers()
+        g.set_output(last, 0, bn.output[0])
         ctx.log(PASS, "fold_bn", bn.name or bn.output[0], f"into {layer.op_type} {layer.name}")
         changed = True
-    if changed:
-        g.invalidate_shapes()
     return changed
 
 
@@ -140,7 +137,7 @@ def fold_matmul(g: Graph, mm, bn, s, t):
     g.inits[shift] = t.astype(w.dtype)
     mid = g.fresh_name(f"{mm.output[0]}_scaled")
     add = helper.make_node("Add", [mid, shift], [bn.output[0]], name=g.fresh_name(f"{bn.name or 'bn'}_shift"))
-    mm.output[0] = mid
+    g.set_output(mm, 0, mid)
     g.insert_after(mm, [add])
     return add
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from ..channels.core import build_channel_graph
 from ..channels.rules import rule_for
 from ..channels.verdict import ABSORB, judge
 from ..graph import Graph
@@ -21,7 +20,7 @@ PASS = "propagate_constants"
 
 
 def propagate_constants(g: Graph, ctx: Context) -> bool:
-    cg = build_channel_graph(g, ctx.pins)
+    cg = g.channel_graph(ctx.pins)
     items = defaultdict(list)
     for cls in cg.classes().values():
         if judge(cls, cg).kind != ABSORB:
@@ -33,6 +32,4 @@ def propagate_constants(g: Graph, ctx: Context) -> bool:
         node = cg.nodes[name]
         rule_for(node).absorb(node, g, cg, sorted(absorbed, key=lambda kv: kv[0]))
         ctx.log(PASS, "absorb", name, f"{len(absorbed)} constant input channel(s) folded into the bias")
-    if items:
-        g.invalidate_shapes()
     return bool(items)

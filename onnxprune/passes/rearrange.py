@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..channels.core import ChannelGraph, build_channel_graph
+from ..channels.core import ChannelGraph
 from ..channels.rules import BINARY, UNARY, rule_for
 from ..graph import Graph, attrs
 from ..pruning.criteria import l1
@@ -34,7 +34,7 @@ PERMUTABLE = set(UNARY) | set(BINARY) | {
 
 def rearrange_graph(g: Graph, ctx: Context) -> int:
     """Permute every movable bucket by descending L1 norm; returns how many were permuted."""
-    cg = build_channel_graph(g, ctx.pins)
+    cg = g.channel_graph(ctx.pins)
     roots = cg.roots()
     nodes = {node.name: node for node in layers(g)}
     order: dict[int, tuple[int, int]] = {}  # class root -> (bucket, new rank within the bucket)
@@ -57,7 +57,6 @@ def rearrange_graph(g: Graph, ctx: Context) -> int:
     perms = _tensor_permutations(cg, roots, order)
     for node in g.nodes:
         rule_for(node).rewrite(node, g, cg, perms)
-    g.invalidate_shapes()
     return moved
 
 

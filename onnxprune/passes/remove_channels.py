@@ -6,20 +6,21 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..channels.core import ChannelGraph, build_channel_graph
+from ..channels.core import ChannelGraph
 from ..channels.rules import NonRectangular, new_dims, rule_for
 from ..channels.verdict import UNREAD, judge
 from ..graph import Graph
+from ..layers import is_linear
 from .base import Context
 
 PASS = "remove_channels"
 
 
 def remove_channels(g: Graph, ctx: Context) -> bool:
-    cg = build_channel_graph(g, ctx.pins)
+    cg = g.channel_graph(ctx.pins)
     classes = cg.classes()
     doomed = {root for root, cls in classes.items() if judge(cls, cg).kind == UNREAD}
-    layer_outputs = {n.output[0] for n in g.nodes if n.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul")}
+    layer_outputs = {n.output[0] for n in g.nodes if is_linear(n)}
     keep = _keep_lists(cg, doomed, ctx, layer_outputs)
     if not keep:
         return False
@@ -28,9 +29,8 @@ def remove_channels(g: Graph, ctx: Context) -> bool:
     producers = g.producers()
     for name, kept in keep.items():
         producer = producers.get(name)
-        if producer is not None and producer.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul") and name == producer.output[0]:
+        if producer is not None and is_linear(producer) and name == producer.output[0]:
             ctx.log(PASS, "remove", producer.name, f"{cg.spaces[name].size - len(kept)} of {cg.spaces[name].size} output channels")
-    g.invalidate_shapes()
     return True
 
 

@@ -18,10 +18,11 @@ from pathlib import Path
 
 from .. import checks
 from ..errors import OnnxPruneError
+from ..layers import LINEAR_OPS
 
 KEYS = {"sparsity", "sparsity_per_layer", "op_types", "op_names", "exclude"}
 ALIASES = {"Conv2d": ["Conv"], "Conv1d": ["Conv"], "Linear": ["Gemm", "MatMul"], "ConvTranspose2d": ["ConvTranspose"],
-           "default": ["Conv", "ConvTranspose", "Gemm", "MatMul"]}
+           "default": list(LINEAR_OPS)}
 
 
 def load_config(source) -> list[dict]:
@@ -100,10 +101,10 @@ def _op_types(types, where: str) -> set[str] | None:
     for t in types:
         if t in ALIASES:
             out.update(ALIASES[t])
-        elif t in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
+        elif t in LINEAR_OPS:
             out.add(t)
         else:
-            raise OnnxPruneError(f"{where}: op type {t!r} cannot be pruned (Conv, ConvTranspose, Gemm, MatMul)")
+            raise OnnxPruneError(f"{where}: op type {t!r} cannot be pruned ({', '.join(LINEAR_OPS)})")
     return out
 
 

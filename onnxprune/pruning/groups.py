@@ -16,26 +16,18 @@ import onnx
 
 from ..channels.core import ChannelGraph
 from ..channels.verdict import PINNED, judge
-from ..graph import Graph, attrs
-
-LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
-
+from ..graph import Graph
+from ..layers import filters as layer_filters
+from ..layers import is_linear
 
 def filters(g: Graph, node: onnx.NodeProto) -> np.ndarray:
     """The layer's weights with one output channel per row: [C_out, ...] (a view, not a copy)."""
-    w = g.inits[node.input[1]]
-    if node.op_type == "ConvTranspose":  # [C_in, C_out/g, k...], group 1 only here
-        return np.moveaxis(w, 1, 0)
-    if node.op_type == "Gemm" and not int(attrs(node).get("transB", 0)):
-        return w.T
-    if node.op_type == "MatMul":
-        return w.T
-    return w
+    return layer_filters(g.inits[node.input[1]], node)
 
 
 def layers(g: Graph) -> list[onnx.NodeProto]:
     """Linear layers with constant weights, in graph order."""
-    return [n for n in g.nodes if n.op_type in LAYER_OPS and len(n.input) > 1 and g.is_const(n.input[1])]
+    return [n for n in g.nodes if is_linear(n) and g.is_const(n.input[1])]
 
 
 @dataclass

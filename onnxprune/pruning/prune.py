@@ -19,7 +19,7 @@ from ..channels.core import build_channel_graph
 from ..errors import OnnxPruneError
 from ..graph import Graph, attrs
 from ..passes.base import Context
-from ..passes.cleanup import cleaned_graph
+from ..pipeline import cleaned_graph
 from . import criteria
 from .block import block_prune_weights, block_scores
 from .config import check_sparsity, default_config, load_config, resolve
@@ -89,8 +89,10 @@ def prune(model, *, criterion: str = "l1", sparsity: float | None = None, granul
         config = load_config(config) if config is not None else default_config(sparsity)
         wanted, skipped = resolve(config, nodes, prune_first, prune_last)
         if rearrange:
-            from ..passes.rearrange import rearrange_graph
-            report.rearranged = rearrange_graph(g, Context())
+            from ..pipeline import REARRANGE
+            ctx = Context()
+            REARRANGE(g, ctx)
+            report.rearranged = sum(e.what == "permute" for e in ctx.events)
         rng = np.random.default_rng(checks.seed(seed))
         if granularity == "filter":
             _prune_filters(g, wanted, skipped, criterion, group_reduce, calib, rng, report)

@@ -27,12 +27,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from ..channels.core import build_channel_graph
 from ..channels.verdict import PINNED, judge
 from ..errors import OnnxPruneError
-from ..graph import Graph, attrs, name_nodes
-from ..passes.base import Context
-from ..passes.cleanup import cleanup
+from ..graph import Graph, attrs
+from ..pipeline import cleaned_graph
 from ..passes.rearrange import immovable
 from ..pruning.groups import buckets
 from .masks import baked_copy
@@ -139,11 +137,10 @@ def dependency_groups(model, dummy_input) -> DependencyGroups:
 
     probe, names = _probe_copy(model)
     args = dummy_input if isinstance(dummy_input, tuple) else (dummy_input,)
-    g = Graph(_export_for_analysis(probe, args))
-    name_nodes(g)
-    cleanup(g, Context())  # folds the exporter's Transpose of a Linear weight: match after it
+    # cleanup folds the exporter's Transpose of a Linear weight: match after it
+    g = cleaned_graph(_export_for_analysis(probe, args))
     owner = _owners(probe, g.inits)
-    cg = build_channel_graph(g)
+    cg = g.channel_graph()
     roots = cg.roots()
     classes = cg.classes()
     slices_of: dict[int, list[ParamSlice]] = {}
