@@ -297,11 +297,13 @@ def fold_batchnorm(model: onnx.ModelProto, progress: Progress) -> onnx.ModelProt
     keeps timing (and checking against) the model as given."""
     if not any(n.op_type == "BatchNormalization" for n in model.graph.node):
         return model
-    from onnxprune.simplify import simplify
+    from onnxprune.passes.base import Context
+    from onnxprune.pipeline import FOLD_BN_ONLY, prepare
 
     with progress.step("folding BatchNormalization into the layers before it (onnxprune)"):
-        folded, _ = simplify(model, propagate=False, remove=False, check=False)
-    return folded
+        g = prepare(model)
+        FOLD_BN_ONLY(g, Context())
+        return g.to_model(copy=False)
 
 
 def parity_on_device(rpc, executable, feeds, references) -> float:
