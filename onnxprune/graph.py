@@ -17,7 +17,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .errors import OnnxPruneError
-from .files import EXTERNAL_DATA_SUFFIX, Outputs
+from .files import EXTERNAL_DATA_SUFFIX, Outputs, _tensors
 
 # onnxruntime 1.2x/1.3x accepts IR versions up to 10.
 MAX_IR_VERSION = 10
@@ -58,11 +58,28 @@ def has_external_data(model: onnx.ModelProto) -> bool:
 
 
 def fits_in_protobuf(model: onnx.ModelProto) -> bool:
-    """protobuf (upb) refuses to size or serialize a message over 2 GB: it raises."""
+    """protobuf (upb) refuses to size or serialize a message over 2 GB: it raises. Sizing a
+    message costs about as much as serializing it, so the tensors' payload decides first."""
+    if tensor_payload(model) < PROTOBUF_LIMIT // 2:
+        return True
     try:
         return model.ByteSize() <= PROTOBUF_LIMIT - 2**20
     except Exception:
         return False
+
+
+def tensor_payload(model: onnx.ModelProto) -> int:
+    """Bytes of tensor data held inside the proto (initializers, Constant attributes, subgraphs;
+    external data excluded), from dims and types, without sizing the message."""
+    total = 0
+    for t in _tensors(model.graph):
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            continue
+        if t.data_type == onnx.TensorProto.STRING:
+            total += sum(len(s) for s in t.string_data)
+        else:
+            total += int(np.prod(t.dims)) * helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+    return total
 
 
 def _validated(model: onnx.ModelProto, what: str, by_path: bool = False, too_big: bool = False) -> onnx.ModelProto:

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from .graph import default_opset, fits_in_protobuf, static_shapes, weightless
+from .graph import default_opset, static_shapes, tensor_payload, weightless
 from .layers import io_channels, is_linear
 from .layers import macs as layer_macs
 
@@ -41,12 +41,11 @@ class ModelStats:
 
 
 def model_bytes(model: onnx.ModelProto) -> int:
-    """The model's size on disk: the proto plus its external data (summed per part when the
-    proto is over 2 GB, which protobuf cannot size)."""
+    """The model's size: tensor data (inside the proto or external) plus the nodes' protos. Summed
+    per part: sizing the whole message costs as much as serializing it (and fails over 2 GB)."""
     external = sum(_tensor_bytes(t) for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL)
-    if fits_in_protobuf(model):
-        return model.ByteSize() + external
-    return external + sum(p.ByteSize() for p in [*model.graph.initializer, *model.graph.node])
+    nodes = sum(n.ByteSize() for n in model.graph.node if not any(a.HasField("t") or a.tensors for a in n.attribute))
+    return tensor_payload(model) + external + nodes
 
 
 def _tensor_bytes(t: onnx.TensorProto) -> int:

@@ -49,6 +49,7 @@ class ChannelClass:
     slots: list[int] = field(default_factory=list)
     pins: set[str] = field(default_factory=set)
     reads: list[Read] = field(default_factory=list)
+    verdict: object = None  # verdict.judge's answer, once asked
 
 
 class ChannelGraph:
@@ -56,7 +57,11 @@ class ChannelGraph:
         self.g = g
         self.shapes = g.shapes
         self.spaces: dict[str, Space] = {}
-        self.parent: list[int] = []
+        self.n_slots = 0
+        self._parent = np.zeros(0, np.int64)  # every slot's class root, as of the last _resolve
+        self._edges: list[tuple[np.ndarray, np.ndarray]] = []  # unions not yet resolved
+        self._classes: dict[int, ChannelClass] | None = None
+        self._known_slots: np.ndarray | None = None  # verdict's cache (values are final after the build)
         self.slot_owner: list[str] = []       # slot id -> tensor name
         self.pin_reasons: dict[int, str] = {}
         # per slot: a uniform constant (values, NaN = unknown) or an input-independent but
@@ -84,9 +89,9 @@ class ChannelGraph:
         dims = tuple(shape[a] for a in axes)
         if any(d is None or d <= 0 for d in dims):
             return None
-        sp = Space(tuple(axes), dims, len(self.parent))
+        sp = Space(tuple(axes), dims, self.n_slots)
         n = sp.size
-        self.parent.extend(range(sp.base, sp.base + n))
+        self.n_slots += n
         self.slot_owner.extend([name] * n)
         self.spaces[name] = sp
         self.values[name] = np.full(n, np.nan)
@@ -106,22 +111,44 @@ class ChannelGraph:
         return out
 
     # --- union-find ------------------------------------------------------------------
+    # Rules unite whole spaces at a time; the unions are collected and resolved in bulk with
+    # numpy (hook larger roots onto smaller ones, then shortcut every path), so the cost is a few
+    # vector passes over the edges instead of a Python loop per slot. A class's root is its
+    # smallest slot id.
     def find(self, a: int) -> int:
-        parent = self.parent
-        root = a
-        while parent[root] != root:
-            root = parent[root]
-        while parent[a] != root:
-            parent[a], a = root, parent[a]
-        return root
+        return int(self._resolve()[a])
 
     def unite(self, a, b) -> None:
-        for x, y in zip(np.asarray(a).ravel().tolist(), np.asarray(b).ravel().tolist()):
-            rx, ry = self.find(x), self.find(y)
-            if rx != ry:
-                self.parent[max(rx, ry)] = min(rx, ry)
+        a, b = np.asarray(a, np.int64).ravel(), np.asarray(b, np.int64).ravel()
+        if a.size:
+            self._edges.append((a, b))
+            self._classes = None
+
+    def _resolve(self) -> np.ndarray:
+        parent = self._parent
+        if parent.size < self.n_slots:
+            parent = np.concatenate([parent, np.arange(parent.size, self.n_slots, dtype=np.int64)])
+        if self._edges:
+            a = np.concatenate([e[0] for e in self._edges])
+            b = np.concatenate([e[1] for e in self._edges])
+            self._edges = []
+            while True:
+                ra, rb = parent[a], parent[b]
+                differ = ra != rb
+                if not differ.any():
+                    break
+                lo, hi = np.minimum(ra[differ], rb[differ]), np.maximum(ra[differ], rb[differ])
+                np.minimum.at(parent, hi, lo)  # hi are roots: they now point at a smaller root
+                while True:
+                    jumped = parent[parent]
+                    if np.array_equal(jumped, parent):
+                        break
+                    parent = jumped
+        self._parent = parent
+        return parent
 
     def pin(self, slots, reason: str) -> None:
+        self._classes = None
         for s in np.asarray(slots).ravel().tolist():
             self.pin_reasons.setdefault(s, reason)
 
@@ -135,18 +162,30 @@ class ChannelGraph:
 
     # --- classes ---------------------------------------------------------------------
     def roots(self) -> np.ndarray:
-        return np.array([self.find(i) for i in range(len(self.parent))], dtype=np.int64)
+        return self._resolve().copy()
 
     def classes(self) -> dict[int, ChannelClass]:
-        roots = self.roots()
-        out: dict[int, ChannelClass] = {}
-        for slot, root in enumerate(roots.tolist()):
-            out.setdefault(root, ChannelClass(root)).slots.append(slot)
+        """Root -> class (computed once: the graph is complete when anyone asks)."""
+        if self._classes is not None and self._classes_reads == len(self.reads):
+            return self._classes
+        roots = self._resolve()
+        order = np.argsort(roots, kind="stable")
+        starts = np.flatnonzero(np.r_[True, roots[order][1:] != roots[order][:-1]]) if order.size else order
+        out = {int(roots[order[s]]): ChannelClass(int(roots[order[s]]), slots.tolist())
+               for s, slots in zip(starts, np.split(order, starts[1:]))}
         for slot, reason in self.pin_reasons.items():
             out[int(roots[slot])].pins.add(reason)
         for r in self.reads:
             out[int(roots[self.spaces[r.tensor].base + r.index])].reads.append(r)
+        self._classes, self._classes_reads = out, len(self.reads)
         return out
+
+    def known_slots(self) -> np.ndarray:
+        """Per slot: does it carry an input-independent value (a constant or a map)?"""
+        known = np.zeros(self.n_slots, bool)
+        for name, sp in self.spaces.items():
+            known[sp.base: sp.base + sp.size] = self.known(name)
+        return known
 
     # --- known values ----------------------------------------------------------------
     def known(self, name: str) -> np.ndarray:

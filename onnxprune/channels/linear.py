@@ -220,16 +220,18 @@ class Conv(Rule):
 
 def _reads(node, cg, col_max, exact_anywhere: bool, why_not: str, maps_ok: bool = True) -> list[Read]:
     x = node.input[0]
+    values, maps = cg.values[x].tolist(), cg.maps.get(x, {})
+    no_map = f"{node.op_type} cannot absorb an input-independent map"
     out = []
-    for k in range(len(col_max)):
-        v = cg.value(x, k)
-        if v is None:
+    for k, zero in enumerate((np.asarray(col_max) == 0).tolist()):
+        v = values[k]
+        if k in maps:
+            absorbable, why = maps_ok, no_map
+        elif v != v:  # NaN: unknown
             absorbable, why = False, ""
-        elif np.isscalar(v):
-            absorbable, why = v == 0 or exact_anywhere, why_not
         else:
-            absorbable, why = maps_ok, f"{node.op_type} cannot absorb an input-independent map"
-        out.append(Read(node.name, x, k, bool(col_max[k] == 0), bool(absorbable), "" if absorbable else why))
+            absorbable, why = v == 0 or exact_anywhere, why_not
+        out.append(Read(node.name, x, k, zero, bool(absorbable), "" if absorbable else why))
     return out
 
 

@@ -20,6 +20,12 @@ class Verdict:
 
 
 def judge(cls: ChannelClass, cg: ChannelGraph) -> Verdict:
+    if cls.verdict is None:
+        cls.verdict = _judge(cls, cg)
+    return cls.verdict
+
+
+def _judge(cls: ChannelClass, cg: ChannelGraph) -> Verdict:
     if cls.pins:
         return Verdict(PINNED, sorted(cls.pins)[0])
     live = [r for r in cls.reads if not r.zero]
@@ -37,8 +43,6 @@ def judge(cls: ChannelClass, cg: ChannelGraph) -> Verdict:
 
 
 def _has_constant(cls: ChannelClass, cg: ChannelGraph) -> bool:
-    for slot in cls.slots:
-        name = cg.slot_owner[slot]
-        if cg.value(name, slot - cg.spaces[name].base) is not None:
-            return True
-    return False
+    if cg._known_slots is None:
+        cg._known_slots = cg.known_slots()
+    return bool(cg._known_slots[cls.slots].any())
