@@ -172,18 +172,18 @@ EXTERNAL_MIN_BYTES = 1024   # smaller tensors stay inside the model file
 EXTERNAL_ALIGN = 4096       # page-aligned offsets let onnxruntime map tensors instead of copying
 
 
-def write_graph(g: "Graph", path: str | os.PathLike) -> None:
+def write_graph(g: "Graph", path: str | os.PathLike, release: bool = False) -> None:
     """Write the Graph's model to `path` (an `Outputs` path) with one serialization: weights over
     EXTERNAL_DATA_THRESHOLD are streamed tensor by tensor to `<name>.data`, never held as one
-    message."""
+    message. `release` frees each array once it is in the proto (the Graph is spent then)."""
     path = Path(path)
     total = sum(int(a.nbytes) for a in g.inits.values())
     if total <= EXTERNAL_DATA_THRESHOLD:
-        onnx.save_model(_with_supported_ir(g.to_model(copy=False)), str(path))
+        onnx.save_model(_with_supported_ir(g.to_model(copy=False, release=release)), str(path))
         return
     data = path.with_name(path.name + EXTERNAL_DATA_SUFFIX)
     with open(data, "wb") as f:
-        model = g.to_model(copy=False, external=_ExternalWriter(f, data.name))
+        model = g.to_model(copy=False, external=_ExternalWriter(f, data.name), release=release)
     onnx.save_model(_with_supported_ir(model), str(path))
 
 
@@ -468,7 +468,8 @@ class Graph:
         """Sort the nodes topologically (ONNX requires it; passes that insert nodes rely on it)."""
         self._nodes = _topological(self.nodes, {i.name for i in self.g.input} | set(self.inits) | {""})
 
-    def to_model(self, copy: bool = True, external: "_ExternalWriter | None" = None) -> onnx.ModelProto:
+    def to_model(self, copy: bool = True, external: "_ExternalWriter | None" = None,
+                 release: bool = False) -> onnx.ModelProto:
         """Write nodes and initializers back (dropping unused initializers) and return the ModelProto;
         with `external`, large tensors go to its data file instead of into the proto."""
         nodes = self.nodes
@@ -478,14 +479,16 @@ class Graph:
         del self.g.node[:]
         self.g.node.extend(nodes)
         del self.g.initializer[:]
-        for name, arr in self.inits.items():
+        init_names = set(self.inits)
+        for name in list(self.inits):
+            arr = self.inits.pop(name) if release else self.inits[name]
             if name in used:
                 t = external.tensor(name, arr) if external else numpy_helper.from_array(np.asarray(arr, order="C"), name)
                 if name in dtypes and t.data_type != dtypes[name]:
                     raise AssertionError(f"initializer {name} changed dtype")
                 self.g.initializer.append(t)
         # graph inputs that were initializers and are gone now
-        keep_inputs = [i for i in self.g.input if i.name not in self.inits or i.name in used]
+        keep_inputs = [i for i in self.g.input if i.name not in init_names or i.name in used]
         if len(keep_inputs) != len(self.g.input):
             del self.g.input[:]
             self.g.input.extend(keep_inputs)

@@ -49,7 +49,7 @@ def simplify_to(src, dst, *, check: bool = True, inputs: list[dict] | None = Non
     g, report = _run(os.fspath(src), fold_bn, propagate, remove, pins, align)
     with Outputs() as out:
         path = out.path(dst)
-        write_graph(g, path)
+        write_graph(g, path, release=True)
         report.after = ModelStats.of(g.model)
         del g  # onnxruntime reads both models from disk now
         if check:
