@@ -188,8 +188,7 @@ def big_mlp(gb: float, path: Path, width: int = 4096, seed: int = 0) -> Path:
             for name, arr in ((f"w{i}", w), (f"b{i}", b)):
                 raw = arr.tobytes()
                 f.write(raw)
-                t = helper.make_tensor(name, TensorProto.FLOAT, arr.shape, vals=[])
-                t.ClearField("float_data")
+                t = TensorProto(name=name, data_type=TensorProto.FLOAT, dims=arr.shape)
                 t.data_location = TensorProto.EXTERNAL
                 for key, value in (("location", data.name), ("offset", str(offset)), ("length", str(len(raw)))):
                     t.external_data.add(key=key, value=value)
