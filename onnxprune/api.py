@@ -10,7 +10,7 @@ from .arrays import read_masks, write_npz
 from .errors import ParityError
 from .files import FilePlan, Outputs
 from .graph import load_model, read_model, save_model, tensor_signature, write_model
-from .parity import DEFAULT_ATOL, DEFAULT_RTOL, ParityReport, compare, load_inputs
+from .parity import DEFAULT_ATOL, DEFAULT_RTOL, ParityReport, as_feeds, compare, default_inputs
 from .report import ModelStats, Report, channel_summary
 from .simplify import simplify, simplify_to
 
@@ -18,11 +18,9 @@ from .simplify import simplify, simplify_to
 def _inputs(inputs, model, what: str = "inputs"):
     """Inputs as a list of feeds; a file is read against `model`'s signature (a ModelProto or a
     path, which is read, validated, without its external data, only then)."""
-    if inputs is None or isinstance(inputs, list):
-        return inputs
-    if isinstance(inputs, dict):
-        return [inputs]
-    return load_inputs(inputs, read_model(model) if _is_path(model) else model, what)
+    if not _is_path(inputs):
+        return as_feeds(inputs, None)
+    return as_feeds(inputs, read_model(model) if _is_path(model) else model, what)
 
 
 def _is_path(x) -> bool:
@@ -34,7 +32,7 @@ def simplify_file(src, dst, *, check: bool = True, inputs=None, progress=None, *
     say = progress or (lambda msg: None)
     FilePlan().read_model(src).read(inputs if _is_path(inputs) else None, "the --inputs file").write_model(dst).check()
     t = time.perf_counter()
-    report = simplify_to(src, dst, check=check, inputs=_inputs(inputs, src), **options)
+    report = simplify_to(src, dst, check=check, inputs=inputs, **options)
     say(f"simplified in {time.perf_counter() - t:.2f} s" + (", parity checked" if check else " (parity check skipped)"))
     say(f"wrote {dst}")
     return report
@@ -43,8 +41,11 @@ def simplify_file(src, dst, *, check: bool = True, inputs=None, progress=None, *
 def check(reference, candidate, *, inputs=None, atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL,
           seed: int = 0) -> ParityReport:
     """Compare two models (paths or ModelProtos) on onnxruntime."""
-    ref, cand = (m if _is_path(m) and read_model(m) else load_model(m) for m in (reference, candidate))
-    return compare(ref, cand, inputs=_inputs(inputs, ref), atol=atol, rtol=rtol, seed=seed)
+    # files are validated here and run by onnxruntime from disk; protos are validated copies
+    ref, cand = (read_model(m) if _is_path(m) else load_model(m) for m in (reference, candidate))
+    feeds = _inputs(inputs, ref) or default_inputs(ref, seed)
+    return compare(reference if _is_path(reference) else ref, candidate if _is_path(candidate) else cand,
+                   inputs=feeds, atol=atol, rtol=rtol, seed=seed)
 
 
 def prune_file(src, dst, *, calib=None, masks=None, save_masks=None, simplify_after: bool = False,
@@ -143,7 +144,7 @@ def inspect(model, pins=()) -> Inspection:
     from .pipeline import ANALYSIS, prepare
 
     g, stats = prepare(model, pins, stats=True)
-    io = tensor_signature(g.model)
+    io = tensor_signature(g.signature())
     ANALYSIS(g, Context(pins=set(pins)))
     return Inspection(stats, channel_summary(g.channel_graph(pins)), io)
 

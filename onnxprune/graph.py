@@ -396,6 +396,18 @@ class Graph:
             self._channel_graphs[key] = build_channel_graph(self, set(key))
         return self._channel_graphs[key]
 
+    def signature(self) -> onnx.ModelProto:
+        """The model's interface alone: its real inputs (initializers excluded, overridable ones
+        too) and its outputs, no nodes, no weights. `graph_inputs` of a Graph's own model would
+        list the initializers it holds as arrays; read inputs off this instead."""
+        sig = onnx.ModelProto()
+        sig.ir_version = self.model.ir_version
+        sig.opset_import.extend(self.model.opset_import)
+        real = set(self.input_names)
+        sig.graph.input.extend(i for i in self.g.input if i.name in real)
+        sig.graph.output.extend(self.g.output)
+        return sig
+
     def weightless(self) -> onnx.ModelProto:
         """The graph with large initializers replaced by graph inputs of their type and shape:
         what shape inference needs (small ones keep their values: reshape shapes, slice bounds)."""
@@ -470,34 +482,39 @@ class Graph:
 
     def to_model(self, copy: bool = True, external: "_ExternalWriter | None" = None,
                  release: bool = False) -> onnx.ModelProto:
-        """Write nodes and initializers back (dropping unused initializers) and return the ModelProto;
-        with `external`, large tensors go to its data file instead of into the proto."""
+        """The model with the current nodes and the used initializers. With `copy` (the default)
+        a new ModelProto and the Graph is untouched: the node objects passes hold stay the live
+        ones. Without, the Graph's own model is rewritten and handed over (its nodes are copies
+        then: the last step of a command). `external` sends large tensors to its data file;
+        `release` frees each array once it is in the proto."""
         nodes = self.nodes
         used = {i for n in nodes for i in n.input} | set(self.output_names)
         used |= {i for n in nodes for i in _subgraph_inputs(n)}
-        dtypes = self._init_dtypes
-        del self.g.node[:]
-        self.g.node.extend(nodes)
-        del self.g.initializer[:]
+        if copy:  # cheap: the Graph's model holds no weights (they are in self.inits)
+            model = onnx.ModelProto()
+            model.CopyFrom(self.model)
+        else:
+            model = self.model
+        g = model.graph
+        del g.node[:]
+        g.node.extend(nodes)
+        del g.initializer[:]
         init_names = set(self.inits)
         for name in list(self.inits):
             arr = self.inits.pop(name) if release else self.inits[name]
             if name in used:
                 t = external.tensor(name, arr) if external else numpy_helper.from_array(np.asarray(arr, order="C"), name)
-                if name in dtypes and t.data_type != dtypes[name]:
+                if name in self._init_dtypes and t.data_type != self._init_dtypes[name]:
                     raise AssertionError(f"initializer {name} changed dtype")
-                self.g.initializer.append(t)
+                g.initializer.append(t)
         # graph inputs that were initializers and are gone now
-        keep_inputs = [i for i in self.g.input if i.name not in init_names or i.name in used]
-        if len(keep_inputs) != len(self.g.input):
-            del self.g.input[:]
-            self.g.input.extend(keep_inputs)
-        self._load_nodes()  # the container holds copies now: index those
-        if copy:
-            out = onnx.ModelProto()
-            out.CopyFrom(self.model)
-            return out
-        return self.model
+        keep_inputs = [i for i in g.input if i.name not in init_names or i.name in used]
+        if len(keep_inputs) != len(g.input):
+            del g.input[:]
+            g.input.extend(keep_inputs)
+        if not copy:
+            self._load_nodes()  # the container holds copies now: index those
+        return model
 
 
 SMALL_CONSTANT = 64  # initializers up to this many elements keep their values in the weightless view

@@ -86,6 +86,21 @@ def session(model, threads: int = 1, optimize: bool = False):
         raise OnnxPruneError(f"onnxruntime cannot load the model: {str(e).splitlines()[0][:300]}") from None
 
 
+def as_feeds(inputs, model, what: str = "inputs") -> list[dict] | None:
+    """Inputs as a list of feeds: None (random ones later), a list of feeds, one feed dict, or an
+    .npz/.npy path read against `model`'s inputs."""
+    if inputs is None or isinstance(inputs, list):
+        return inputs
+    if isinstance(inputs, dict):
+        return [inputs]
+    return load_inputs(inputs, model, what)
+
+
+def default_inputs(model: onnx.ModelProto, seed: int = 0, batches: int = 2) -> list[dict[str, np.ndarray]]:
+    """The seeded random batches the parity check uses when it is given no inputs."""
+    return [random_inputs(model, checks.seed(seed) + b) for b in range(batches)]
+
+
 def signature_of(model) -> onnx.ModelProto:
     """A model to read inputs and outputs from: the proto itself, or a file's proto without its
     external data."""
@@ -164,8 +179,7 @@ def compare(reference, candidate, inputs: list[dict] | None = None,
     """Run both models (ModelProtos or files) on the same inputs, one session at a time."""
     atol, rtol = checks.tolerance(atol, "atol"), checks.tolerance(rtol, "rtol")
     if inputs is None:
-        ref_model = signature_of(reference)
-        inputs = [random_inputs(ref_model, checks.seed(seed) + b) for b in range(batches)]
+        inputs = default_inputs(signature_of(reference), seed, batches)
     names, ref_out = _outputs(reference, inputs)
     cand_names, cand_out = _outputs(candidate, inputs)
     if names != cand_names:

@@ -16,8 +16,8 @@ import onnx
 from . import checks
 from .errors import ParityError
 from .files import Outputs
-from .graph import Graph, write_graph
-from .parity import DEFAULT_ATOL, DEFAULT_RTOL, compare
+from .graph import write_graph
+from .parity import DEFAULT_ATOL, DEFAULT_RTOL, as_feeds, compare, default_inputs
 from .passes.base import Context
 from .pipeline import prepare, simplify_pipeline
 from .report import ModelStats, Report, channel_summary
@@ -33,38 +33,44 @@ def simplify(model, *, fold_bn: bool = True, propagate: bool = True, remove: boo
     (onnxruntime's blocked conv kernels are much faster then); align=1 removes every dead channel.
     Returns the new model and a Report. With `check` (the default) the result is compared with
     the input on onnxruntime and ParityError (carrying the report) is raised if they differ."""
-    g, report = _run(model, fold_bn, propagate, remove, pins, align)
+    g, report, feeds = _run(model, fold_bn, propagate, remove, pins, align, check, inputs, seed)
     result = g.to_model(copy=False)
     report.after = ModelStats.of(result)
     if check:
-        _gate(report, model, result, inputs, atol, rtol, seed)
+        _gate(report, model, result, feeds, atol, rtol, seed)
     return result, report
 
 
-def simplify_to(src, dst, *, check: bool = True, inputs: list[dict] | None = None,
+def simplify_to(src, dst, *, check: bool = True, inputs=None,
                 atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL, seed: int = 0,
                 fold_bn: bool = True, propagate: bool = True, remove: bool = True, pins=(),
                 align: int = 8) -> Report:
     """Simplify the model file `src` into `dst`, written atomically and only if it passes the check."""
-    g, report = _run(os.fspath(src), fold_bn, propagate, remove, pins, align)
+    g, report, feeds = _run(os.fspath(src), fold_bn, propagate, remove, pins, align, check, inputs, seed)
     with Outputs() as out:
         path = out.path(dst)
         write_graph(g, path, release=True)
         report.after = ModelStats.of(g.model)
         del g  # onnxruntime reads both models from disk now
         if check:
-            _gate(report, os.fspath(src), path, inputs, atol, rtol, seed)
+            _gate(report, os.fspath(src), path, feeds, atol, rtol, seed)
     return report
 
 
-def _run(model, fold_bn, propagate, remove, pins, align) -> tuple[Graph, Report]:
+def _run(model, fold_bn, propagate, remove, pins, align, check, inputs, seed):
+    """prepare → pipeline → report; also the parity feeds, read off the input's own signature
+    (an --inputs file, or the seeded random batches) so the check never reads the input again."""
     ctx = Context(pins=set(pins), align=checks.positive_int(align, "align"))
     start = time.perf_counter()
     g, before = prepare(model, pins, stats=True)
+    signature = g.signature()
+    feeds = as_feeds(inputs, signature, "the --inputs file")
+    if check and feeds is None:
+        feeds = default_inputs(signature, seed)
     simplify_pipeline(fold_bn, propagate, remove)(g, ctx)
     classes = channel_summary(g.channel_graph(ctx.pins))  # the last round's: nothing changed since
     seconds = time.perf_counter() - start
-    return g, Report(before, before, seconds, list(ctx.events), classes)
+    return g, Report(before, before, seconds, list(ctx.events), classes), feeds
 
 
 def _gate(report: Report, reference, candidate, inputs, atol, rtol, seed) -> None:

@@ -20,6 +20,7 @@ import onnxprune
 from onnxprune import OnnxPruneError
 from onnxprune.cli import main
 
+from .onnx_builders import GraphBuilder
 from .test_file_safety import small_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -329,3 +330,12 @@ def test_pyproject_keeps_torch_out_of_the_core_and_unpinned():
     assert not [d for d in project["dependencies"] if d.lower().startswith(("torch", "onnxscript"))]
     torch_reqs = [d for extra in project["optional-dependencies"].values() for d in extra if d.startswith("torch")]
     assert torch_reqs and all("==" not in d for d in torch_reqs)
+
+
+def test_inspect_lists_no_overridable_initializer_as_an_input():
+    # an initializer also listed as a graph input (old exporters) has a default: it is not an input to feed
+    b = GraphBuilder(3, 5, 5, seed=1)
+    b.conv(4, 1, name="c1")
+    model = b.model(inits_as_inputs=sorted(b.inits))
+    info = onnxprune.inspect(model).as_dict()
+    assert [t["name"] for t in info["inputs"]] == ["x"]

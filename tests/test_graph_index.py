@@ -48,8 +48,7 @@ def _apply(g: Graph, edits) -> None:
         elif kind == "remove" and len(nodes) > 1 and node.output[0] not in g.output_names:
             g.remove_node(node)
         elif kind == "rename":
-            counter += 1
-            g.rename_input_everywhere(node.output[0], f"t0")
+            g.rename_input_everywhere(node.output[0], "t0")
         elif kind == "const":
             g.set_input_const(node, 0, np.ones((1, 4), np.float32))
 
@@ -79,6 +78,26 @@ def test_insert_after_keeps_order_and_uses():
     g.remove_node(g.producer("x"))
     assert g.uses("t1") == 1 and g.producer("x") is None
     assert [n.name for n in g.nodes] == ["n0", "n1", "n2"]
+
+
+def test_to_model_leaves_the_live_nodes_live():
+    # a pass that holds a node across to_model() (prune's activation statistics do) must still edit the graph
+    g = Graph(_chain_model(2))
+    node = g.nodes[1]
+    g.to_model()
+    g.set_input(node, 0, "t0")
+    assert g.to_model().graph.node[1].input[0] == "t0"
+
+
+def test_signature_lists_real_inputs_only():
+    model = _chain_model(1)
+    model.graph.initializer.append(onnx.numpy_helper.from_array(np.ones((1, 4), np.float32), "default"))
+    model.graph.input.append(helper.make_tensor_value_info("default", TensorProto.FLOAT, [1, 4]))
+    model.graph.node[0].op_type = "Add"
+    model.graph.node[0].input.append("default")
+    g = Graph(model)
+    assert [i.name for i in g.signature().graph.input] == ["t0"]
+    assert [o.name for o in g.signature().graph.output] == ["t1"]
 
 
 def test_topo_sort_is_stable_and_linear_on_reversed_chains():

@@ -226,7 +226,7 @@ def _activation_stats(g: Graph, cg, calib: list[dict] | None) -> dict[str, dict[
     if calib is None:
         import warnings
         warnings.warn("no calibration inputs: activation statistics come from seeded random inputs")
-        calib = [random_inputs(g.model, seed) for seed in range(4)]
+        calib = [random_inputs(g.signature(), seed) for seed in range(4)]
     tensors = sorted({r.tensor for r in cg.reads if cg.spaces[r.tensor].axes and len(cg.spaces[r.tensor].axes) == 1})
     model = g.to_model()
     existing = {o.name for o in model.graph.output}
