@@ -22,12 +22,12 @@ from typing import Callable
 from .errors import OnnxPruneError
 from .graph import Graph, check_pins, load_model, name_nodes, read_model
 from .passes.base import Context
-from .report import ModelStats
 from .passes.cleanup import cleanup
 from .passes.fold_bn import fold_bn
 from .passes.propagate_constants import propagate_constants
 from .passes.rearrange import rearrange_graph
 from .passes.remove_channels import remove_channels
+from .report import ModelStats
 
 SORTED = "topologically sorted"
 DEFINED = "every input defined"

@@ -61,7 +61,8 @@ class ChannelGraph:
         self._parent = np.zeros(0, np.int64)  # every slot's class root, as of the last _resolve
         self._edges: list[tuple[np.ndarray, np.ndarray]] = []  # unions not yet resolved
         self._classes: dict[int, ChannelClass] | None = None
-        self._known_slots: np.ndarray | None = None  # verdict's cache (values are final after the build)
+        self._classes_reads = 0                    # len(reads) when _classes was built
+        self._known_slots: np.ndarray | None = None
         self.slot_owner: list[str] = []       # slot id -> tensor name
         self.pin_reasons: dict[int, str] = {}
         # per slot: a uniform constant (values, NaN = unknown) or an input-independent but
@@ -181,11 +182,14 @@ class ChannelGraph:
         return out
 
     def known_slots(self) -> np.ndarray:
-        """Per slot: does it carry an input-independent value (a constant or a map)?"""
-        known = np.zeros(self.n_slots, bool)
-        for name, sp in self.spaces.items():
-            known[sp.base: sp.base + sp.size] = self.known(name)
-        return known
+        """Per slot: does it carry an input-independent value (a constant or a map)? Computed once:
+        asked only after the build, when the values are final."""
+        if self._known_slots is None:
+            known = np.zeros(self.n_slots, bool)
+            for name, sp in self.spaces.items():
+                known[sp.base: sp.base + sp.size] = self.known(name)
+            self._known_slots = known
+        return self._known_slots
 
     # --- known values ----------------------------------------------------------------
     def known(self, name: str) -> np.ndarray:

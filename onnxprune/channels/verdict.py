@@ -43,6 +43,4 @@ def _judge(cls: ChannelClass, cg: ChannelGraph) -> Verdict:
 
 
 def _has_constant(cls: ChannelClass, cg: ChannelGraph) -> bool:
-    if cg._known_slots is None:
-        cg._known_slots = cg.known_slots()
-    return bool(cg._known_slots[cls.slots].any())
+    return bool(cg.known_slots()[cls.slots].any())
