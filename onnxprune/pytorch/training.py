@@ -112,6 +112,20 @@ def global_counts(candidates: list[tuple[float, int, int]], total: int, caps: di
 
 # --- activation statistics --------------------------------------------------------------------
 
+def _train_then_mask(pruner, handles: list, seen, nothing: str):
+    """Run the pruner's trainer (epoch 0) with the collecting hooks `handles` installed, remove
+    them, refuse when `seen()` counted nothing (the message says what was missing), then mask."""
+    try:
+        run_until_stopped(pruner.trainer, pruner.bound_model, pruner.optimizer, pruner.criterion, 0)
+    finally:
+        for h in handles:
+            h.remove()
+    if seen() == 0:
+        raise OnnxPruneError(f"{type(pruner).__name__}: {nothing}")
+    pruner.update_mask()
+    return pruner.bound_model
+
+
 class _Tap:
     """One module's activations that carry channels of a group: its input (a consumer reading
     weight columns) or its output (a producer, when no layer reads the channel), with the tensor
@@ -210,17 +224,9 @@ class _ActivationRankPruner(FilterPruner):
         """Run the trainer (epoch 0) with the hooks collecting over the first N forward passes of
         the model in training mode (eval-mode passes are neither counted nor recorded); the
         (N+1)-th training-mode pass stops the trainer. Then mask. Returns the model."""
-        handles = self._install_hooks()
-        try:
-            run_until_stopped(self.trainer, self.bound_model, self.optimizer, self.criterion, 0)
-        finally:
-            for h in handles:
-                h.remove()
-        if self.batches_seen == 0:
-            raise OnnxPruneError(f"{type(self).__name__}: the trainer ran no forward pass of the model in training "
-                                 "mode (call model.train() in it), so there are no activations to rank")
-        self.update_mask()
-        return self.bound_model
+        return _train_then_mask(self, self._install_hooks(), lambda: self.batches_seen,
+                                "the trainer ran no forward pass of the model in training mode "
+                                "(call model.train() in it), so there are no activations to rank")
 
     def _install_hooks(self) -> list:
         model = self.bound_model
@@ -328,16 +334,8 @@ class TaylorFOWeightFilterPruner(FilterPruner):
         """Run the trainer (epoch 0) for N optimizer steps while accumulating, then mask."""
         self.contributions = {}
         self.steps_seen = 0
-        handle = self.optimizer.register_step_pre_hook(self._before_step)
-        try:
-            run_until_stopped(self.trainer, self.bound_model, self.optimizer, self.criterion, 0)
-        finally:
-            handle.remove()
-        if self.steps_seen == 0:
-            raise OnnxPruneError(f"{type(self).__name__}: the trainer made no optimizer step, "
-                                 "so there are no gradients to rank")
-        self.update_mask()
-        return self.bound_model
+        return _train_then_mask(self, [self.optimizer.register_step_pre_hook(self._before_step)],
+                                lambda: self.steps_seen, "the trainer made no optimizer step, so there are no gradients to rank")
 
     def _before_step(self, _optimizer, _args, _kwargs):
         if self.steps_seen == self.batches:
