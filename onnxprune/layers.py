@@ -16,26 +16,24 @@ def is_linear(node: onnx.NodeProto) -> bool:
     return node.op_type in LINEAR_OPS and node.domain in ("", "ai.onnx") and len(node.input) > 1
 
 
+# (output axis, input axis) of each op's weight; Gemm's depend on transB
+_WEIGHT_AXES = {"Conv": (0, 1), "ConvTranspose": (1, 0), "MatMul": (-1, -2)}
+
+
+def _weight_axes(node: onnx.NodeProto) -> tuple[int, int]:
+    if node.op_type == "Gemm":
+        return (0, 1) if int(attrs(node).get("transB", 0)) else (1, 0)
+    return _WEIGHT_AXES.get(node.op_type, (0, 1))
+
+
 def output_axis(node: onnx.NodeProto) -> int:
     """The weight axis indexed by output channel (per group for grouped ConvTranspose)."""
-    if node.op_type == "ConvTranspose":
-        return 1
-    if node.op_type == "Gemm":
-        return 0 if int(attrs(node).get("transB", 0)) else 1
-    if node.op_type == "MatMul":
-        return -1
-    return 0
+    return _weight_axes(node)[0]
 
 
 def input_axis(node: onnx.NodeProto) -> int:
     """The weight axis indexed by input channel (per group for grouped Conv)."""
-    if node.op_type == "ConvTranspose":
-        return 0
-    if node.op_type == "Gemm":
-        return 1 if int(attrs(node).get("transB", 0)) else 0
-    if node.op_type == "MatMul":
-        return -2
-    return 1
+    return _weight_axes(node)[1]
 
 
 def filters(w: np.ndarray, node: onnx.NodeProto) -> np.ndarray:
