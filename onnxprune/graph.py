@@ -68,18 +68,21 @@ def fits_in_protobuf(model: onnx.ModelProto) -> bool:
         return False
 
 
-def tensor_payload(model: onnx.ModelProto) -> int:
-    """Bytes of tensor data held inside the proto (initializers, Constant attributes, subgraphs;
-    external data excluded), from dims and types, without sizing the message."""
-    total = 0
-    for t in _tensors(model.graph):
-        if t.data_location == onnx.TensorProto.EXTERNAL:
-            continue
-        if t.data_type == onnx.TensorProto.STRING:
-            total += sum(len(s) for s in t.string_data)
-        else:
-            total += int(np.prod(t.dims)) * helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
-    return total
+def tensor_payload(model: onnx.ModelProto, external: bool = False) -> int:
+    """Bytes of tensor data held inside the proto (initializers, Constant attributes, subgraphs),
+    from dims and types, without sizing the message; with `external`, external data counts too."""
+    return sum(tensor_nbytes(t) for t in _tensors(model.graph)
+               if external or t.data_location != onnx.TensorProto.EXTERNAL)
+
+
+def tensor_nbytes(t: onnx.TensorProto) -> int:
+    """A tensor's data size: its external `length`, or dims × item size (strings: their lengths)."""
+    length = next((e.value for e in t.external_data if e.key == "length"), None)
+    if t.data_location == onnx.TensorProto.EXTERNAL and length is not None:
+        return int(length)
+    if t.data_type == onnx.TensorProto.STRING:
+        return sum(len(s) for s in t.string_data)
+    return int(np.prod(t.dims)) * helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
 
 
 def _validated(model: onnx.ModelProto, what: str, by_path: bool = False, too_big: bool = False) -> onnx.ModelProto:

@@ -14,7 +14,6 @@ from .layers import io_channels, is_linear
 from .layers import macs as layer_macs
 
 
-
 @dataclass
 class ModelStats:
     ops: dict[str, int]
@@ -43,16 +42,8 @@ class ModelStats:
 def model_bytes(model: onnx.ModelProto) -> int:
     """The model's size: tensor data (inside the proto or external) plus the nodes' protos. Summed
     per part: sizing the whole message costs as much as serializing it (and fails over 2 GB)."""
-    external = sum(_tensor_bytes(t) for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL)
     nodes = sum(n.ByteSize() for n in model.graph.node if not any(a.HasField("t") or a.tensors for a in n.attribute))
-    return tensor_payload(model) + external + nodes
-
-
-def _tensor_bytes(t: onnx.TensorProto) -> int:
-    length = next((e.value for e in t.external_data if e.key == "length"), None)
-    if length is not None:
-        return int(length)
-    return int(np.prod(t.dims)) * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+    return tensor_payload(model, external=True) + nodes
 
 
 def _constant_tensors(model: onnx.ModelProto) -> set[str]:
