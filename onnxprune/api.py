@@ -10,7 +10,7 @@ from .arrays import read_masks, write_npz
 from .errors import ParityError
 from .files import FilePlan, Outputs
 from .graph import load_model, read_model, save_model, tensor_signature, write_model
-from .parity import DEFAULT_ATOL, DEFAULT_RTOL, ParityReport, as_feeds, compare, default_inputs
+from .parity import DEFAULT_ATOL, DEFAULT_RTOL, ParityReport, as_feeds, compare, default_inputs, feeds_for
 from .report import ModelStats, Report, channel_summary
 from .simplify import simplify, simplify_to
 
@@ -87,15 +87,15 @@ def rearrange(model, *, check: bool = True, inputs=None, atol: float = DEFAULT_A
     from .passes.base import Context
     from .pipeline import REARRANGE_ONLY, prepare
 
-    original = model if _is_path(model) else load_model(model)
     ctx = Context()
-    g = prepare(original)
+    g = prepare(model)  # a private copy: `model` itself is the reference
+    feeds = feeds_for(inputs, g.signature(), seed, check)
     REARRANGE_ONLY(g, ctx)
     moved = sum(e.what == "permute" for e in ctx.events)
     result = g.to_model(copy=False)
     parity = None
     if check:
-        parity = compare(original, result, inputs=_inputs(inputs, original), atol=atol, rtol=rtol, seed=seed)
+        parity = compare(model, result, inputs=feeds, atol=atol, rtol=rtol, seed=seed)
         if not parity.passed:
             raise ParityError("rearranged model differs from the input: " + "; ".join(parity.lines()))
     return result, moved, parity

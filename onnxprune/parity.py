@@ -101,6 +101,14 @@ def default_inputs(model: onnx.ModelProto, seed: int = 0, batches: int = 2) -> l
     return [random_inputs(model, checks.seed(seed) + b) for b in range(batches)]
 
 
+def feeds_for(inputs, signature: onnx.ModelProto, seed: int = 0, check: bool = True) -> list[dict] | None:
+    """What a command's parity check runs on: the given inputs (a file is read against
+    `signature`, a Graph's `signature()`, even when nothing is checked) or, when checking, the
+    seeded random batches; made once, before the passes, so the check never reads the input again."""
+    feeds = as_feeds(inputs, signature, "the --inputs file")
+    return default_inputs(signature, seed) if feeds is None and check else feeds
+
+
 def signature_of(model) -> onnx.ModelProto:
     """A model to read inputs and outputs from: the proto itself, or a file's proto without its
     external data."""

@@ -17,7 +17,7 @@ from . import checks
 from .errors import ParityError
 from .files import Outputs
 from .graph import write_graph
-from .parity import DEFAULT_ATOL, DEFAULT_RTOL, as_feeds, compare, default_inputs
+from .parity import DEFAULT_ATOL, DEFAULT_RTOL, compare, feeds_for
 from .passes.base import Context
 from .pipeline import prepare, simplify_pipeline
 from .report import ModelStats, Report, channel_summary
@@ -58,15 +58,11 @@ def simplify_to(src, dst, *, check: bool = True, inputs=None,
 
 
 def _run(model, fold_bn, propagate, remove, pins, align, check, inputs, seed):
-    """prepare → pipeline → report; also the parity feeds, read off the input's own signature
-    (an --inputs file, or the seeded random batches) so the check never reads the input again."""
+    """prepare → pipeline → report, and the parity feeds (parity.feeds_for)."""
     ctx = Context(pins=set(pins), align=checks.positive_int(align, "align"))
     start = time.perf_counter()
     g, before = prepare(model, pins, stats=True)
-    signature = g.signature()
-    feeds = as_feeds(inputs, signature, "the --inputs file")
-    if check and feeds is None:
-        feeds = default_inputs(signature, seed)
+    feeds = feeds_for(inputs, g.signature(), seed, check)
     simplify_pipeline(fold_bn, propagate, remove)(g, ctx)
     classes = channel_summary(g.channel_graph(ctx.pins))  # the last round's: nothing changed since
     seconds = time.perf_counter() - start
