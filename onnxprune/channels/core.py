@@ -15,6 +15,7 @@ import numpy as np
 import onnx
 
 from ..graph import Graph
+from .registry import rule_for
 
 
 @dataclass(frozen=True)
@@ -44,11 +45,24 @@ class Read:
 
 
 @dataclass
+class ReadBlock:
+    """The reads of one linear layer's input, as arrays over the slots of `tensor`'s space (what a
+    rule's `reads` returns: one block per read input, not one object per slot)."""
+    node: str
+    tensor: str
+    zero: np.ndarray        # bool per slot
+    absorbable: np.ndarray  # bool per slot
+    why_not: np.ndarray     # str per slot ("" where absorbable or not a known constant)
+
+    def read(self, k: int) -> Read:
+        return Read(self.node, self.tensor, k, bool(self.zero[k]), bool(self.absorbable[k]), str(self.why_not[k]))
+
+
+@dataclass
 class ChannelClass:
     root: int
-    slots: list[int] = field(default_factory=list)
+    slots: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     pins: set[str] = field(default_factory=set)
-    reads: list[Read] = field(default_factory=list)
     verdict: object = None  # verdict.judge's answer, once asked
 
 
@@ -63,13 +77,17 @@ class ChannelGraph:
         self._classes: dict[int, ChannelClass] | None = None
         self._classes_reads = 0                    # len(reads) when _classes was built
         self._known_slots: np.ndarray | None = None
+        self._constant_roots: np.ndarray | None = None
+        self._summary = None
+        self.cache: dict = {}  # what other modules derive from the finished graph (verdict.kinds)
         self.slot_owner: list[str] = []       # slot id -> tensor name
         self.pin_reasons: dict[int, str] = {}
         # per slot: a uniform constant (values, NaN = unknown) or an input-independent but
         # non-uniform map over the other axes (maps: tensor -> slot -> array of rest_shape)
         self.values: dict[str, np.ndarray] = {}
         self.maps: dict[str, dict[int, np.ndarray]] = {}
-        self.reads: list[Read] = []
+        self.read_blocks: list[ReadBlock] = []
+        self._read_table = None  # (slot, block, index, zero, absorbable) arrays over every read
         self.nodes: dict[str, onnx.NodeProto] = {}
 
     # --- spaces ----------------------------------------------------------------------
@@ -167,19 +185,73 @@ class ChannelGraph:
 
     def classes(self) -> dict[int, ChannelClass]:
         """Root -> class (computed once: the graph is complete when anyone asks)."""
-        if self._classes is not None and self._classes_reads == len(self.reads):
+        if self._classes is not None and self._classes_reads == len(self.read_blocks):
             return self._classes
         roots = self._resolve()
         order = np.argsort(roots, kind="stable")
         starts = np.flatnonzero(np.r_[True, roots[order][1:] != roots[order][:-1]]) if order.size else order
-        out = {int(roots[order[s]]): ChannelClass(int(roots[order[s]]), slots.tolist())
-               for s, slots in zip(starts, np.split(order, starts[1:]))}
+        ends = np.r_[starts[1:], order.size].astype(np.int64)
+        out = {root: ChannelClass(root, order[s:e])
+               for root, s, e in zip(roots[order[starts]].tolist(), starts.tolist(), ends.tolist())}
         for slot, reason in self.pin_reasons.items():
             out[int(roots[slot])].pins.add(reason)
-        for r in self.reads:
-            out[int(roots[self.spaces[r.tensor].base + r.index])].reads.append(r)
-        self._classes, self._classes_reads = out, len(self.reads)
+        self._classes, self._classes_reads = out, len(self.read_blocks)
         return out
+
+    # --- reads -----------------------------------------------------------------------
+    def _reads(self):
+        """Every read as parallel arrays (global slot, block, index in the tensor, zero,
+        absorbable), in build order; computed once, after the build."""
+        if self._read_table is None or self._read_table[0] != len(self.read_blocks):
+            blocks = self.read_blocks
+            if blocks:
+                slot = np.concatenate([self.spaces[b.tensor].base + np.arange(b.zero.size) for b in blocks])
+                block = np.concatenate([np.full(b.zero.size, i) for i, b in enumerate(blocks)])
+                index = np.concatenate([np.arange(b.zero.size) for b in blocks])
+                zero = np.concatenate([b.zero for b in blocks]).astype(bool)
+                absorbable = np.concatenate([b.absorbable for b in blocks]).astype(bool)
+            else:
+                slot = block = index = np.zeros(0, np.int64)
+                zero = absorbable = np.zeros(0, bool)
+            self._read_table = (len(blocks), slot, block, index, zero, absorbable)
+        return self._read_table[1:]
+
+    def _read(self, i: int) -> Read:
+        _, block, index, _, _ = self._reads()
+        return self.read_blocks[int(block[i])].read(int(index[i]))
+
+    @property
+    def reads(self) -> list[Read]:
+        """Every read as a Read (materialized: for the few callers that want them one by one)."""
+        return [self._read(i) for i in range(self._reads()[0].size)]
+
+    def reads_of(self, root: int) -> list[Read]:
+        """The reads of one class, in build order."""
+        _, _, by_root, sorted_roots, _ = self._summarize()
+        lo, hi = np.searchsorted(sorted_roots, [root, root + 1])
+        return [self._read(int(i)) for i in by_root[lo:hi]]
+
+    def read_counts(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per class root: how many of its reads have non-zero weights, and the number of the first
+        of those that cannot absorb its value (-1: none; `read_at` gives it). What the verdict asks,
+        for every class in one vector pass."""
+        return self._summarize()[1], self._summarize()[4]
+
+    def read_at(self, i: int) -> Read:
+        return self._read(i)
+
+    def _summarize(self):
+        if self._summary is None or self._summary[0] != len(self.read_blocks):
+            slot, _, _, zero, absorbable = self._reads()
+            r = self._resolve()[slot]
+            live = np.bincount(r[~zero], minlength=self.n_slots)
+            stuck = np.flatnonzero(~zero & ~absorbable)
+            first = np.full(self.n_slots, slot.size)
+            np.minimum.at(first, r[stuck], stuck)
+            first[first == slot.size] = -1
+            by_root = np.argsort(r, kind="stable")
+            self._summary = (len(self.read_blocks), live, by_root, r[by_root], first)
+        return self._summary
 
     def known_slots(self) -> np.ndarray:
         """Per slot: does it carry an input-independent value (a constant or a map)? Computed once:
@@ -190,6 +262,13 @@ class ChannelGraph:
                 known[sp.base: sp.base + sp.size] = self.known(name)
             self._known_slots = known
         return self._known_slots
+
+    def constant_roots(self) -> np.ndarray:
+        """Per class root: does any slot of the class carry an input-independent value? (One
+        vector pass for all classes, asked after the build.)"""
+        if self._constant_roots is None:
+            self._constant_roots = np.bincount(self._resolve(), weights=self.known_slots(), minlength=self.n_slots) > 0
+        return self._constant_roots
 
     # --- known values ----------------------------------------------------------------
     def known(self, name: str) -> np.ndarray:
@@ -244,8 +323,6 @@ class ChannelGraph:
 
 
 def build_channel_graph(g: Graph, pins: set[str] | frozenset = frozenset()) -> ChannelGraph:
-    from .rules import rule_for
-
     cg = ChannelGraph(g)
     # graph inputs get no channel space: any op that would couple channels with them pins its side
     nodes = g.nodes
@@ -259,5 +336,5 @@ def build_channel_graph(g: Graph, pins: set[str] | frozenset = frozenset()) -> C
     for node in nodes:
         rule_for(node).values(node, cg)
     for node in nodes:
-        cg.reads.extend(rule_for(node).reads(node, cg))
+        cg.read_blocks.extend(rule_for(node).reads(node, cg))
     return cg

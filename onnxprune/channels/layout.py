@@ -6,7 +6,9 @@ from __future__ import annotations
 import numpy as np
 
 from ..graph import attrs, default_opset, set_attr
-from .rules import RULES, Rule, contiguous, new_dims, take_channels
+from ..layers import all_zero
+from .registry import Rule, register_rule
+from .rules import contiguous, new_dims, take_channels
 
 
 def _axis(node, rank, default=0) -> int:
@@ -423,7 +425,7 @@ class Gather(Rule):
         if cg.space(out) is None:
             return
         if self.is_lookup(node, cg):  # an all-zero column embeds every token as 0
-            cg.values[out] = np.where(np.abs(cg.g.inits[x]).max(axis=0) == 0, 0.0, np.nan)
+            cg.values[out] = np.where(all_zero(cg.g.inits[x], tuple(range(1, cg.g.inits[x].ndim))), 0.0, np.nan)
         elif _axis(node, cg.rank(x)) in cg.space(x).axes:
             cg.take(x, out, self.selection(node, cg)[1])
         else:  # rows picked along another axis: uniform constants stay, maps would be cut
@@ -454,10 +456,9 @@ class Gather(Rule):
         g.set_input_const(node, 1, np.searchsorted(kept_in, selected[kept_out]).astype(idx.dtype))
 
 
-RULES["Concat"] = Concat()
-RULES["Split"] = Split()
-RULES["Slice"] = Slice()
-for op in ("Reshape", "Flatten", "Squeeze", "Unsqueeze"):
-    RULES[op] = Reshape()
-RULES["Transpose"] = Transpose()
-RULES["Gather"] = Gather()
+register_rule("Concat", Concat(), permute=True)
+register_rule("Split", Split())
+register_rule("Slice", Slice())
+register_rule(["Reshape", "Flatten", "Squeeze", "Unsqueeze"], Reshape(), permute=True)
+register_rule("Transpose", Transpose())
+register_rule("Gather", Gather())

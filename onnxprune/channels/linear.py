@@ -1,7 +1,7 @@
 """Linear layers: Conv (plain, depthwise, grouped), ConvTranspose, Gemm, MatMul.
 
 Their outputs open a new channel space owned by the weight rows; their inputs are consumed
-through weight columns (a `Read` per input slot). A known constant input channel c with value v
+through weight columns (a `ReadBlock` of reads per input). A known constant input channel c with value v
 contributes W[:, c]·v everywhere — except where zero padding replaces it by 0 at the border, so
 for padded k×k convs the exact contribution is a map, computed by running the layer on a ones image.
 """
@@ -12,8 +12,10 @@ import numpy as np
 from onnx import helper
 
 from ..graph import attrs, set_attr
-from .core import Read
-from .rules import RULES, Rule, evaluate
+from ..layers import all_zero
+from .core import ReadBlock
+from .registry import Rule, register_rule
+from .rules import evaluate
 
 _REF_OPSET = [helper.make_opsetid("", 17)]
 
@@ -110,7 +112,7 @@ class Conv(Rule):
             return
         w, group, m, c_in_g = self.geometry(cg.g, node)
         b = _bias(cg.g, node, w.shape[0])
-        row_zero = np.abs(w.reshape(w.shape[0], -1)).max(axis=1) == 0
+        row_zero = all_zero(w, 0)
         vals = np.where(row_zero, b, np.nan)
         cg.values[node.output[0]] = vals
         x = node.input[0]
@@ -144,9 +146,9 @@ class Conv(Rule):
             return []
         if group > 1 and c_in_g == 1:
             return []  # depthwise: inside the class, not a read
-        col_max = np.abs(w.reshape(group, m, c_in_g, -1)).max(axis=(1, 3)).reshape(-1)
+        col_zero = all_zero(w.reshape(group, m, c_in_g, -1), (0, 2)).reshape(-1)
         exact_anywhere = not self.padded(node, w) or _spatial_static(cg, node.input[0])
-        return _reads(node, cg, col_max, exact_anywhere, "zero-padded conv with dynamic spatial size")
+        return _reads(node, cg, col_zero, exact_anywhere, "zero-padded conv with dynamic spatial size")
 
     def absorb(self, node, g, cg, items):
         w, group, m, c_in_g = self.geometry(g, node)
@@ -180,7 +182,11 @@ class Conv(Rule):
         group = int(attrs(node).get("group", 1))
         spatial = tuple(cg.shape(x)[2:])
         cols = [k for k, _ in items]
-        if group == 1:  # only the absorbed columns matter
+        if group == 1 and all(np.isscalar(v) for _, v in items):
+            # constants c_j: conv(c, W) = conv(1, sum_j c_j W[:, j]), one input channel instead of many
+            w_sum = np.tensordot(np.array([v for _, v in items]), w[:, cols].astype(np.float64), axes=([0], [1]))
+            xs, ws = np.ones((1, 1) + spatial), w_sum[:, None]
+        elif group == 1:  # only the absorbed columns matter
             xs = np.zeros((1, len(cols)) + spatial)
             ws = w[:, cols].astype(np.float64)
             for i, (_, v) in enumerate(items):
@@ -218,21 +224,20 @@ class Conv(Rule):
             _write_bias(g, node, b, w.dtype)
 
 
-def _reads(node, cg, col_max, exact_anywhere: bool, why_not: str, maps_ok: bool = True) -> list[Read]:
+def _reads(node, cg, zero, exact_anywhere: bool, why_not: str, maps_ok: bool = True) -> list[ReadBlock]:
+    """The reads of the layer's input slots; `zero`: its weight column is all zero. A known
+    constant is absorbable when it is 0 or the layer adds it the same everywhere (`exact_anywhere`);
+    a map only where the layer can add maps (`maps_ok`)."""
     x = node.input[0]
-    values, maps = cg.values[x].tolist(), cg.maps.get(x, {})
-    no_map = f"{node.op_type} cannot absorb an input-independent map"
-    out = []
-    for k, zero in enumerate((np.asarray(col_max) == 0).tolist()):
-        v = values[k]
-        if k in maps:
-            absorbable, why = maps_ok, no_map
-        elif v != v:  # NaN: unknown
-            absorbable, why = False, ""
-        else:
-            absorbable, why = v == 0 or exact_anywhere, why_not
-        out.append(Read(node.name, x, k, zero, bool(absorbable), "" if absorbable else why))
-    return out
+    values, maps = cg.values[x], cg.maps.get(x, {})
+    known = ~np.isnan(values)
+    absorbable = known & ((values == 0) | exact_anywhere)
+    why = np.where(known, why_not, "").astype(object)
+    if maps:
+        on_map = np.fromiter(maps, np.int64)
+        absorbable[on_map], why[on_map] = maps_ok, f"{node.op_type} cannot absorb an input-independent map"
+    why[absorbable] = ""
+    return [ReadBlock(node.name, x, np.asarray(zero, bool), absorbable, why)]
 
 
 def _nonzero(items):
@@ -261,7 +266,7 @@ class ConvTranspose(Rule):
         if cg.space(node.output[0]) is None:
             return
         w = cg.g.inits[node.input[1]]
-        col_zero = np.abs(np.moveaxis(w, 1, 0).reshape(w.shape[1], -1)).max(axis=1) == 0
+        col_zero = all_zero(w, 1)
         cg.values[node.output[0]] = np.where(col_zero, _bias(cg.g, node, w.shape[1]), np.nan)
 
     def reads(self, node, cg):
@@ -271,8 +276,7 @@ class ConvTranspose(Rule):
         w = cg.g.inits[node.input[1]]
         if sp_in.axes != (1,) or sp_in.size != w.shape[0]:
             return []
-        row_max = np.abs(w.reshape(w.shape[0], -1)).max(axis=1)
-        return _reads(node, cg, row_max, _spatial_static(cg, node.input[0]), "ConvTranspose with dynamic spatial size")
+        return _reads(node, cg, all_zero(w, 0), _spatial_static(cg, node.input[0]), "ConvTranspose with dynamic spatial size")
 
     def absorb(self, node, g, cg, items):
         w = g.inits[node.input[1]]
@@ -328,7 +332,7 @@ class Gemm(Rule):
             return
         w = self.weights_in_out(cg.g, node)
         beta = float(attrs(node).get("beta", 1.0))
-        col_zero = np.abs(w).max(axis=0) == 0
+        col_zero = all_zero(w, 1)
         cg.values[node.output[0]] = np.where(col_zero, beta * _bias(cg.g, node, w.shape[1]), np.nan)
 
     def reads(self, node, cg):
@@ -338,7 +342,7 @@ class Gemm(Rule):
         w = self.weights_in_out(cg.g, node)
         if sp_in.axes != (1,) or sp_in.size != w.shape[0]:
             return []
-        return _reads(node, cg, np.abs(w).max(axis=1), True, "", maps_ok=False)
+        return _reads(node, cg, all_zero(w, 0), True, "", maps_ok=False)
 
     def absorb(self, node, g, cg, items):
         a = attrs(node)
@@ -427,7 +431,7 @@ class MatMul(Rule):
         if cg.space(node.output[0]) is None or not self.linear(node, cg):
             return
         w = cg.g.inits[node.input[1]]
-        cg.values[node.output[0]] = np.where(np.abs(w).max(axis=0) == 0, 0.0, np.nan)
+        cg.values[node.output[0]] = np.where(all_zero(w, 1), 0.0, np.nan)
 
     def reads(self, node, cg):
         a = node.input[0]
@@ -437,7 +441,7 @@ class MatMul(Rule):
         w = cg.g.inits[node.input[1]]
         if sp_in.axes != (cg.rank(a) - 1,) or sp_in.size != w.shape[0]:
             return []
-        return _reads(node, cg, np.abs(w).max(axis=1), True, "", maps_ok=False)
+        return _reads(node, cg, all_zero(w, 0), True, "", maps_ok=False)
 
     def absorb(self, node, g, cg, items):
         w = g.inits[node.input[1]]
@@ -476,7 +480,7 @@ class MatMul(Rule):
         g.set_input_const(node, 1, np.ascontiguousarray(w))
 
 
-RULES["Conv"] = Conv()
-RULES["ConvTranspose"] = ConvTranspose()
-RULES["Gemm"] = Gemm()
-RULES["MatMul"] = MatMul()
+register_rule("Conv", Conv(), permute=True)
+register_rule("ConvTranspose", ConvTranspose(), permute=True)
+register_rule("Gemm", Gemm(), permute=True)
+register_rule("MatMul", MatMul(), permute=True)

@@ -1,12 +1,12 @@
-"""Op rules for the channel graph: one class per op family, a registry op_type -> rule.
+"""Op rules for the channel graph: elementwise ops and norms, and the helpers every family uses.
 
-Each rule answers four questions about a node:
+Each rule answers up to five questions about a node (`registry.CAPABILITIES`):
   couple   which channel space each output has, which slots are united, which are pinned;
   values   which output slots carry a known, input-independent constant (NaN: unknown);
   reads    where a linear layer reads a slot through one weight column (Conv, Gemm, MatMul);
+  absorb   (linear layers) fold known constant inputs into the bias;
   rewrite  how the node's parameters change when the slots not in `keep` disappear.
-Linear layers also know how to `absorb` known constants into their bias.
-Anything not in the registry pins every channel it touches: never guess.
+The families register their ops in `registry`; anything not there pins every channel it touches.
 """
 
 from __future__ import annotations
@@ -15,8 +15,10 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from ..graph import Graph, _subgraph_inputs, attrs
-from .core import ChannelGraph, Read, Space
+from ..graph import Graph, attrs
+from . import numeric
+from .core import ChannelGraph, Space
+from .registry import Rule, pin_all, register_rule, rule_for  # noqa: F401  (rule_for: re-exported)
 
 
 class NonRectangular(Exception):
@@ -97,9 +99,13 @@ ON_ONNXRUNTIME = {"AveragePool", "MaxPool", "LpPool"}
 
 
 def evaluate(node: onnx.NodeProto, feeds: dict[str, np.ndarray], opsets) -> list[np.ndarray]:
-    """Run one node with the ONNX reference evaluator (numpy, exact ONNX semantics; float64 where
-    the caller feeds float64) or, for the ops above, onnxruntime."""
-    from onnx.reference import ReferenceEvaluator
+    """Run one node: with numpy where `numeric` covers it (convs, common elementwise ops), the ops
+    above on onnxruntime, anything else with the ONNX reference evaluator (numpy, exact ONNX
+    semantics; float64 where the caller feeds float64)."""
+    fast = numeric.run(node, feeds)
+    if fast is not None:
+        return fast
+    from onnx.reference import ReferenceEvaluator  # (importing it costs 0.1 s: only when needed)
 
     inputs = [helper.make_tensor_value_info(k, helper.np_dtype_to_tensor_dtype(v.dtype), v.shape) for k, v in feeds.items()]
     outputs = [helper.make_tensor_value_info(o, onnx.TensorProto.UNDEFINED, None) for o in node.output if o]
@@ -122,39 +128,7 @@ def float_dtype(g: Graph, node: onnx.NodeProto) -> np.dtype:
     return np.dtype(np.float32)
 
 
-def pin_all(node: onnx.NodeProto, cg: ChannelGraph, reason: str, names=None) -> None:
-    for name in names if names is not None else list(node.input) + list(_subgraph_inputs(node)):
-        cg.pin_tensor(name, reason)
-
-
 # --- the rules -----------------------------------------------------------------------------
-
-class Rule:
-    def couple(self, node, cg: ChannelGraph) -> None:
-        self.pin_through(node, cg, f"{node.op_type} {node.name}: op not understood")
-
-    def values(self, node, cg: ChannelGraph) -> None:
-        pass
-
-    def reads(self, node, cg: ChannelGraph) -> list[Read]:
-        return []
-
-    def rewrite(self, node, g: Graph, cg: ChannelGraph, keep: dict[str, np.ndarray]) -> None:
-        pass
-
-    @staticmethod
-    def pin_through(node, cg: ChannelGraph, reason: str) -> None:
-        """Pin every input; the outputs carry no channel space (which axis holds channels there is
-        not known), so any op that would couple channels with them pins its side too."""
-        pin_all(node, cg, reason)
-
-    @staticmethod
-    def pin_extra_inputs(node, cg: ChannelGraph, data_inputs: int) -> None:
-        """Inputs past the data inputs (shapes, scales, weights ...) must not carry channels."""
-        for name in node.input[data_inputs:]:
-            if cg.space(name) is not None:
-                cg.pin_tensor(name, f"{node.op_type} {node.name}: reads channels as a parameter")
-
 
 class Elementwise(Rule):
     """Unary and broadcasting n-ary elementwise ops: out[c] ≡ in[c] for every operand that has the
@@ -347,26 +321,7 @@ UNARY = """Relu LeakyRelu Sigmoid HardSigmoid HardSwish Tanh Erf Softplus Softsi
 Exp Log Abs Neg Sqrt Reciprocal Floor Ceil Round Sign Sin Cos Identity Cast ThresholdedRelu Shrink""".split()
 BINARY = "Add Sub Mul Div Max Min Sum Mean Pow PRelu".split()
 
-RULES: dict[str, Rule] = {}
-for op in UNARY:
-    RULES[op] = Elementwise(data_inputs=1)
-for op in BINARY:
-    RULES[op] = Elementwise()
-RULES["Clip"] = Elementwise(data_inputs=1)
-RULES["Dropout"] = Elementwise(data_inputs=1)
-RULES["BatchNormalization"] = BatchNorm()
-RULES["InstanceNormalization"] = BatchNorm()
-RULES["LayerNormalization"] = LayerNorm()
-RULES["RMSNormalization"] = LayerNorm()
-
-DEFAULT = Rule()
-
-
-def rule_for(node: onnx.NodeProto) -> Rule:
-    if node.domain not in ("", "ai.onnx"):
-        return DEFAULT
-    return RULES.get(node.op_type, DEFAULT)
-
-
-# the other families register themselves
-from . import linear, layout, spatial  # noqa: E402,F401
+register_rule(UNARY + ["Clip", "Dropout"], Elementwise(data_inputs=1), permute=True)
+register_rule(BINARY, Elementwise(), permute=True)
+register_rule(["BatchNormalization", "InstanceNormalization"], BatchNorm(), permute=True)
+register_rule(["LayerNormalization", "RMSNormalization"], LayerNorm())

@@ -7,7 +7,8 @@ from __future__ import annotations
 import numpy as np
 
 from ..graph import attrs, default_opset
-from .rules import RULES, Rule, evaluate
+from .registry import Rule, register_rule
+from .rules import evaluate
 
 POOLS = "MaxPool AveragePool GlobalAveragePool GlobalMaxPool LpPool GlobalLpPool".split()
 REDUCES = "ReduceMean ReduceMax ReduceMin ReduceSum ReduceL1 ReduceL2 ReduceLogSumExp ReduceProd ReduceSumSquare".split()
@@ -144,5 +145,7 @@ class Spatial(Rule):
         g.set_input_const(node, 3, sizes)
 
 
+# (their rewrite gathers channels: any permutation goes through the ones `rearrange` was tested on)
+PERMUTABLE = {"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "ReduceMean", "ReduceMax", "Pad", "Resize"}
 for op in POOLS + REDUCES + ["Pad", "Resize", "Upsample"]:
-    RULES[op] = Spatial()
+    register_rule(op, Spatial(), permute=op in PERMUTABLE)

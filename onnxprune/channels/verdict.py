@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from .core import ChannelClass, ChannelGraph
 
 UNREAD = "unread"        # no layer reads it with a non-zero weight: remove it
@@ -19,28 +21,46 @@ class Verdict:
     reason: str = ""
 
 
+KINDS = (UNREAD, ABSORB, PINNED, BLOCKED, LIVE)
+
+
 def judge(cls: ChannelClass, cg: ChannelGraph) -> Verdict:
     if cls.verdict is None:
         cls.verdict = _judge(cls, cg)
     return cls.verdict
 
 
+def roots_of_kind(cg: ChannelGraph, kind: str) -> list[int]:
+    """The roots of every class with this verdict (what the passes ask), in one vector pass."""
+    roots = cg.roots()
+    code = kinds(cg)
+    return np.flatnonzero((code == KINDS.index(kind)) & (roots == np.arange(roots.size))).tolist()
+
+
+def kinds(cg: ChannelGraph) -> np.ndarray:
+    """Per slot, the verdict of its class (valid at class roots) as an index into KINDS: the rules
+    of `_judge`, for every class at once."""
+    key = (len(cg.read_blocks), len(cg.pin_reasons), cg.n_slots)
+    if cg.cache.get("kinds", (None,))[0] != key:
+        roots = cg.roots()
+        live, first_stuck = cg.read_counts()
+        code = np.full(cg.n_slots, KINDS.index(LIVE))
+        code[first_stuck < 0] = KINDS.index(ABSORB)
+        code[(first_stuck >= 0) & cg.constant_roots()] = KINDS.index(BLOCKED)
+        code[live == 0] = KINDS.index(UNREAD)
+        if cg.pin_reasons:
+            code[roots[np.fromiter(cg.pin_reasons, np.int64)]] = KINDS.index(PINNED)
+        cg.cache["kinds"] = (key, code)
+    return cg.cache["kinds"][1]
+
+
 def _judge(cls: ChannelClass, cg: ChannelGraph) -> Verdict:
-    if cls.pins:
+    kind = KINDS[kinds(cg)[cls.root]]
+    if kind == PINNED:
         return Verdict(PINNED, sorted(cls.pins)[0])
-    live = [r for r in cls.reads if not r.zero]
-    if not live:
-        return Verdict(UNREAD)
-    stuck = [r for r in live if not r.absorbable]
-    if not stuck:
-        return Verdict(ABSORB)
-    if not _has_constant(cls, cg):
-        return Verdict(LIVE)
-    r = stuck[0]
+    if kind != BLOCKED:
+        return Verdict(kind)
+    r = cg.read_at(int(cg.read_counts()[1][cls.root]))
     why = r.why_not or (f"its constant meets input-dependent data (a residual add with a live branch, an SE gate ...) "
                         f"before {r.node} reads {r.tensor}")
     return Verdict(BLOCKED, why)
-
-
-def _has_constant(cls: ChannelClass, cg: ChannelGraph) -> bool:
-    return bool(cg.known_slots()[cls.slots].any())

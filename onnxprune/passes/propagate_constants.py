@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from ..channels.rules import rule_for
-from ..channels.verdict import ABSORB, judge
+from ..channels.registry import rule_for
+from ..channels.verdict import ABSORB, roots_of_kind
 from ..graph import Graph
 from .base import Context
 
@@ -22,10 +22,8 @@ PASS = "propagate_constants"
 def propagate_constants(g: Graph, ctx: Context) -> bool:
     cg = g.channel_graph(ctx.pins)
     items = defaultdict(list)
-    for cls in cg.classes().values():
-        if judge(cls, cg).kind != ABSORB:
-            continue
-        for r in cls.reads:
+    for root in roots_of_kind(cg, ABSORB):
+        for r in cg.reads_of(root):
             if not r.zero:
                 items[r.node].append((r.index, cg.value(r.tensor, r.index)))
     for name, absorbed in items.items():

@@ -17,19 +17,13 @@ from __future__ import annotations
 import numpy as np
 
 from ..channels.core import ChannelGraph
-from ..channels.rules import BINARY, UNARY, rule_for
+from ..channels.registry import capabilities, rule_for
 from ..graph import Graph, attrs
 from ..pruning.criteria import l1
 from ..pruning.groups import Bucket, buckets, filters, layers
 from .base import Context
 
 PASS = "rearrange"
-# ops whose rewrite is a plain gather of channels, so it works for any permutation
-PERMUTABLE = set(UNARY) | set(BINARY) | {
-    "Clip", "Dropout", "BatchNormalization", "InstanceNormalization", "Conv", "ConvTranspose", "Gemm", "MatMul",
-    "Concat", "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "ReduceMean", "ReduceMax",
-    "Pad", "Resize", "Flatten", "Squeeze", "Unsqueeze", "Reshape",
-}
 
 
 def rearrange_graph(g: Graph, ctx: Context) -> int:
@@ -75,7 +69,7 @@ def immovable(b: Bucket, g: Graph, cg: ChannelGraph, roots) -> str:
         for node in [producers.get(name)] + consumers.get(name, []):
             if node is None:
                 continue
-            if node.op_type not in PERMUTABLE:
+            if "permute" not in capabilities(node):  # its rewrite is not a plain gather of channels
                 return f"{node.op_type} {node.name} reads or writes these channels"
             if node.op_type == "Conv" and 1 < int(attrs(node).get("group", 1)) and g.inits[node.input[1]].shape[1] > 1:
                 return f"grouped conv {node.name}"

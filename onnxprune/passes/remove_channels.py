@@ -7,8 +7,9 @@ from __future__ import annotations
 import numpy as np
 
 from ..channels.core import ChannelGraph
-from ..channels.rules import NonRectangular, new_dims, rule_for
-from ..channels.verdict import UNREAD, judge
+from ..channels.registry import rule_for
+from ..channels.rules import NonRectangular, new_dims
+from ..channels.verdict import UNREAD, roots_of_kind
 from ..graph import Graph
 from ..layers import is_linear
 from .base import Context
@@ -18,8 +19,7 @@ PASS = "remove_channels"
 
 def remove_channels(g: Graph, ctx: Context) -> bool:
     cg = g.channel_graph(ctx.pins)
-    classes = cg.classes()
-    doomed = {root for root, cls in classes.items() if judge(cls, cg).kind == UNREAD}
+    doomed = set(roots_of_kind(cg, UNREAD))
     layer_outputs = {n.output[0] for n in g.nodes if is_linear(n)}
     keep = _keep_lists(cg, doomed, ctx, layer_outputs)
     if not keep:
