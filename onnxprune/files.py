@@ -133,7 +133,9 @@ class FilePlan:
         if path is None or _is_in_memory(path):
             return self
         self.read(path, what)
-        for data in external_data_files(path):
+        # a ModelFile (graph.py) knows its external data from the proto it already read
+        found = path.external_data_files() if hasattr(path, "external_data_files") else external_data_files(path)
+        for data in found:
             self.read(data, f"the external data of {what} ({Path(path).name})")
         return self
 

@@ -31,7 +31,7 @@ def load_model(src: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
     if isinstance(src, onnx.ModelProto):
         model = onnx.ModelProto()
         model.CopyFrom(src)
-        return _validated(model, "model", too_big=not fits_in_protobuf(model))
+        return _validated(model, "model")
     model = read_model(src)
     if has_external_data(model):
         onnx.load_external_data_for_model(model, str(Path(src).parent))
@@ -51,6 +51,34 @@ def read_model(path: str | os.PathLike) -> onnx.ModelProto:
     except Exception as e:  # protobuf raises DecodeError and friends
         raise OnnxPruneError(f"{path}: not a readable ONNX model ({_first_line(e)})") from None
     return _validated(model, str(path), by_path=has_external_data(model))
+
+
+class ModelFile(os.PathLike):
+    """A model file read and validated once (`read_model`), its external data left on disk.
+    Commands plan their file safety from it (`external_data_files`) and hand its proto to a Graph
+    (`take`) without parsing the file again; anywhere a path is expected, it is its path."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self._proto: onnx.ModelProto | None = read_model(self.path)
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+    @property
+    def base_dir(self) -> str:
+        return os.path.dirname(os.path.abspath(self.path))
+
+    def external_data_files(self) -> list[Path]:
+        proto = self._proto if self._proto is not None else onnx.load(str(self.path), load_external_data=False)
+        locations = {e.value for t in _tensors(proto.graph) if t.data_location == onnx.TensorProto.EXTERNAL
+                     for e in t.external_data if e.key == "location"}
+        return sorted(self.path.parent / loc for loc in locations)
+
+    def take(self) -> onnx.ModelProto:
+        """The proto, once (a Graph takes ownership of it); a later call reads the file again."""
+        proto, self._proto = self._proto, None
+        return proto if proto is not None else read_model(self.path)
 
 
 def has_external_data(model: onnx.ModelProto) -> bool:
@@ -85,14 +113,18 @@ def tensor_nbytes(t: onnx.TensorProto) -> int:
     return int(np.prod(t.dims)) * helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
 
 
-def _validated(model: onnx.ModelProto, what: str, by_path: bool = False, too_big: bool = False) -> onnx.ModelProto:
+def _validated(model: onnx.ModelProto, what: str, by_path: bool = False) -> onnx.ModelProto:
     if not model.graph.node:
         raise OnnxPruneError(f"{what}: not an ONNX model (empty graph)")
-    try:  # by path, the checker resolves external data itself and never serializes the model; an
-        # in-memory model over 2 GB can only be checked without its weights
-        onnx.checker.check_model(what if by_path else weightless(model) if too_big else model, full_check=False)
+    try:  # by path, the checker resolves external data itself; in memory it checks a weightless
+        # view (serializing the whole model only to check it cost more than reading it) and the
+        # weights it leaves out are checked here, more strictly than the checker would
+        onnx.checker.check_model(what if by_path else _checkable_view(model), full_check=False)
     except Exception as e:
         raise OnnxPruneError(f"{what}: invalid ONNX model ({_first_line(e)})") from None
+    for t in model.graph.initializer:  # (the size of each payload is checked when it is read: tensor_array)
+        if not _type_known(t):
+            raise OnnxPruneError(f"{what}: invalid ONNX model (initializer {t.name}: unsupported data type {t.data_type})")
     opset = default_opset(model)
     if not SUPPORTED_OPSET[0] <= opset <= SUPPORTED_OPSET[1]:
         raise OnnxPruneError(
@@ -100,6 +132,34 @@ def _validated(model: onnx.ModelProto, what: str, by_path: bool = False, too_big
             f"{SUPPORTED_OPSET[0]}..{SUPPORTED_OPSET[1]}"
         )
     return model
+
+
+def _checkable_view(model: onnx.ModelProto) -> onnx.ModelProto:
+    view = weightless(model)
+    view.graph.sparse_initializer.extend(model.graph.sparse_initializer)
+    return view
+
+
+_PACKED_4BIT = {getattr(onnx.TensorProto, n) for n in ("INT4", "UINT4", "FLOAT4E2M1") if hasattr(onnx.TensorProto, n)}
+
+
+def _type_known(t: onnx.TensorProto) -> bool:
+    return t.data_type in onnx.TensorProto.DataType.values() and t.data_type != onnx.TensorProto.UNDEFINED
+
+
+def _payload_problem(t: onnx.TensorProto) -> str:
+    """Why a tensor's data is unreadable ("" if it is fine): an unknown type, or not exactly its
+    dims' worth of data."""
+    if not _type_known(t) or t.data_type == onnx.TensorProto.STRING:
+        return f"unsupported data type {t.data_type}"
+    n = int(np.prod(t.dims))
+    if t.raw_data:
+        expected = (n + 1) // 2 if t.data_type in _PACKED_4BIT else n * helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+        return "" if len(t.raw_data) == expected else f"{len(t.raw_data)} bytes of data for dims {list(t.dims)} ({expected} expected)"
+    try:  # typed fields: the reader itself decides
+        return "" if numpy_helper.to_array(t).size == n else f"data does not match dims {list(t.dims)}"
+    except Exception as e:
+        return f"data does not match dims {list(t.dims)} ({_first_line(e)})"
 
 
 def _first_line(e: Exception) -> str:
@@ -567,7 +627,15 @@ def tensor_array(t: onnx.TensorProto, base_dir=None) -> np.ndarray:
     """The tensor as a numpy array; external data is memory-mapped copy-on-write (writes stay
     private to this process, the file is never changed)."""
     if t.data_location != onnx.TensorProto.EXTERNAL:
-        return numpy_helper.to_array(t)
+        # the payload's size is checked here, where it is read anyway (reading it once more only
+        # to check it cost as much as the copy itself)
+        try:
+            arr = numpy_helper.to_array(t)
+        except Exception as e:
+            arr = e
+        if isinstance(arr, Exception) or arr.size != int(np.prod(t.dims)):
+            raise OnnxPruneError(f"invalid ONNX model (initializer {t.name}: {_payload_problem(t) or _first_line(arr)})")
+        return arr
     info = {e.key: e.value for e in t.external_data}
     dtype = helper.tensor_dtype_to_np_dtype(t.data_type)
     shape = tuple(t.dims)

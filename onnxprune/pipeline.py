@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from .errors import OnnxPruneError
-from .graph import Graph, check_pins, load_model, name_nodes, read_model
+from .graph import Graph, ModelFile, check_pins, load_model, name_nodes, read_model
 from .passes.base import Context
 from .passes.cleanup import cleanup
 from .passes.fold_bn import fold_bn
@@ -136,13 +136,18 @@ def prepare(model, pins=(), stats: bool = False):
     """The first steps of every command: read once (a path: validated, external data mapped
     lazily; a ModelProto: validated and copied), check the pins, name the nodes. With `stats`,
     returns (Graph, ModelStats of the input) instead of the Graph."""
-    if isinstance(model, (str, os.PathLike)):
+    if isinstance(model, ModelFile):
+        proto, base_dir = model.take(), model.base_dir
+    elif isinstance(model, (str, os.PathLike)):
         proto, base_dir = read_model(model), os.path.dirname(os.path.abspath(model))
     else:
         proto, base_dir = load_model(model), None
     check_pins(proto.graph, pins)
     before = ModelStats.of(proto) if stats else None
-    g = Graph(proto, base_dir=base_dir)
+    try:
+        g = Graph(proto, base_dir=base_dir)
+    except OnnxPruneError as e:  # a weight that cannot be read: say which file
+        raise OnnxPruneError(f"{os.fspath(model)}: {e}" if isinstance(model, (str, os.PathLike)) else str(e)) from None
     name_nodes(g)
     return (g, before) if stats else g
 

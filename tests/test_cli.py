@@ -103,6 +103,40 @@ def test_truncated_model(pruned, tmp_path, capsys):
     assert code == 2 and len(err.strip().splitlines()) == 1
 
 
+def _model_with_weight(tensor: onnx.TensorProto) -> onnx.ModelProto:
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16, 4, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16, 4, 4])
+    g = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"])], "g", [x], [y], [tensor])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+
+
+@pytest.mark.parametrize("defect,message", [
+    ("short raw data", "1020 bytes of data for dims [16, 16, 1, 1] (1024 expected)"),
+    ("short typed data", "data does not match dims [16, 16, 1, 1]"),
+    ("undefined type", "unsupported data type 0"),
+])
+def test_malformed_weights_are_one_line_exit_2(tmp_path, capsys, defect, message):
+    """The checker runs on a weightless view of the model; the weights it does not see are checked
+    on their own, and a defect in them is a bad-input error, never a crash in a pass."""
+    w = onnx.numpy_helper.from_array(np.ones((16, 16, 1, 1), np.float32), "w")
+    if defect == "short raw data":
+        w.raw_data = w.raw_data[:-4]
+    elif defect == "short typed data":
+        w = helper.make_tensor("w", TensorProto.FLOAT, [16, 16, 1, 1], np.ones(256, np.float32).tolist())
+        del w.float_data[-1]
+    else:
+        w.data_type = TensorProto.UNDEFINED
+    path = tmp_path / "bad_weights.onnx"
+    onnx.save(_model_with_weight(w), path)
+    for argv in (["simplify", path, "-o", tmp_path / "out.onnx"], ["inspect", path]):
+        code, out, err = run(argv, capsys)
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out.onnx").exists()
+    good = onnx.numpy_helper.from_array(np.ones((16, 16, 1, 1), np.float32), "w")
+    onnx.save(_model_with_weight(good), path)
+    assert run(["simplify", path, "-o", tmp_path / "out.onnx"], capsys)[0] == 0
+
+
 def test_dynamic_spatial_input_needs_inputs(tmp_path, capsys):
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, "H", "W"])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, "H", "W"])
