@@ -9,7 +9,8 @@ from dataclasses import dataclass
 from .arrays import read_masks, write_npz
 from .errors import ParityError
 from .files import FilePlan, Outputs
-from .graph import load_model, read_model, save_model, tensor_signature, write_model
+from .options import PruneOptions, SimplifyOptions
+from .graph import ModelFile, load_model, read_model, save_model, tensor_signature, write_model
 from .parity import DEFAULT_ATOL, DEFAULT_RTOL, ParityReport, as_feeds, compare, default_inputs, feeds_for
 from .report import ModelStats, Report, channel_summary
 from .simplify import simplify, simplify_to
@@ -27,13 +28,17 @@ def _is_path(x) -> bool:
     return isinstance(x, (str, os.PathLike))
 
 
-def simplify_file(src, dst, *, check: bool = True, inputs=None, progress=None, **options) -> Report:
-    """Simplify the model at `src` and write it atomically to `dst` (only if it passes the check)."""
+def simplify_file(src, dst, options: SimplifyOptions | None = None, *, progress=None, **kwargs) -> Report:
+    """Simplify the model at `src` and write it atomically to `dst` (only if it passes the check);
+    the options are `SimplifyOptions`' fields, as an object or keywords."""
+    opts = SimplifyOptions.of(options, **kwargs)
     say = progress or (lambda msg: None)
-    FilePlan().read_model(src).read(inputs if _is_path(inputs) else None, "the --inputs file").write_model(dst).check()
+    src = ModelFile(src)  # read and validated once: the plan and the pipeline share it
+    inputs = opts.inputs if _is_path(opts.inputs) else None
+    FilePlan().read_model(src).read(inputs, "the --inputs file").write_model(dst).check()
     t = time.perf_counter()
-    report = simplify_to(src, dst, check=check, inputs=inputs, **options)
-    say(f"simplified in {time.perf_counter() - t:.2f} s" + (", parity checked" if check else " (parity check skipped)"))
+    report = simplify_to(src, dst, opts)
+    say(f"simplified in {time.perf_counter() - t:.2f} s" + (", parity checked" if opts.check else " (parity check skipped)"))
     say(f"wrote {dst}")
     return report
 
@@ -48,27 +53,33 @@ def check(reference, candidate, *, inputs=None, atol: float = DEFAULT_ATOL, rtol
                    inputs=feeds, atol=atol, rtol=rtol, seed=seed)
 
 
-def prune_file(src, dst, *, calib=None, masks=None, save_masks=None, simplify_after: bool = False,
-               config=None, progress=None, **options):
-    """`onnxprune prune`: prune the model at `src`, optionally simplify, write `dst` (and the masks)
-    all or nothing. Returns (PruneReport, simplify Report or None)."""
+def prune_file(src, dst, options: PruneOptions | None = None, *, calib=None, masks=None, save_masks=None,
+               simplify_after: bool | SimplifyOptions = False, progress=None, **kwargs):
+    """`onnxprune prune`: prune the model at `src`, optionally simplify (`simplify_after`: True or
+    the SimplifyOptions to use), write `dst` (and the masks) all or nothing; the options are
+    `PruneOptions`' fields, as an object or keywords. Returns (PruneReport, simplify Report or None)."""
     from .pruning.prune import prune
 
+    opts = PruneOptions.of(options, **kwargs)
     say = progress or (lambda msg: None)
     plan = FilePlan().read_model(src)
     plan.read(calib if _is_path(calib) else None, "the --calib file")
     plan.read(masks if _is_path(masks) else None, "the --masks file")
-    plan.read(config if _is_path(config) else None, "the --config file")
+    plan.read(opts.config if _is_path(opts.config) else None, "the --config file")
+    if isinstance(simplify_after, SimplifyOptions):
+        plan.read(simplify_after.inputs if _is_path(simplify_after.inputs) else None, "the --inputs file")
     plan.write_model(dst).write(save_masks, "the masks file (--save-masks)").check()
     model = load_model(src)
     if masks is not None and not isinstance(masks, dict):
         masks = read_masks(masks)
-    result, report = prune(model, calib=_inputs(calib, model, "calibration inputs"), masks=masks, config=config, **options)
+    result, report = prune(model, opts, calib=_inputs(calib, model, "calibration inputs"), masks=masks)
     say(f"pruned in {report.seconds:.2f} s")
     simplified = None
     if simplify_after:
-        result, simplified = simplify(result)
-        say(f"simplified; parity with the pruned model: {'PASS' if simplified.parity.passed else 'FAIL'}")
+        result, simplified = simplify(result, simplify_after if isinstance(simplify_after, SimplifyOptions) else None)
+        parity = simplified.parity
+        say("simplified; " + ("parity with the pruned model: " + ("PASS" if parity.passed else "FAIL")
+                              if parity is not None else "parity check skipped"))
     with Outputs() as out:
         write_model(result, out.path(dst))
         if save_masks:
@@ -103,6 +114,7 @@ def rearrange(model, *, check: bool = True, inputs=None, atol: float = DEFAULT_A
 
 def rearrange_file(src, dst, *, inputs=None, **options):
     """`onnxprune rearrange`: rearrange the model at `src` and write it atomically to `dst`."""
+    src = ModelFile(src)
     FilePlan().read_model(src).read(inputs if _is_path(inputs) else None, "the --inputs file").write_model(dst).check()
     result, moved, parity = rearrange(src, inputs=inputs, **options)
     save_model(result, dst)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from . import __version__, checks
 from .errors import OnnxPruneError
-from .parity import DEFAULT_ATOL, DEFAULT_RTOL
+from .options import PruneOptions, SimplifyOptions, flag
 
 EXIT_CODES = ("exit codes: 0 ok; 1 the parity check failed (nothing written); 2 bad input or an impossible "
               "request (one line says which; nothing written); 3 internal error (a bug: please report it); "
@@ -24,17 +24,6 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def flag(check, name: str):
-    """An argparse type that validates with onnxprune.checks and reports its one-line message."""
-    def parse(text: str):
-        try:
-            return check(text, name)
-        except OnnxPruneError as e:  # argparse says "argument --atol: " itself
-            raise argparse.ArgumentTypeError(str(e).removeprefix(f"{name} ")) from None
-    parse.__name__ = name
-    return parse
-
-
 def _progress(msg: str) -> None:
     try:
         print(f"[onnxprune] {msg}", file=sys.stderr, flush=True)
@@ -42,21 +31,13 @@ def _progress(msg: str) -> None:
         pass
 
 
-def _parity_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--inputs", metavar="NPZ", help="inputs for the parity check: an .npz keyed by input name "
-                   "(`onnxprune inspect` lists them; an extra leading axis = several batches) or an .npy for a "
-                   "single-input model; default: seeded random inputs")
-    p.add_argument("--atol", type=flag(checks.tolerance, "--atol"), default=DEFAULT_ATOL,
-                   help="absolute tolerance (default %(default)g)")
-    p.add_argument("--rtol", type=flag(checks.tolerance, "--rtol"), default=DEFAULT_RTOL,
-                   help="relative tolerance (default %(default)g); an element fails only if it exceeds both")
-    p.add_argument("--seed", type=flag(checks.seed, "--seed"), default=0, help="seed of the random inputs (default 0)")
-
-
 def _output_args(p: argparse.ArgumentParser, suffix: str) -> None:
     p.add_argument("output_path", nargs="?", metavar="output", help=f"output .onnx (as onnxsim / onnxslim take it; "
                    f"same as -o; default: <input>.{suffix}.onnx)")
     p.add_argument("-o", "--output", help="output path (written atomically, never the input)")
+
+
+PARITY = {"inputs", "atol", "rtol", "seed"}  # the SimplifyOptions that check and rearrange take too
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,17 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "function as the input on onnxruntime (unless --no-check).", epilog=EPILOG)
     s.add_argument("model", help="input .onnx (never modified)")
     _output_args(s, "simplified")
-    s.add_argument("--no-fold-bn", action="store_true", help="skip folding BatchNormalization into Conv/Gemm")
-    s.add_argument("--no-propagate", action="store_true", help="skip folding constant channels into the layers that read them")
-    s.add_argument("--no-remove", action="store_true", help="skip removing dead channels")
-    s.add_argument("--pin", action="append", default=[], metavar="TENSOR", help="never touch the channels of this tensor (repeatable)")
-    s.add_argument("--align", type=flag(checks.positive_int, "--align"), default=8, metavar="N",
-                   help="keep layer widths multiples of N where they were, sparing a few dead channels: onnxruntime's "
-                   "fast conv kernels want it (default %(default)s; 1 removes all)")
-    s.add_argument("--no-check", action="store_true", help="write the result without the parity check")
+    SimplifyOptions.add_arguments(s)
     s.add_argument("-v", "--verbose", action="store_true", help="channels removed per layer, pin reasons")
     s.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
-    _parity_args(s)
 
     c = sub.add_parser("check", help="compare two models on onnxruntime; exit 0 if equal within tolerance, 1 if not",
                        description="Run both models on the same inputs (onnxruntime, optimizations off) and compare "
@@ -106,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("reference", help="the reference model (e.g. the pruned input)")
     c.add_argument("candidate", help="the model to check (e.g. the simplified one)")
     c.add_argument("--json", action="store_true")
-    _parity_args(c)
+    SimplifyOptions.add_arguments(c, only=PARITY)
 
     p = sub.add_parser("prune", help="make the zeros: dependency-aware filters, level, 1xN blocks, NNI-style configs",
                        description="Prune an ONNX model: zero filters (a coupled channel is zeroed in every layer producing it), "
@@ -114,27 +87,17 @@ def build_parser() -> argparse.ArgumentParser:
                        "unless --prune-first / --prune-last.", epilog=EPILOG)
     p.add_argument("model", help="input .onnx (never modified)")
     _output_args(p, "pruned")
-    p.add_argument("--criterion", default="l1", choices=["l1", "l2", "fpgm", "random", "apoz", "mean_activation", "level"],
-                   help="importance: filter norms, FPGM (geometric median), random, activation-based (apoz, "
-                   "mean_activation: need --calib), or level (unstructured magnitude) (default %(default)s)")
-    p.add_argument("--sparsity", type=flag(checks.sparsity, "--sparsity"),
-                   help="fraction to prune in every selected layer, in [0, 1)")
-    p.add_argument("--granularity", choices=["filter", "weight", "1xN"], help="default: filter (weight for level)")
-    p.add_argument("--n", type=flag(checks.positive_int, "--n"), default=4, help="block height N of 1xN blocks (default %(default)s)")
-    p.add_argument("--rearrange", action="store_true", help="permute channels first so that 1xN blocks group similar filters")
-    p.add_argument("--config", metavar="YAML", help="NNI-style config list: sparsity, op_types, op_names, exclude")
-    p.add_argument("--group-reduce", default="sum", choices=["sum", "mean", "max"], help="how coupled layers' scores combine")
-    p.add_argument("--prune-first", action="store_true", help="also prune the first layer")
-    p.add_argument("--prune-last", action="store_true", help="also prune the classifier")
+    PruneOptions.add_arguments(p)
     p.add_argument("--calib", metavar="NPZ", help="calibration inputs for apoz / mean_activation, like --inputs "
                    "(default: seeded random, with a warning)")
     p.add_argument("--masks", metavar="NPZ|PTH", help="apply these keep-masks instead of computing them: an .npz keyed by "
                    "initializer name or PyTorch parameter name (matched where unambiguous), or NNI's mask .pth "
                    "(export_model(mask_path=...); needs PyTorch)")
     p.add_argument("--save-masks", metavar="NPZ", help="write the masks applied, keyed by initializer name")
-    p.add_argument("--simplify", action="store_true", help="simplify the pruned model (parity-checked) before writing it")
-    p.add_argument("--seed", type=flag(checks.seed, "--seed"), default=0)
     p.add_argument("--json", action="store_true")
+    p.add_argument("--simplify", action="store_true", help="simplify the pruned model (parity-checked) before writing it")
+    SimplifyOptions.add_arguments(p.add_argument_group("with --simplify (as `onnxprune simplify` takes them; --seed "
+                                                       "also seeds the parity inputs)"), skip={"seed"})
 
     r = sub.add_parser("rearrange", help="permute channels so 1xN blocks group similar filters; exact parity with the input",
                        description="Permute every layer's output channels (and every slot coupled to them) by descending "
@@ -142,8 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "computes exactly the same function (checked on onnxruntime).", epilog=EPILOG)
     r.add_argument("model", help="input .onnx (never modified)")
     _output_args(r, "rearranged")
-    r.add_argument("--no-check", action="store_true", help="skip the parity check")
-    _parity_args(r)
+    SimplifyOptions.add_arguments(r, only=PARITY | {"check"})
 
     i = sub.add_parser("inspect", help="inputs, outputs, ops, parameters, MACs, channel classes and what is pinned and why",
                        epilog=EPILOG)
@@ -180,11 +142,7 @@ def _json(data) -> str:
 def cmd_simplify(args):
     from .api import simplify_file
 
-    report = simplify_file(
-        args.model, output_path(args, "simplified"), fold_bn=not args.no_fold_bn,
-        propagate=not args.no_propagate, remove=not args.no_remove, pins=args.pin, align=args.align, check=not args.no_check,
-        inputs=args.inputs, atol=args.atol, rtol=args.rtol, seed=args.seed, progress=_progress,
-    )
+    report = simplify_file(args.model, output_path(args, "simplified"), SimplifyOptions.from_args(args), progress=_progress)
     return 0, report.to_json() if args.json else report.table(verbose=args.verbose)
 
 
@@ -192,10 +150,9 @@ def cmd_prune(args):
     from .api import prune_file
 
     report, simplified = prune_file(
-        args.model, output_path(args, "pruned"), criterion=args.criterion, sparsity=args.sparsity,
-        granularity=args.granularity, n=args.n, rearrange=args.rearrange, config=args.config,
-        group_reduce=args.group_reduce, prune_first=args.prune_first, prune_last=args.prune_last, calib=args.calib,
-        masks=args.masks, save_masks=args.save_masks, simplify_after=args.simplify, seed=args.seed, progress=_progress,
+        args.model, output_path(args, "pruned"), PruneOptions.from_args(args), calib=args.calib, masks=args.masks,
+        save_masks=args.save_masks, simplify_after=SimplifyOptions.from_args(args) if args.simplify else None,
+        progress=_progress,
     )
     if args.json:
         return 0, _json({"prune": report.as_dict(), "simplify": simplified.as_dict() if simplified else None})
@@ -206,7 +163,7 @@ def cmd_rearrange(args):
     from .api import rearrange_file
 
     out = output_path(args, "rearranged")
-    moved, parity = rearrange_file(args.model, out, check=not args.no_check, inputs=args.inputs,
+    moved, parity = rearrange_file(args.model, out, check=args.check, inputs=args.inputs,
                                    atol=args.atol, rtol=args.rtol, seed=args.seed)
     lines = [f"rearranged {moved} layer group(s); wrote {out}"]
     if parity is not None:

@@ -13,64 +13,62 @@ import time
 
 import onnx
 
-from . import checks
 from .errors import ParityError
 from .files import Outputs
-from .graph import write_graph
-from .parity import DEFAULT_ATOL, DEFAULT_RTOL, compare, feeds_for
+from .graph import ModelFile, write_graph
+from .options import SimplifyOptions
+from .parity import compare, feeds_for
 from .passes.base import Context
 from .pipeline import prepare, simplify_pipeline
 from .report import ModelStats, Report, channel_summary
 
 
-def simplify(model, *, fold_bn: bool = True, propagate: bool = True, remove: bool = True,
-             pins=(), check: bool = True, inputs: list[dict] | None = None,
-             atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL, seed: int = 0,
-             align: int = 8) -> tuple[onnx.ModelProto, Report]:
-    """Simplify a pruned model (a path or a ModelProto; never modified).
+def simplify(model, options: SimplifyOptions | None = None, **kwargs) -> tuple[onnx.ModelProto, Report]:
+    """Simplify a pruned model (a path or a ModelProto; never modified). The options are the
+    fields of `SimplifyOptions` (the flags of `onnxprune simplify`), as an object or keywords.
 
     `align`: dead channels are spared so that layer widths stay multiples of it where they were
     (onnxruntime's blocked conv kernels are much faster then); align=1 removes every dead channel.
     Returns the new model and a Report. With `check` (the default) the result is compared with
     the input on onnxruntime and ParityError (carrying the report) is raised if they differ."""
-    g, report, feeds = _run(model, fold_bn, propagate, remove, pins, align, check, inputs, seed)
+    opts = SimplifyOptions.of(options, **kwargs)
+    g, report, feeds = _run(model, opts)
     result = g.to_model(copy=False)
     report.after = ModelStats.of(result)
-    if check:
-        _gate(report, model, result, feeds, atol, rtol, seed)
+    if opts.check:
+        _gate(report, model, result, feeds, opts)
     return result, report
 
 
-def simplify_to(src, dst, *, check: bool = True, inputs=None,
-                atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL, seed: int = 0,
-                fold_bn: bool = True, propagate: bool = True, remove: bool = True, pins=(),
-                align: int = 8) -> Report:
+def simplify_to(src, dst, options: SimplifyOptions | None = None, **kwargs) -> Report:
     """Simplify the model file `src` into `dst`, written atomically and only if it passes the check."""
-    g, report, feeds = _run(os.fspath(src), fold_bn, propagate, remove, pins, align, check, inputs, seed)
+    opts = SimplifyOptions.of(options, **kwargs)
+    src = src if isinstance(src, ModelFile) else os.fspath(src)  # a ModelFile's proto is not read again
+    g, report, feeds = _run(src, opts)
     with Outputs() as out:
         path = out.path(dst)
         write_graph(g, path, release=True)
         report.after = ModelStats.of(g.model)
         del g  # onnxruntime reads both models from disk now
-        if check:
-            _gate(report, os.fspath(src), path, feeds, atol, rtol, seed)
+        if opts.check:
+            _gate(report, os.fspath(src), path, feeds, opts)
     return report
 
 
-def _run(model, fold_bn, propagate, remove, pins, align, check, inputs, seed):
+def _run(model, opts: SimplifyOptions):
     """prepare → pipeline → report, and the parity feeds (parity.feeds_for)."""
-    ctx = Context(pins=set(pins), align=checks.positive_int(align, "align"))
+    ctx = Context(pins=set(opts.pins), align=opts.align)
     start = time.perf_counter()
-    g, before = prepare(model, pins, stats=True)
-    feeds = feeds_for(inputs, g.signature(), seed, check)
-    simplify_pipeline(fold_bn, propagate, remove)(g, ctx)
+    g, before = prepare(model, opts.pins, stats=True)
+    feeds = feeds_for(opts.inputs, g.signature(), opts.seed, opts.check)
+    simplify_pipeline(opts.fold_bn, opts.propagate, opts.remove)(g, ctx)
     classes = channel_summary(g.channel_graph(ctx.pins))  # the last round's: nothing changed since
     seconds = time.perf_counter() - start
     return g, Report(before, before, seconds, list(ctx.events), classes), feeds
 
 
-def _gate(report: Report, reference, candidate, inputs, atol, rtol, seed) -> None:
-    report.parity = compare(reference, candidate, inputs=inputs, atol=atol, rtol=rtol, seed=seed)
+def _gate(report: Report, reference, candidate, inputs, opts: SimplifyOptions) -> None:
+    report.parity = compare(reference, candidate, inputs=inputs, atol=opts.atol, rtol=opts.rtol, seed=opts.seed)
     if not report.parity.passed:
         err = ParityError("simplified model differs from the input: " + "; ".join(
             line for line in report.parity.lines() if line.startswith("FAIL")))

@@ -7,6 +7,9 @@ import numpy as np
 STRUCTURED = ("l1", "l2", "fpgm", "random", "apoz", "mean_activation")
 DATA_DRIVEN = ("apoz", "mean_activation")
 REDUCE = ("sum", "mean", "max")
+# the registries `PruneOptions` (and so the CLI) take their choices from
+FOR_GRANULARITY = {"filter": STRUCTURED, "weight": ("level",), "1xN": ("l1", "random")}
+CRITERIA = STRUCTURED + ("level",)
 
 
 def rows(w: np.ndarray) -> np.ndarray:

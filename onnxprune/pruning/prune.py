@@ -14,19 +14,18 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from .. import checks
 from ..channels.core import build_channel_graph
 from ..errors import OnnxPruneError
 from ..graph import Graph, attrs
+from ..options import PruneOptions
 from ..passes.base import Context
 from ..pipeline import cleaned_graph
 from . import criteria
 from .block import block_prune_weights, block_scores
-from .config import check_sparsity, default_config, load_config, resolve
+from .config import default_config, load_config, resolve
 from .groups import Bucket, buckets, filters, layers
 from .mask_names import match_masks
 
-GRANULARITIES = ("filter", "weight", "1xN")
 
 
 @dataclass
@@ -68,53 +67,38 @@ class PruneReport:
                 "layers": [r.__dict__ | {"shape": list(r.shape)} for r in self.layers], "pinned": self.pinned}
 
 
-def prune(model, *, criterion: str = "l1", sparsity: float | None = None, granularity: str | None = None,
-          n: int = 4, rearrange: bool = False, config=None, group_reduce: str = "sum",
-          prune_first: bool = False, prune_last: bool = False, calib: list[dict] | None = None,
-          masks: dict[str, np.ndarray] | None = None, seed: int = 0) -> tuple[onnx.ModelProto, PruneReport]:
-    """Zero filters (dependency-aware), weights (level) or 1xN blocks of a model (path or ModelProto).
+def prune(model, options: PruneOptions | None = None, *, calib: list[dict] | None = None,
+          masks: dict[str, np.ndarray] | None = None, **kwargs) -> tuple[onnx.ModelProto, PruneReport]:
+    """Zero filters (dependency-aware), weights (level) or 1xN blocks of a model (path or ModelProto);
+    the options are `PruneOptions`' fields (the flags of `onnxprune prune`), as an object or keywords.
 
     `sparsity` applies to every Conv/ConvTranspose/Gemm/MatMul but the first and the last; `config`
     (an NNI-style list or a YAML/JSON path) gives per-layer sparsities instead. `masks` (initializer
     name -> keep mask) applies masks made elsewhere and ignores the rest."""
     start = time.perf_counter()
-    granularity = granularity or ("weight" if criterion == "level" else "filter")
-    _check_args(criterion, granularity, n, group_reduce, sparsity, config, masks)
+    o = PruneOptions.of(options, **kwargs)
+    if masks is None and o.config is None and o.sparsity is None:
+        raise OnnxPruneError("give --sparsity, --config or --masks")
     g = cleaned_graph(model)
-    report = PruneReport(criterion, granularity, n)
+    report = PruneReport(o.criterion, o.chosen_granularity, o.n)
     if masks is not None:
         _apply_masks(g, masks, report)
     else:
         nodes = layers(g)
-        config = load_config(config) if config is not None else default_config(sparsity)
-        wanted, skipped = resolve(config, nodes, prune_first, prune_last)
-        if rearrange:
+        config = load_config(o.config) if o.config is not None else default_config(o.sparsity)
+        wanted, skipped = resolve(config, nodes, o.prune_first, o.prune_last)
+        if o.rearrange:
             from ..pipeline import REARRANGE
             ctx = Context()
             REARRANGE(g, ctx)
             report.rearranged = sum(e.what == "permute" for e in ctx.events)
-        rng = np.random.default_rng(checks.seed(seed))
-        if granularity == "filter":
-            _prune_filters(g, wanted, skipped, criterion, group_reduce, calib, rng, report)
+        rng = np.random.default_rng(o.seed)
+        if o.chosen_granularity == "filter":
+            _prune_filters(g, wanted, skipped, o.criterion, o.group_reduce, calib, rng, report)
         else:
-            _prune_weights(g, nodes, wanted, skipped, criterion, granularity, n, rng, report)
+            _prune_weights(g, nodes, wanted, skipped, o.criterion, o.chosen_granularity, o.n, rng, report)
     report.seconds = time.perf_counter() - start
     return g.to_model(), report
-
-
-def _check_args(criterion, granularity, n, group_reduce, sparsity, config, masks) -> None:
-    if granularity not in GRANULARITIES:
-        raise OnnxPruneError(f"granularity must be one of {', '.join(GRANULARITIES)}, got {granularity!r}")
-    allowed = {"filter": criteria.STRUCTURED, "weight": ("level",), "1xN": ("l1", "random")}[granularity]
-    if criterion not in allowed:
-        raise OnnxPruneError(f"criterion {criterion!r} does not go with granularity {granularity} (use {', '.join(allowed)})")
-    if group_reduce not in criteria.REDUCE:
-        raise OnnxPruneError(f"group reduce must be one of {', '.join(criteria.REDUCE)}, got {group_reduce!r}")
-    checks.positive_int(n, "N")
-    if masks is None and config is None:
-        if sparsity is None:
-            raise OnnxPruneError("give --sparsity, --config or --masks")
-        check_sparsity(sparsity, "--sparsity")
 
 
 def _apply_masks(g: Graph, masks: dict[str, np.ndarray], report: PruneReport) -> None:
