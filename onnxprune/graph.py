@@ -21,6 +21,7 @@ from .files import EXTERNAL_DATA_SUFFIX, Outputs, _tensors
 
 # onnxruntime 1.2x/1.3x accepts IR versions up to 10.
 MAX_IR_VERSION = 10
+ARENA_COPY_BYTES = 16 << 20  # inline weights above this: Graph keeps a structural copy (see __init__)
 PROTOBUF_LIMIT = 2**31 - 1
 SUPPORTED_OPSET = (7, 23)
 
@@ -341,19 +342,29 @@ class Graph:
     `to_model()` writes everything back."""
 
     def __init__(self, model: onnx.ModelProto, base_dir: str | os.PathLike | None = None):
-        """Takes ownership of `model`: its nodes are edited in place and its initializer protos
-        are released once they are arrays (`to_model` writes them back). External tensors are
+        """Takes ownership of `model`: its initializer protos are released once they are arrays
+        (`to_model` writes them back), and its nodes are edited in place — or, when the weights
+        were inline and large, those of a structural copy, so that the caller dropping `model`
+        frees the memory its parse held. External tensors are
         memory-mapped copy-on-write from `base_dir` (the model file's folder), so a model over
         2 GB is never read whole: only the tensors a pass touches are paged in."""
         self.model = model
         self.g = model.graph
         self._init_dtypes = {t.name: t.data_type for t in self.g.initializer}
         self.inits: dict[str, np.ndarray] = {}
+        inline = sum(tensor_nbytes(t) for t in self.g.initializer if t.data_location != onnx.TensorProto.EXTERNAL)
         while self.g.initializer:  # from the end: each proto is freed as soon as it is an array
             t = self.g.initializer[-1]
             self.inits[t.name] = tensor_array(t, base_dir)
             del self.g.initializer[-1]
         self.inits = dict(reversed(self.inits.items()))
+        if inline > ARENA_COPY_BYTES:
+            # upb frees nothing when elements are deleted: the parsed weights stay in the message's
+            # arena until the message goes. A copy of what is left (nodes, inputs, outputs) lets
+            # it go: ResNet-50's working set drops from twice its weights to once.
+            structure = onnx.ModelProto()
+            structure.CopyFrom(model)
+            self.model, self.g = structure, structure.graph
         self.input_names = [i.name for i in self.g.input if i.name not in self.inits]
         # an initializer also listed as a graph input is only a default the caller may override:
         # never treat it as a constant we can fold or reshape
