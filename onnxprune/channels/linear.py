@@ -12,7 +12,7 @@ import numpy as np
 from onnx import helper
 
 from ..graph import attrs, set_attr
-from ..layers import all_zero
+from ..layers import all_zero, input_axis, output_axis
 from .core import ReadBlock
 from .registry import Rule, register_rule
 from .rules import evaluate
@@ -182,11 +182,17 @@ class Conv(Rule):
         group = int(attrs(node).get("group", 1))
         spatial = tuple(cg.shape(x)[2:])
         cols = [k for k, _ in items]
-        if group == 1 and all(np.isscalar(v) for _, v in items):
-            # constants c_j: conv(c, W) = conv(1, sum_j c_j W[:, j]), one input channel instead of many
-            w_sum = np.tensordot(np.array([v for _, v in items]), w[:, cols].astype(np.float64), axes=([0], [1]))
-            xs, ws = np.ones((1, 1) + spatial), w_sum[:, None]
-        elif group == 1:  # only the absorbed columns matter
+        if all(np.isscalar(v) for _, v in items):
+            # constants c_j: output row o gets conv(1, sum_j c_j W[o, j]) over its own group's j:
+            # one input channel of ones instead of many, whatever the groups
+            c_in_g, m = w.shape[1], w.shape[0] // group
+            w_sum = np.zeros((w.shape[0],) + w.shape[2:])
+            for k, v in items:
+                grp, j = divmod(k, c_in_g)
+                w_sum[grp * m:(grp + 1) * m] += v * w[grp * m:(grp + 1) * m, j].astype(np.float64)
+            conv = helper.make_node("Conv", ["x", "w"], ["y"], **{**attrs(node), "group": 1})
+            return evaluate(conv, {"x": np.ones((1, 1) + spatial), "w": w_sum[:, None]}, _REF_OPSET)[0]
+        if group == 1:  # only the absorbed columns matter
             xs = np.zeros((1, len(cols)) + spatial)
             ws = w[:, cols].astype(np.float64)
             for i, (_, v) in enumerate(items):
@@ -209,17 +215,18 @@ class Conv(Rule):
         if ko is None and ki is None:
             return
         b = _bias(g, node, w.shape[0]) if len(node.input) > 2 and node.input[2] else None
-        if ko is not None:
-            w = w[ko]
-            b = b[ko] if b is not None else None
+        if ko is not None and b is not None:
+            b = b[ko]
+        cols = None
         if ki is not None:
             if group == 1:
-                w = w[:, ki]
+                cols = ki
             elif c_in_g == 1:
                 set_attr(node, "group", len(ki))
             else:
-                w = w[:, ki[ki < c_in_g]]
-        g.set_input_const(node, 1, np.ascontiguousarray(w))
+                cols = ki[ki < c_in_g]
+        w = _take(w, {0: ko, 1: cols})
+        g.set_input_const(node, 1, w)
         if b is not None:
             _write_bias(g, node, b, w.dtype)
 
@@ -300,12 +307,10 @@ class ConvTranspose(Rule):
             return
         w = g.inits[node.input[1]]
         b = _bias(g, node, w.shape[1]) if len(node.input) > 2 and node.input[2] else None
-        if ki is not None:
-            w = w[ki]
-        if ko is not None:
-            w = w[:, ko]
-            b = b[ko] if b is not None else None
-        g.set_input_const(node, 1, np.ascontiguousarray(w))
+        if ko is not None and b is not None:
+            b = b[ko]
+        w = _take(w, {0: ki, 1: ko})
+        g.set_input_const(node, 1, w)
         if b is not None:
             _write_bias(g, node, b, w.dtype)
 
@@ -346,36 +351,25 @@ class Gemm(Rule):
 
     def absorb(self, node, g, cg, items):
         a = attrs(node)
-        trans_b = int(a.get("transB", 0))
         b = g.inits[node.input[1]]
-        w = b.T if trans_b else b
         alpha, beta = float(a.get("alpha", 1.0)), float(a.get("beta", 1.0))
-        vec = np.zeros(w.shape[1])
-        w_new = w.copy()
-        for k, v in items:
-            vec += alpha * v * w[k].astype(np.float64)
-            w_new[k] = 0
-        c = _bias(g, node, w.shape[1])
+        b_new, vec = _zero_inputs(b, input_axis(node), items)
+        c = _bias(g, node, b.shape[output_axis(node)])
         if beta == 0:
             c, beta = np.zeros_like(c), 1.0
             set_attr(node, "beta", 1.0)
-        g.set_input_const(node, 1, np.ascontiguousarray(w_new.T if trans_b else w_new))
-        _write_bias(g, node, c + vec / beta, b.dtype)
+        g.set_input_const(node, 1, b_new)
+        _write_bias(g, node, c + alpha * vec / beta, b.dtype)
 
     def rewrite(self, node, g, cg, keep):
         ko, ki = keep.get(node.output[0]), keep.get(node.input[0])
         if ko is None and ki is None:
             return
-        trans_b = int(attrs(node).get("transB", 0))
-        w = self.weights_in_out(g, node)
-        if ki is not None:
-            w = w[ki]
         if ko is not None:
             c = g.const(node.input[2]) if len(node.input) > 2 else None
-            if c is not None and c.size == w.shape[1] > 1:  # a scalar C broadcasts: leave it
+            if c is not None and c.size == g.inits[node.input[1]].shape[output_axis(node)] > 1:  # a scalar C broadcasts: leave it
                 g.set_input_const(node, 2, c.reshape(-1)[ko])
-            w = w[:, ko]
-        g.set_input_const(node, 1, np.ascontiguousarray(w.T if trans_b else w))
+        g.set_input_const(node, 1, _take(g.inits[node.input[1]], {output_axis(node): ko, input_axis(node): ki}))
 
 
 def attention_reason(node) -> str:
@@ -445,11 +439,7 @@ class MatMul(Rule):
 
     def absorb(self, node, g, cg, items):
         w = g.inits[node.input[1]]
-        vec = np.zeros(w.shape[1])
-        w_new = w.copy()
-        for k, v in items:
-            vec += v * w[k].astype(np.float64)
-            w_new[k] = 0
+        w_new, vec = _zero_inputs(w, 0, items)
         g.set_input_const(node, 1, w_new)
         if not vec.any():  # constant zeros (silu(0)·up, an all-zero embedding column) add nothing
             return
@@ -472,12 +462,26 @@ class MatMul(Rule):
         ko, ki = keep.get(node.output[0]), keep.get(node.input[0])
         if (ko is None and ki is None) or not self.linear(node, cg):
             return
-        w = g.inits[node.input[1]]
-        if ki is not None:
-            w = w[ki]
-        if ko is not None:
-            w = w[:, ko]
-        g.set_input_const(node, 1, np.ascontiguousarray(w))
+        g.set_input_const(node, 1, _take(g.inits[node.input[1]], {0: ki, 1: ko}))
+
+
+def _take(w: np.ndarray, index: dict[int, np.ndarray | None]) -> np.ndarray:
+    """`w` keeping only the given indices along some axes (None: all), in one contiguous copy."""
+    picks = [index.get(a, index.get(a - w.ndim)) for a in range(w.ndim)]
+    if all(p is None for p in picks):
+        return w
+    return np.ascontiguousarray(w[np.ix_(*[np.arange(n) if p is None else p for n, p in zip(w.shape, picks)])])
+
+
+def _zero_inputs(w: np.ndarray, axis: int, items) -> tuple[np.ndarray, np.ndarray]:
+    """Zero the input channels `items` ((index, scalar constant) pairs) along `axis` of a 2-D
+    weight; returns the new weight and what the constants contributed, sum_k c_k w[k] (float64)."""
+    cols = np.array([k for k, _ in items], np.int64)
+    vals = np.array([v for _, v in items], np.float64)
+    vec = np.tensordot(vals, np.take(w, cols, axis=axis).astype(np.float64), axes=([0], [axis]))
+    w_new = w.copy()
+    w_new[(slice(None),) * (axis % w.ndim) + (cols,)] = 0
+    return w_new, vec
 
 
 register_rule("Conv", Conv(), permute=True)
