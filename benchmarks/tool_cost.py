@@ -5,7 +5,7 @@ Every measurement runs in a fresh process, paired with a load + save of the same
 medians. Each child times its own work after its imports (`simplify_file`, parity check included),
 and its peak RSS (VmHWM) is given above that of a child that only imports the same modules.
 
-    python benchmarks/tool_cost.py zoo              # every zoo model at full width, 224x224 (ResNet-50 at real depth)
+    python benchmarks/tool_cost.py zoo              # every zoo model at full width, 224x224 (ResNet-50, DenseNet-121 at real depth)
     python benchmarks/tool_cost.py chain            # residual chains of 100 ... 3200 blocks: log-log slope
     python benchmarks/tool_cost.py big --gb 3 10    # models over 2 GB (external data), built and deleted
     python benchmarks/tool_cost.py profile --model resnet50   # cProfile of one simplify, top functions
@@ -117,6 +117,10 @@ def export_zoo(name: str, folder: Path) -> Path:
 
     if name == "resnet50":  # the real depth: (3, 4, 6, 3) bottlenecks, 25.6 M parameters
         model = ResNet(Bottleneck, (3, 4, 6, 3), 1.0, 1000).eval()
+    elif name == "densenet121":  # the real depth: (6, 12, 24, 16) dense layers, 8 M parameters
+        from onnxprune.models.densenet import DenseNet
+
+        model = DenseNet((6, 12, 24, 16), 1.0, 1000).eval()
     else:
         model = build(name, width=1.0, num_classes=1000)
     zero_random_filters(model, 0.5, seed=0)
@@ -211,7 +215,7 @@ def cmd_zoo(args) -> list[dict]:
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="tool_cost_zoo_") as tmp:
-        for name in args.models or ["resnet50"] + [n for n in ZOO if n != "resnet50"]:
+        for name in args.models or ["resnet50", "densenet121"] + [n for n in ZOO if n != "resnet50"]:
             path = export_zoo(name, Path(tmp))
             row = {"model": name, "size_mb": file_size(path) / 1e6, **paired(path, args.rounds)}
             rows.append(row)

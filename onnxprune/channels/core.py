@@ -9,6 +9,7 @@ a linear layer (Conv, Gemm, MatMul ...) consumes a slot through one weight colum
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -26,7 +27,7 @@ class Space:
 
     @property
     def size(self) -> int:
-        return int(np.prod(self.dims))
+        return math.prod(self.dims)
 
     @property
     def slots(self) -> np.ndarray:
@@ -199,7 +200,7 @@ class ChannelGraph:
         return out
 
     # --- reads -----------------------------------------------------------------------
-    def _reads(self):
+    def read_table(self):
         """Every read as parallel arrays (global slot, block, index in the tensor, zero,
         absorbable), in build order; computed once, after the build."""
         if self._read_table is None or self._read_table[0] != len(self.read_blocks):
@@ -217,40 +218,33 @@ class ChannelGraph:
         return self._read_table[1:]
 
     def _read(self, i: int) -> Read:
-        _, block, index, _, _ = self._reads()
+        _, block, index, _, _ = self.read_table()
         return self.read_blocks[int(block[i])].read(int(index[i]))
 
     @property
     def reads(self) -> list[Read]:
         """Every read as a Read (materialized: for the few callers that want them one by one)."""
-        return [self._read(i) for i in range(self._reads()[0].size)]
-
-    def reads_of(self, root: int) -> list[Read]:
-        """The reads of one class, in build order."""
-        _, _, by_root, sorted_roots, _ = self._summarize()
-        lo, hi = np.searchsorted(sorted_roots, [root, root + 1])
-        return [self._read(int(i)) for i in by_root[lo:hi]]
+        return [self._read(i) for i in range(self.read_table()[0].size)]
 
     def read_counts(self) -> tuple[np.ndarray, np.ndarray]:
         """Per class root: how many of its reads have non-zero weights, and the number of the first
         of those that cannot absorb its value (-1: none; `read_at` gives it). What the verdict asks,
         for every class in one vector pass."""
-        return self._summarize()[1], self._summarize()[4]
+        return self._summarize()[1], self._summarize()[2]
 
     def read_at(self, i: int) -> Read:
         return self._read(i)
 
     def _summarize(self):
         if self._summary is None or self._summary[0] != len(self.read_blocks):
-            slot, _, _, zero, absorbable = self._reads()
+            slot, _, _, zero, absorbable = self.read_table()
             r = self._resolve()[slot]
             live = np.bincount(r[~zero], minlength=self.n_slots)
             stuck = np.flatnonzero(~zero & ~absorbable)
             first = np.full(self.n_slots, slot.size)
             np.minimum.at(first, r[stuck], stuck)
             first[first == slot.size] = -1
-            by_root = np.argsort(r, kind="stable")
-            self._summary = (len(self.read_blocks), live, by_root, r[by_root], first)
+            self._summary = (len(self.read_blocks), live, first)
         return self._summary
 
     def known_slots(self) -> np.ndarray:
