@@ -450,6 +450,10 @@ class Graph:
             self._shapes = static_shapes(self.weightless())
         return self._shapes
 
+    def known_shapes(self) -> dict[str, tuple] | None:
+        """The shapes if inferred since the last change (still valid after `to_model`), else None."""
+        return self._shapes
+
     def invalidate_shapes(self) -> None:
         self._shapes = None
         del self.g.value_info[:]

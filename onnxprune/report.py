@@ -24,9 +24,10 @@ class ModelStats:
     layers: dict[str, tuple[int, int]]  # layer name -> (in channels, out channels)
 
     @classmethod
-    def of(cls, model: onnx.ModelProto) -> "ModelStats":
-        """Statistics of a model whose weights may be external (their data is never read)."""
-        shapes = static_shapes(weightless(model))
+    def of(cls, model: onnx.ModelProto, shapes: dict | None = None) -> "ModelStats":
+        """Statistics of a model whose weights may be external (their data is never read);
+        `shapes`: its static shapes when already inferred (a Graph's `known_shapes`)."""
+        shapes = shapes if shapes is not None else static_shapes(weightless(model))
         params = sum(int(np.prod(t.dims)) for t in model.graph.initializer)
         ops = Counter(n.op_type for n in model.graph.node)
         constant = _constant_tensors(model)

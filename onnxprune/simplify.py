@@ -34,7 +34,7 @@ def simplify(model, options: SimplifyOptions | None = None, **kwargs) -> tuple[o
     opts = SimplifyOptions.of(options, **kwargs)
     g, report, feeds = _run(model, opts)
     result = g.to_model(copy=False)
-    report.after = ModelStats.of(result)
+    report.after = ModelStats.of(result, g.known_shapes())  # (the last round changed nothing)
     if opts.check:
         _gate(report, model, result, feeds, opts)
     return result, report
@@ -48,7 +48,7 @@ def simplify_to(src, dst, options: SimplifyOptions | None = None, **kwargs) -> R
     with Outputs() as out:
         path = out.path(dst)
         write_graph(g, path, release=True)
-        report.after = ModelStats.of(g.model)
+        report.after = ModelStats.of(g.model, g.known_shapes())
         del g  # onnxruntime reads both models from disk now
         if opts.check:
             _gate(report, os.fspath(src), path, feeds, opts)
