@@ -7,6 +7,10 @@ and --align 1), the MAC-ratio ideal speedup, and simplify's own wall time.
 
     python benchmarks/simplify_speedup.py                 # all models, markdown table on stdout
     python benchmarks/simplify_speedup.py --models resnet18 mobilenet_v2 --runs 50
+    python benchmarks/simplify_speedup.py align --aligns 1 4 8 16   # what --align buys, per model
+
+`align`: the simplified model at each --align, timed side by side (1 thread and all threads), as a
+ratio to --align 1 (> 1: the spared dead channels pay for themselves), with the channels spared.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ import os
 import sys
 import time
 from pathlib import Path
+
+import numpy as np
 
 
 from onnxprune.models import ZOO  # noqa: E402
@@ -45,7 +51,56 @@ def measure(name: str, scale: float, sparsity: float, runs: int, threads_all: in
     return row
 
 
+def measure_align(name: str, scale: float, sparsity: float, runs: int, aligns: list[int], threads_all: int) -> dict:
+    model, x = scaled_model(name, scale, seed=0)
+    zero_random_filters(model, sparsity, seed=0)
+    masked = export(model, x)
+    variants, spared = {}, {}
+    for a in aligns:
+        small, report = simplify(masked, align=a)
+        variants[a] = small
+        spared[a] = sum(e.what == "spare" for e in report.events)
+    row = {"model": name, "spared": spared}
+    for threads in (1, threads_all):
+        row[threads] = time_models(variants, threads=threads, runs=runs)
+    return row
+
+
+def align_main(args) -> None:
+    threads_all = os.cpu_count() or 1
+    aligns = args.aligns
+    print(f"# --align on onnxruntime: {args.sparsity:.0%} random filters zeroed, scale {args.scale}, {args.runs} "
+          f"interleaved runs, medians; speed relative to --align {aligns[0]} (> 1: faster); T = {threads_all} threads\n")
+    cols = " | ".join(f"align {a} 1t | {threads_all}t" for a in aligns[1:])
+    print(f"| model | align {aligns[0]} ms 1t | {threads_all}t | {cols} | layers spared per align |")
+    print("|---|---:|---:|" + "---:|---:|" * (len(aligns) - 1) + "---|")
+    gains = {a: [] for a in aligns[1:]}
+    for name in args.models:
+        r = measure_align(name, args.scale, args.sparsity, args.runs, aligns, threads_all)
+        base = {t: r[t][aligns[0]] for t in (1, threads_all)}
+        cells = []
+        for a in aligns[1:]:
+            g1, gt = base[1] / r[1][a], base[threads_all] / r[threads_all][a]
+            gains[a].append((g1, gt))
+            cells.append(f"{g1:.2f}x | {gt:.2f}x")
+        spared = " / ".join(str(r["spared"][a]) for a in aligns)
+        print(f"| {name} | {base[1]:.2f} | {base[threads_all]:.2f} | {' | '.join(cells)} | {spared} |", flush=True)
+    geo = " | ".join(f"{np.exp(np.mean(np.log([g[0] for g in v]))):.3f}x | {np.exp(np.mean(np.log([g[1] for g in v]))):.3f}x"
+                     for v in gains.values())
+    print(f"| geometric mean | | | {geo} | |")
+
+
 def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["align"]:
+        ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+        ap.add_argument("what")
+        ap.add_argument("--models", nargs="*", default=list(ZOO))
+        ap.add_argument("--aligns", type=int, nargs="+", default=[1, 4, 8, 16])
+        ap.add_argument("--scale", type=float, default=4)
+        ap.add_argument("--sparsity", type=float, default=0.5)
+        ap.add_argument("--runs", type=int, default=30)
+        return align_main(ap.parse_args(argv))
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="*", default=list(ZOO))
     ap.add_argument("--scale", type=float, default=4)
