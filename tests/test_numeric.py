@@ -1,4 +1,5 @@
-"""channels/numeric computes what the ONNX reference evaluator computes, on the cases it covers."""
+"""channels/numeric computes what the ONNX reference evaluator (pools: onnxruntime) computes, on
+the cases it covers."""
 
 from __future__ import annotations
 
@@ -90,3 +91,54 @@ def test_what_it_does_not_cover_is_left_to_the_reference():
     assert numeric.run(helper.make_node("Div", ["i", "i"], ["y"]), f) is None            # integer division
     assert numeric.run(helper.make_node("LeakyRelu", ["a"], ["y"], alpha=0.1), f) is None  # not in the table
     assert numeric.run(helper.make_node("Relu", ["missing"], ["y"]), f) is None
+
+
+POOLS = list(itertools.product(
+    ["MaxPool", "AveragePool"],
+    [(1, 3, 9), (1, 3, 7, 8), (2, 2, 5, 6, 7)],
+    [2, 3],                                            # kernel
+    [1, 2],                                            # stride
+    ["none", "symmetric", "asymmetric", "valid"],
+    [0, 1],                                            # count_include_pad (AveragePool)
+))
+
+
+@pytest.mark.parametrize("op,shape,kernel,stride,padding,include_pad", POOLS)
+def test_pools_match_the_reference_evaluator(op, shape, kernel, stride, padding, include_pad):
+    if op == "MaxPool" and include_pad:
+        pytest.skip("count_include_pad is an AveragePool attribute")
+    d = len(shape) - 2
+    x = np.random.default_rng(kernel * 10 + stride).standard_normal(shape).astype(np.float32)
+    kwargs = {"kernel_shape": [kernel] * d, "strides": [stride] * d}
+    if padding == "symmetric":
+        kwargs["pads"] = [1] * 2 * d
+    elif padding == "asymmetric":
+        kwargs["pads"] = [0] * d + [1] * d
+    elif padding == "valid":
+        kwargs["auto_pad"] = "VALID"
+    if op == "AveragePool":
+        kwargs["count_include_pad"] = include_pad
+    node = helper.make_node(op, ["x"], ["y"], **kwargs)
+    got, want = numeric.run(node, {"x": x})[0], onnxruntime_run(node, x)
+    assert got.shape == want.shape and got.dtype == want.dtype
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+def onnxruntime_run(node, x):
+    """Pools against onnxruntime (what the parity check runs; the reference evaluator's MaxPool
+    mis-sizes asymmetric and some symmetric pads)."""
+    from onnx import TensorProto
+
+    from onnxprune.parity import run, session
+
+    model = helper.make_model(helper.make_graph(
+        [node], "t", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x.shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)]), opset_imports=OPSET, ir_version=10)
+    return run(session(model), {"x": x})[0]
+
+
+def test_pools_it_does_not_cover_are_left_to_the_reference():
+    x = {"x": np.zeros((1, 2, 5, 5), np.float32)}
+    assert numeric.run(helper.make_node("MaxPool", ["x"], ["y"], kernel_shape=[2, 2], ceil_mode=1), x) is None
+    assert numeric.run(helper.make_node("MaxPool", ["x"], ["y", "i"], kernel_shape=[2, 2]), x) is None
+    assert numeric.run(helper.make_node("AveragePool", ["x"], ["y"], kernel_shape=[3, 3], auto_pad="SAME_UPPER"), x) is None

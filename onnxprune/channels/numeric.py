@@ -1,5 +1,5 @@
 """Exact numpy versions of the ops the channel graph evaluates most: convolutions of constant
-channels and the common elementwise ops, on float inputs.
+channels, max and average pools, and the common elementwise ops, on float inputs.
 
 The ONNX reference evaluator builds a model and an evaluator for every call and convolves with a
 Python loop over output positions: that was most of a small model's `simplify` time. These compute
@@ -48,6 +48,9 @@ def run(node: onnx.NodeProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray] 
         return [np.asarray(out)]
     if op == "Clip" and not node.attribute:  # opset 11+: min and max are optional inputs
         return [clip(node, feeds)]
+    if op in ("MaxPool", "AveragePool") and len(xs) == 1:
+        y = pool(node, xs[0])
+        return None if y is None else [y]
     if op == "Conv" and len(xs) in (2, 3):
         y = conv(node, *xs[:2])
         if y is not None and len(xs) == 3:
@@ -56,21 +59,66 @@ def run(node: onnx.NodeProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray] 
     return None
 
 
+def _window_geometry(a: dict, k: tuple, spatial_rank: int):
+    """(strides, dilations, pads) of a Conv/pool node with explicit or VALID padding; None for
+    auto_pad SAME_* (left to the reference evaluator)."""
+    mode = a.get("auto_pad", b"NOTSET")
+    mode = mode.decode() if isinstance(mode, bytes) else mode
+    if mode not in ("NOTSET", "VALID"):
+        return None
+    d = spatial_rank
+    pads = list(a.get("pads", [0] * 2 * d)) if mode == "NOTSET" else [0] * 2 * d
+    return list(a.get("strides", [1] * d)), list(a.get("dilations", [1] * d)), pads
+
+
+def _taps(xp: np.ndarray, k, strides, dilations, out_spatial):
+    """The input seen by each kernel tap: one strided view of the padded input per tap."""
+    for tap in np.ndindex(*k):
+        yield tap, xp[(Ellipsis,) + tuple(slice(t * dl, t * dl + s * (o - 1) + 1, s)
+                                         for t, dl, s, o in zip(tap, dilations, strides, out_spatial))]
+
+
+def pool(node: onnx.NodeProto, x: np.ndarray) -> np.ndarray | None:
+    """ONNX MaxPool / AveragePool (floor mode, explicit or VALID pads, strides, dilations,
+    count_include_pad) as one max / add per kernel tap; None for what it does not cover."""
+    a = attrs(node)
+    k = tuple(a.get("kernel_shape", ()))
+    if not k or int(a.get("ceil_mode", 0)) or len([o for o in node.output if o]) != 1:
+        return None
+    geometry = _window_geometry(a, k, len(k))
+    if geometry is None:
+        return None
+    strides, dilations, pads = geometry
+    d = len(k)
+    maximum = node.op_type == "MaxPool"
+    width = [(0, 0)] * (x.ndim - d) + [(pads[i], pads[i + d]) for i in range(d)]
+    xp = np.pad(x.astype(np.float64), width, constant_values=-np.inf if maximum else 0.0)
+    out_spatial = [(xp.shape[x.ndim - d + i] - dilations[i] * (k[i] - 1) - 1) // strides[i] + 1 for i in range(d)]
+    if any(o <= 0 for o in out_spatial):
+        return None
+    acc = None
+    for _, window in _taps(xp, k, strides, dilations, out_spatial):
+        acc = window.copy() if acc is None else (np.maximum(acc, window) if maximum else acc + window)
+    if not maximum:
+        if int(a.get("count_include_pad", 0)) or not any(pads):
+            acc = acc / np.prod(k)
+        else:  # divide by the taps that fall inside the input, position by position
+            inside = np.pad(np.ones(x.shape[x.ndim - d:]), width[x.ndim - d:])
+            count = sum(w for _, w in _taps(inside, k, strides, dilations, out_spatial))
+            acc = acc / count
+    return acc.astype(x.dtype)
+
+
 def conv(node: onnx.NodeProto, x: np.ndarray, w: np.ndarray) -> np.ndarray | None:
     """ONNX Conv (explicit or VALID padding, any strides, dilations and groups, any spatial rank)
     as one multiply-add per kernel tap over the zero-padded input; None for auto_pad SAME_*."""
     a = attrs(node)
-    pad_mode = a.get("auto_pad", b"NOTSET")
-    pad_mode = pad_mode.decode() if isinstance(pad_mode, bytes) else pad_mode
-    if pad_mode not in ("NOTSET", "VALID"):
-        return None
     k = w.shape[2:]
     d = len(k)
-    if "kernel_shape" in a and tuple(a["kernel_shape"]) != tuple(k):
+    geometry = _window_geometry(a, k, d)
+    if geometry is None or ("kernel_shape" in a and tuple(a["kernel_shape"]) != tuple(k)):
         return None
-    strides = list(a.get("strides", [1] * d))
-    dilations = list(a.get("dilations", [1] * d))
-    pads = list(a.get("pads", [0] * 2 * d)) if pad_mode == "NOTSET" else [0] * 2 * d
+    strides, dilations, pads = geometry
     group = int(a.get("group", 1))
     n, c = x.shape[:2]
     m, c_per_group = w.shape[:2]
@@ -84,11 +132,8 @@ def conv(node: onnx.NodeProto, x: np.ndarray, w: np.ndarray) -> np.ndarray | Non
     wg = w.reshape((group, m // group, c_per_group) + tuple(k))
     positions = int(np.prod(out_spatial))
     out = np.zeros((n, group, m // group, positions), np.result_type(x, w))
-    for tap in np.ndindex(*k):  # [g, o, c] @ [n, g, c, positions] (BLAS) per kernel tap
-        window = tuple(slice(t * dl, t * dl + s * (o - 1) + 1, s)
-                       for t, dl, s, o in zip(tap, dilations, strides, out_spatial))
-        patch = xg[(slice(None),) * 3 + window].reshape(n, group, c_per_group, positions)
-        out += np.matmul(wg[(Ellipsis,) + tap], patch)
+    for tap, window in _taps(xg, k, strides, dilations, out_spatial):  # [g, o, c] @ [n, g, c, positions] (BLAS)
+        out += np.matmul(wg[(Ellipsis,) + tap], window.reshape(n, group, c_per_group, positions))
     return out.reshape((n, m) + tuple(out_spatial))
 
 
