@@ -11,6 +11,14 @@ and --align 1), the MAC-ratio ideal speedup, and simplify's own wall time.
 
 `align`: the simplified model at each --align, timed side by side (1 thread and all threads), as a
 ratio to --align 1 (> 1: the spared dead channels pay for themselves), with the channels spared.
+
+    python benchmarks/simplify_speedup.py native          # against the natively small model
+
+`native`: the physical limit of structured pruning. The upper half of every class is zeroed (all its
+producers, biases kept: `zero_upper_half`), simplified with --align 1, and timed side by side with
+the same architecture built at half width (identical Conv/Gemm weight counts, checked); the ratio is
+the native model's latency over ours (1.0: as fast as the small model), with the Adds and weights
+each has.
 """
 
 from __future__ import annotations
@@ -90,8 +98,61 @@ def align_main(args) -> None:
     print(f"| geometric mean | | | {geo} | |")
 
 
+def layer_weights(model) -> int:
+    inits = {t.name: t for t in model.graph.initializer}
+    return sum(int(np.prod(inits[n.input[1]].dims)) for n in model.graph.node
+               if n.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul") and len(n.input) > 1 and n.input[1] in inits)
+
+
+def measure_native(name: str, scale: float, runs: int, threads_all: int) -> dict:
+    from onnxprune.models import build
+    from onnxprune.models.masks import zero_upper_half
+
+    model, x = scaled_model(name, scale, seed=0)
+    zero_upper_half(model)
+    small, _ = simplify(export(model, x), align=1)
+    native = export(build(name, width=ZOO[name].width * scale / 2, seed=0), x, fold=True)
+    row = {"model": name, "input": "x".join(map(str, x.shape[1:])),
+           "weights": (layer_weights(small), layer_weights(native)),
+           "adds": tuple(sum(n.op_type == "Add" for n in m.graph.node) for m in (small, native))}
+    for threads in (1, threads_all):
+        row[threads] = time_models({"native": native, "simplified": small}, threads=threads, runs=runs)
+    return row
+
+
+def native_main(args) -> None:
+    t_all = os.cpu_count() or 1
+    print(f"# simplified vs natively small: upper half of every class zeroed, --align 1, scale {args.scale}, "
+          f"{args.runs} interleaved runs, medians; ratio = native ms / simplified ms; T = {t_all} threads\n")
+    print(f"| model | input | native ms 1t | simplified ms 1t | ratio 1t | ratio {t_all}t | Adds ours / native | "
+          "weights ours / native |")
+    print("|---|---|---:|---:|---:|---:|---|---|")
+    ratios = {1: [], t_all: []}
+    for name in args.models:
+        r = measure_native(name, args.scale, args.runs, t_all)
+        same = r["weights"][0] == r["weights"][1]
+        cells = []
+        for t in (1, t_all):
+            ratio = r[t]["native"] / r[t]["simplified"]
+            if same:
+                ratios[t].append(ratio)
+            cells.append(f"{ratio:.3f}")
+        weights = "equal" if same else f"{r['weights'][0]:,} / {r['weights'][1]:,} (not compared)"
+        print(f"| {name} | {r['input']} | {r[1]['native']:.2f} | {r[1]['simplified']:.2f} | {cells[0]} | {cells[1]} | "
+              f"{r['adds'][0]} / {r['adds'][1]} | {weights} |", flush=True)
+    geo = [f"{np.exp(np.mean(np.log(ratios[t]))):.3f}" if ratios[t] else "-" for t in (1, t_all)]
+    print(f"| geometric mean (equal weights) | | | | {geo[0]} | {geo[1]} | | |")
+
+
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["native"]:
+        ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+        ap.add_argument("what")
+        ap.add_argument("--models", nargs="*", default=list(ZOO))
+        ap.add_argument("--scale", type=float, default=4)
+        ap.add_argument("--runs", type=int, default=30)
+        return native_main(ap.parse_args(argv))
     if argv[:1] == ["align"]:
         ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
         ap.add_argument("what")
