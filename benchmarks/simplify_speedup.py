@@ -18,7 +18,8 @@ ratio to --align 1 (> 1: the spared dead channels pay for themselves), with the 
 producers, biases kept: `zero_upper_half`), simplified with --align 1, and timed side by side with
 the same architecture built at half width (identical Conv/Gemm weight counts, checked); the ratio is
 the native model's latency over ours (1.0: as fast as the small model), with the Adds and weights
-each has.
+each has and the NCHWc reorders onnxruntime inserts into each (a constant operand of a binary op on a
+conv output leaves its NCHWc layout: where ours has more, the layout broke).
 """
 
 from __future__ import annotations
@@ -104,6 +105,24 @@ def layer_weights(model) -> int:
                if n.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul") and len(n.input) > 1 and n.input[1] in inits)
 
 
+def optimized_ops(model) -> dict[str, int]:
+    """Op counts of the graph onnxruntime runs (ORT_ENABLE_ALL, 1 thread): the NCHWc reorders and the
+    Adds / Relus left unfused show where the layout or the fusions broke."""
+    import tempfile
+    from collections import Counter
+
+    import onnx
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as tmp:
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.intra_op_num_threads, so.log_severity_level = 1, 3
+        so.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
+        ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        return dict(Counter(n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node))
+
+
 def measure_native(name: str, scale: float, runs: int, threads_all: int) -> dict:
     from onnxprune.models import build
     from onnxprune.models.masks import zero_upper_half
@@ -114,7 +133,8 @@ def measure_native(name: str, scale: float, runs: int, threads_all: int) -> dict
     native = export(build(name, width=ZOO[name].width * scale / 2, seed=0), x, fold=True)
     row = {"model": name, "input": "x".join(map(str, x.shape[1:])),
            "weights": (layer_weights(small), layer_weights(native)),
-           "adds": tuple(sum(n.op_type == "Add" for n in m.graph.node) for m in (small, native))}
+           "adds": tuple(sum(n.op_type == "Add" for n in m.graph.node) for m in (small, native)),
+           "reorders": tuple(sum(v for k, v in optimized_ops(m).items() if k.startswith("Reorder")) for m in (small, native))}
     for threads in (1, threads_all):
         row[threads] = time_models({"native": native, "simplified": small}, threads=threads, runs=runs)
     return row
@@ -125,8 +145,8 @@ def native_main(args) -> None:
     print(f"# simplified vs natively small: upper half of every class zeroed, --align 1, scale {args.scale}, "
           f"{args.runs} interleaved runs, medians; ratio = native ms / simplified ms; T = {t_all} threads\n")
     print(f"| model | input | native ms 1t | simplified ms 1t | ratio 1t | ratio {t_all}t | Adds ours / native | "
-          "weights ours / native |")
-    print("|---|---|---:|---:|---:|---:|---|---|")
+          "ORT NCHWc reorders ours / native | weights ours / native |")
+    print("|---|---|---:|---:|---:|---:|---|---|---|")
     ratios = {1: [], t_all: []}
     for name in args.models:
         r = measure_native(name, args.scale, args.runs, t_all)
@@ -139,9 +159,9 @@ def native_main(args) -> None:
             cells.append(f"{ratio:.3f}")
         weights = "equal" if same else f"{r['weights'][0]:,} / {r['weights'][1]:,} (not compared)"
         print(f"| {name} | {r['input']} | {r[1]['native']:.2f} | {r[1]['simplified']:.2f} | {cells[0]} | {cells[1]} | "
-              f"{r['adds'][0]} / {r['adds'][1]} | {weights} |", flush=True)
+              f"{r['adds'][0]} / {r['adds'][1]} | {r['reorders'][0]} / {r['reorders'][1]} | {weights} |", flush=True)
     geo = [f"{np.exp(np.mean(np.log(ratios[t]))):.3f}" if ratios[t] else "-" for t in (1, t_all)]
-    print(f"| geometric mean (equal weights) | | | | {geo[0]} | {geo[1]} | | |")
+    print(f"| geometric mean (equal weights) | | | | {geo[0]} | {geo[1]} | | | |")
 
 
 def main(argv=None) -> None:
