@@ -75,20 +75,13 @@ class ChannelGraph:
         self.n_slots = 0
         self._parent = np.zeros(0, np.int64)  # every slot's class root, as of the last _resolve
         self._edges: list[tuple[np.ndarray, np.ndarray]] = []  # unions not yet resolved
-        self._classes: dict[int, ChannelClass] | None = None
-        self._classes_reads = 0                    # len(reads) when _classes was built
-        self._known_slots: np.ndarray | None = None
-        self._constant_roots: np.ndarray | None = None
-        self._summary = None
-        self.cache: dict = {}  # what other modules derive from the finished graph (verdict.kinds)
-        self.slot_owner: list[str] = []       # slot id -> tensor name
+        self._derived: dict = {}              # what `derived` computed, and for how many reads
         self.pin_reasons: dict[int, str] = {}
         # per slot: a uniform constant (values, NaN = unknown) or an input-independent but
         # non-uniform map over the other axes (maps: tensor -> slot -> array of rest_shape)
         self.values: dict[str, np.ndarray] = {}
         self.maps: dict[str, dict[int, np.ndarray]] = {}
         self.read_blocks: list[ReadBlock] = []
-        self._read_table = None  # (slot, block, index, zero, absorbable) arrays over every read
         self.nodes: dict[str, onnx.NodeProto] = {}
 
     # --- spaces ----------------------------------------------------------------------
@@ -112,7 +105,7 @@ class ChannelGraph:
         sp = Space(tuple(axes), dims, self.n_slots)
         n = sp.size
         self.n_slots += n
-        self.slot_owner.extend([name] * n)
+        self._derived.clear()
         self.spaces[name] = sp
         self.values[name] = np.full(n, np.nan)
         return sp
@@ -142,7 +135,7 @@ class ChannelGraph:
         a, b = np.asarray(a, np.int64).ravel(), np.asarray(b, np.int64).ravel()
         if a.size:
             self._edges.append((a, b))
-            self._classes = None
+            self._derived.clear()
 
     def _resolve(self) -> np.ndarray:
         parent = self._parent
@@ -168,7 +161,7 @@ class ChannelGraph:
         return parent
 
     def pin(self, slots, reason: str) -> None:
-        self._classes = None
+        self._derived.clear()
         for s in np.asarray(slots).ravel().tolist():
             self.pin_reasons.setdefault(s, reason)
 
@@ -180,14 +173,25 @@ class ChannelGraph:
     def pin_tensor(self, name: str, reason: str) -> None:
         self.pin_space(self.space(name), reason)
 
+    # --- what is derived from the finished graph ------------------------------------
+    def derived(self, key: str, compute):
+        """`compute()`, once: classes, the read table, the verdicts ... are asked after the build
+        (values are final then); a new space, union, pin or read block drops them all."""
+        if self._derived.get("reads") != len(self.read_blocks):
+            self._derived = {"reads": len(self.read_blocks)}
+        if key not in self._derived:
+            self._derived[key] = compute()
+        return self._derived[key]
+
     # --- classes ---------------------------------------------------------------------
     def roots(self) -> np.ndarray:
         return self._resolve().copy()
 
     def classes(self) -> dict[int, ChannelClass]:
-        """Root -> class (computed once: the graph is complete when anyone asks)."""
-        if self._classes is not None and self._classes_reads == len(self.read_blocks):
-            return self._classes
+        """Root -> class."""
+        return self.derived("classes", self._classes)
+
+    def _classes(self) -> dict[int, ChannelClass]:
         roots = self._resolve()
         order = np.argsort(roots, kind="stable")
         starts = np.flatnonzero(np.r_[True, roots[order][1:] != roots[order][:-1]]) if order.size else order
@@ -196,73 +200,62 @@ class ChannelGraph:
                for root, s, e in zip(roots[order[starts]].tolist(), starts.tolist(), ends.tolist())}
         for slot, reason in self.pin_reasons.items():
             out[int(roots[slot])].pins.add(reason)
-        self._classes, self._classes_reads = out, len(self.read_blocks)
         return out
 
     # --- reads -----------------------------------------------------------------------
     def read_table(self):
         """Every read as parallel arrays (global slot, block, index in the tensor, zero,
-        absorbable), in build order; computed once, after the build."""
-        if self._read_table is None or self._read_table[0] != len(self.read_blocks):
-            blocks = self.read_blocks
-            if blocks:
-                slot = np.concatenate([self.spaces[b.tensor].base + np.arange(b.zero.size) for b in blocks])
-                block = np.concatenate([np.full(b.zero.size, i) for i, b in enumerate(blocks)])
-                index = np.concatenate([np.arange(b.zero.size) for b in blocks])
-                zero = np.concatenate([b.zero for b in blocks]).astype(bool)
-                absorbable = np.concatenate([b.absorbable for b in blocks]).astype(bool)
-            else:
-                slot = block = index = np.zeros(0, np.int64)
-                zero = absorbable = np.zeros(0, bool)
-            self._read_table = (len(blocks), slot, block, index, zero, absorbable)
-        return self._read_table[1:]
+        absorbable), in build order."""
+        return self.derived("read table", self._read_table)
 
-    def _read(self, i: int) -> Read:
+    def _read_table(self):
+        blocks = self.read_blocks
+        if not blocks:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, bool), np.zeros(0, bool)
+        return (np.concatenate([self.spaces[b.tensor].base + np.arange(b.zero.size) for b in blocks]),
+                np.concatenate([np.full(b.zero.size, i) for i, b in enumerate(blocks)]),
+                np.concatenate([np.arange(b.zero.size) for b in blocks]),
+                np.concatenate([b.zero for b in blocks]).astype(bool),
+                np.concatenate([b.absorbable for b in blocks]).astype(bool))
+
+    def read_at(self, i: int) -> Read:
         _, block, index, _, _ = self.read_table()
         return self.read_blocks[int(block[i])].read(int(index[i]))
 
     @property
     def reads(self) -> list[Read]:
         """Every read as a Read (materialized: for the few callers that want them one by one)."""
-        return [self._read(i) for i in range(self.read_table()[0].size)]
+        return [self.read_at(i) for i in range(self.read_table()[0].size)]
 
     def read_counts(self) -> tuple[np.ndarray, np.ndarray]:
         """Per class root: how many of its reads have non-zero weights, and the number of the first
         of those that cannot absorb its value (-1: none; `read_at` gives it). What the verdict asks,
         for every class in one vector pass."""
-        return self._summarize()[1], self._summarize()[2]
+        return self.derived("read counts", self._read_counts)
 
-    def read_at(self, i: int) -> Read:
-        return self._read(i)
-
-    def _summarize(self):
-        if self._summary is None or self._summary[0] != len(self.read_blocks):
-            slot, _, _, zero, absorbable = self.read_table()
-            r = self._resolve()[slot]
-            live = np.bincount(r[~zero], minlength=self.n_slots)
-            stuck = np.flatnonzero(~zero & ~absorbable)
-            first = np.full(self.n_slots, slot.size)
-            np.minimum.at(first, r[stuck], stuck)
-            first[first == slot.size] = -1
-            self._summary = (len(self.read_blocks), live, first)
-        return self._summary
+    def _read_counts(self):
+        slot, _, _, zero, absorbable = self.read_table()
+        r = self._resolve()[slot]
+        live = np.bincount(r[~zero], minlength=self.n_slots)
+        stuck = np.flatnonzero(~zero & ~absorbable)
+        first = np.full(self.n_slots, slot.size)
+        np.minimum.at(first, r[stuck], stuck)
+        first[first == slot.size] = -1
+        return live, first
 
     def known_slots(self) -> np.ndarray:
-        """Per slot: does it carry an input-independent value (a constant or a map)? Computed once:
-        asked only after the build, when the values are final."""
-        if self._known_slots is None:
+        """Per slot: does it carry an input-independent value (a constant or a map)?"""
+        def compute():
             known = np.zeros(self.n_slots, bool)
             for name, sp in self.spaces.items():
                 known[sp.base: sp.base + sp.size] = self.known(name)
-            self._known_slots = known
-        return self._known_slots
+            return known
+        return self.derived("known slots", compute)
 
     def constant_roots(self) -> np.ndarray:
-        """Per class root: does any slot of the class carry an input-independent value? (One
-        vector pass for all classes, asked after the build.)"""
-        if self._constant_roots is None:
-            self._constant_roots = np.bincount(self._resolve(), weights=self.known_slots(), minlength=self.n_slots) > 0
-        return self._constant_roots
+        """Per class root: does any slot of the class carry an input-independent value?"""
+        return self.derived("constant roots", lambda: np.bincount(
+            self._resolve(), weights=self.known_slots(), minlength=self.n_slots) > 0)
 
     # --- known values ----------------------------------------------------------------
     def known(self, name: str) -> np.ndarray:

@@ -40,8 +40,7 @@ def roots_of_kind(cg: ChannelGraph, kind: str) -> list[int]:
 def kinds(cg: ChannelGraph) -> np.ndarray:
     """Per slot, the verdict of its class (valid at class roots) as an index into KINDS: the rules
     of `_judge`, for every class at once."""
-    key = (len(cg.read_blocks), len(cg.pin_reasons), cg.n_slots)
-    if cg.cache.get("kinds", (None,))[0] != key:
+    def compute():
         roots = cg.roots()
         live, first_stuck = cg.read_counts()
         code = np.full(cg.n_slots, KINDS.index(LIVE))
@@ -50,8 +49,8 @@ def kinds(cg: ChannelGraph) -> np.ndarray:
         code[live == 0] = KINDS.index(UNREAD)
         if cg.pin_reasons:
             code[roots[np.fromiter(cg.pin_reasons, np.int64)]] = KINDS.index(PINNED)
-        cg.cache["kinds"] = (key, code)
-    return cg.cache["kinds"][1]
+        return code
+    return cg.derived("kinds", compute)
 
 
 def _judge(cls: ChannelClass, cg: ChannelGraph) -> Verdict:
