@@ -34,8 +34,7 @@ def simplify_file(src, dst, options: SimplifyOptions | None = None, *, progress=
     opts = SimplifyOptions.of(options, **kwargs)
     say = progress or (lambda msg: None)
     src = ModelFile(src)  # read and validated once: the plan and the pipeline share it
-    inputs = opts.inputs if _is_path(opts.inputs) else None
-    FilePlan().read_model(src).read(inputs, "the --inputs file").write_model(dst).check()
+    FilePlan().read_model(src).read(opts.inputs, "the --inputs file").write_model(dst).check()
     t = time.perf_counter()
     report = simplify_to(src, dst, opts)
     say(f"simplified in {time.perf_counter() - t:.2f} s" + (", parity checked" if opts.check else " (parity check skipped)"))
@@ -63,11 +62,9 @@ def prune_file(src, dst, options: PruneOptions | None = None, *, calib=None, mas
     opts = PruneOptions.of(options, **kwargs)
     say = progress or (lambda msg: None)
     plan = FilePlan().read_model(src)
-    plan.read(calib if _is_path(calib) else None, "the --calib file")
-    plan.read(masks if _is_path(masks) else None, "the --masks file")
-    plan.read(opts.config if _is_path(opts.config) else None, "the --config file")
+    plan.read(calib, "the --calib file").read(masks, "the --masks file").read(opts.config, "the --config file")
     if isinstance(simplify_after, SimplifyOptions):
-        plan.read(simplify_after.inputs if _is_path(simplify_after.inputs) else None, "the --inputs file")
+        plan.read(simplify_after.inputs, "the --inputs file")
     plan.write_model(dst).write(save_masks, "the masks file (--save-masks)").check()
     model = load_model(src)
     if masks is not None and not isinstance(masks, dict):
@@ -115,7 +112,7 @@ def rearrange(model, *, check: bool = True, inputs=None, atol: float = DEFAULT_A
 def rearrange_file(src, dst, *, inputs=None, **options):
     """`onnxprune rearrange`: rearrange the model at `src` and write it atomically to `dst`."""
     src = ModelFile(src)
-    FilePlan().read_model(src).read(inputs if _is_path(inputs) else None, "the --inputs file").write_model(dst).check()
+    FilePlan().read_model(src).read(inputs, "the --inputs file").write_model(dst).check()
     result, moved, parity = rearrange(src, inputs=inputs, **options)
     save_model(result, dst)
     return moved, parity

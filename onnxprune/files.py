@@ -31,15 +31,17 @@ TEMP_PREFIX = ".onnxprune-"
 
 # --- which files a model reads ---------------------------------------------------------------
 
-def external_data_files(path: str | os.PathLike) -> list[Path]:
-    """The external-data files a model file refers to, found without loading them."""
+def external_data_files(path: str | os.PathLike, model=None) -> list[Path]:
+    """The external-data files a model file refers to, found without loading them (`model`: the
+    file's proto when it has been read already)."""
     import onnx
 
     path = Path(path)
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception:
-        return []  # not a readable model: the loader says so later
+    if model is None:
+        try:
+            model = onnx.load(str(path), load_external_data=False)
+        except Exception:
+            return []  # not a readable model: the loader says so later
     locations = set()
     for tensor in _tensors(model.graph):
         if tensor.data_location == onnx.TensorProto.EXTERNAL:

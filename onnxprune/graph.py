@@ -17,7 +17,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .errors import OnnxPruneError
-from .files import EXTERNAL_DATA_SUFFIX, Outputs, _tensors
+from .files import EXTERNAL_DATA_SUFFIX, Outputs, _tensors, external_data_files
 
 # onnxruntime 1.2x/1.3x accepts IR versions up to 10.
 MAX_IR_VERSION = 10
@@ -71,10 +71,7 @@ class ModelFile(os.PathLike):
         return os.path.dirname(os.path.abspath(self.path))
 
     def external_data_files(self) -> list[Path]:
-        proto = self._proto if self._proto is not None else onnx.load(str(self.path), load_external_data=False)
-        locations = {e.value for t in _tensors(proto.graph) if t.data_location == onnx.TensorProto.EXTERNAL
-                     for e in t.external_data if e.key == "location"}
-        return sorted(self.path.parent / loc for loc in locations)
+        return external_data_files(self.path, self._proto)
 
     def take(self) -> onnx.ModelProto:
         """The proto, once (a Graph takes ownership of it); a later call reads the file again."""

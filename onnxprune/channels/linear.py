@@ -161,19 +161,21 @@ class Conv(Rule):
         if not items:
             return
         if not self.padded(node, w) and all(np.isscalar(v) for _, v in items):
-            vec, bias_map = self.uniform_contribution(w, group, m, c_in_g, items), None
+            vec, bias_map = self.constant_kernel(w, group, items).reshape(w.shape[0], -1).sum(axis=1), None
         else:
             vec, bias_map = _uniform_or_map(self.contribution(node, cg, w, items))
         _add_contribution(g, node, vec, bias_map, w.dtype)
 
     @staticmethod
-    def uniform_contribution(w, group, m, c_in_g, items) -> np.ndarray:
-        vec = np.zeros(w.shape[0])
+    def constant_kernel(w, group, items) -> np.ndarray:
+        """sum_j c_j W[o, j] per output row o over its own group's absorbed inputs j (float64,
+        [C_out, k...]): what scalar constants c_j add is this kernel applied to an image of ones."""
+        c_in_g, m = w.shape[1], w.shape[0] // group
+        kernel = np.zeros((w.shape[0],) + w.shape[2:])
         for k, v in items:
             grp, j = divmod(k, c_in_g)
-            rows = slice(grp * m, (grp + 1) * m)
-            vec[rows] += v * w[rows, j].reshape(m, -1).astype(np.float64).sum(axis=1)
-        return vec
+            kernel[grp * m:(grp + 1) * m] += v * w[grp * m:(grp + 1) * m, j].astype(np.float64)
+        return kernel
 
     @staticmethod
     def contribution(node, cg, w, items) -> np.ndarray:
@@ -182,16 +184,10 @@ class Conv(Rule):
         group = int(attrs(node).get("group", 1))
         spatial = tuple(cg.shape(x)[2:])
         cols = [k for k, _ in items]
-        if all(np.isscalar(v) for _, v in items):
-            # constants c_j: output row o gets conv(1, sum_j c_j W[o, j]) over its own group's j:
-            # one input channel of ones instead of many, whatever the groups
-            c_in_g, m = w.shape[1], w.shape[0] // group
-            w_sum = np.zeros((w.shape[0],) + w.shape[2:])
-            for k, v in items:
-                grp, j = divmod(k, c_in_g)
-                w_sum[grp * m:(grp + 1) * m] += v * w[grp * m:(grp + 1) * m, j].astype(np.float64)
+        if all(np.isscalar(v) for _, v in items):  # one input channel of ones, whatever the groups
             conv = helper.make_node("Conv", ["x", "w"], ["y"], **{**attrs(node), "group": 1})
-            return evaluate(conv, {"x": np.ones((1, 1) + spatial), "w": w_sum[:, None]}, _REF_OPSET)[0]
+            kernel = Conv.constant_kernel(w, group, items)[:, None]
+            return evaluate(conv, {"x": np.ones((1, 1) + spatial), "w": kernel}, _REF_OPSET)[0]
         if group == 1:  # only the absorbed columns matter
             xs = np.zeros((1, len(cols)) + spatial)
             ws = w[:, cols].astype(np.float64)

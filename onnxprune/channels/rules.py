@@ -93,8 +93,9 @@ def _varies_off_channels(c: np.ndarray, axes: tuple[int, ...], out_rank: int) ->
     return any(d > 1 and (i + shift) not in axes for i, d in enumerate(c.shape))
 
 
-# the reference evaluator pools element by element in Python (12 s of Inception-v3's 14): these
-# run on onnxruntime when their inputs are float32, which both evaluate in the same precision
+# the reference evaluator pools element by element in Python (12 s of Inception-v3's 14): the
+# pools `numeric` does not cover (ceil mode, SAME padding, LpPool) run on onnxruntime when their
+# inputs are float32, which both evaluate in the same precision
 ON_ONNXRUNTIME = {"AveragePool", "MaxPool", "LpPool"}
 
 
