@@ -15,11 +15,13 @@ ratio to --align 1 (> 1: the spared dead channels pay for themselves), with the 
     python benchmarks/simplify_speedup.py native          # against the natively small model
 
 `native`: the physical limit of structured pruning. The upper half of every class is zeroed (all its
-producers, biases kept: `zero_upper_half`), simplified with --align 1, and timed side by side with
-the same architecture built at half width (identical Conv/Gemm weight counts, checked); the ratio is
-the native model's latency over ours (1.0: as fast as the small model), with the Adds and weights
-each has and the NCHWc reorders onnxruntime inserts into each (a constant operand of a binary op on a
-conv output leaves its NCHWc layout: where ours has more, the layout broke).
+producers, biases kept: `zero_upper_half`), simplified with --align 1 (the default here: no dead
+channel spared, so the weights can match) and each --border-maps, and timed side by side with the same
+architecture built at half width (identical Conv/Gemm weight counts, checked, border maps' one-channel
+convs aside); the ratio is the native model's latency over ours (1.0: as fast as the small model),
+with the border maps, Adds and weights each has and the NCHWc reorders onnxruntime inserts (a
+constant operand of a binary op on a conv output leaves its NCHWc layout: where ours has more, the
+layout broke).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ import numpy as np
 from onnxprune.models import ZOO  # noqa: E402
 from onnxprune.models.masks import zero_random_filters  # noqa: E402
 from onnxprune.demo import export, scaled_model  # noqa: E402
+from onnxprune.channels.linear import border_convs  # noqa: E402
 from onnxprune.simplify import simplify  # noqa: E402
 from onnxprune.timing import time_models  # noqa: E402
 
@@ -100,9 +103,12 @@ def align_main(args) -> None:
 
 
 def layer_weights(model) -> int:
+    """Conv / Gemm weight elements, the border maps' one-channel convs over a ones image excluded."""
     inits = {t.name: t for t in model.graph.initializer}
+    border = {n.output[0] for n in border_convs(model)}
     return sum(int(np.prod(inits[n.input[1]].dims)) for n in model.graph.node
-               if n.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul") and len(n.input) > 1 and n.input[1] in inits)
+               if n.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul") and len(n.input) > 1 and n.input[1] in inits
+               and n.output[0] not in border)
 
 
 def optimized_ops(model) -> dict[str, int]:
@@ -123,45 +129,58 @@ def optimized_ops(model) -> dict[str, int]:
         return dict(Counter(n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node))
 
 
-def measure_native(name: str, scale: float, runs: int, threads_all: int) -> dict:
+NATIVE_VARIANTS = ("runtime", "constant")  # --border-maps
+
+
+def measure_native(name: str, scale: float, runs: int, threads_all: int, align: int) -> dict:
     from onnxprune.models import build
     from onnxprune.models.masks import zero_upper_half
 
     model, x = scaled_model(name, scale, seed=0)
     zero_upper_half(model)
-    small, _ = simplify(export(model, x), align=1)
-    native = export(build(name, width=ZOO[name].width * scale / 2, seed=0), x, fold=True)
+    masked = export(model, x)
+    models = {"native": export(build(name, width=ZOO[name].width * scale / 2, seed=0), x, fold=True)}
+    for v in NATIVE_VARIANTS:
+        models[v] = simplify(masked, align=align, border_maps=v)[0]
     row = {"model": name, "input": "x".join(map(str, x.shape[1:])),
-           "weights": (layer_weights(small), layer_weights(native)),
-           "adds": tuple(sum(n.op_type == "Add" for n in m.graph.node) for m in (small, native)),
-           "reorders": tuple(sum(v for k, v in optimized_ops(m).items() if k.startswith("Reorder")) for m in (small, native))}
+           "weights": {k: layer_weights(m) for k, m in models.items()},
+           "borders": len(border_convs(models["runtime"])),
+           "adds": {k: sum(n.op_type == "Add" for n in m.graph.node) for k, m in models.items()},
+           "reorders": {k: sum(v for op, v in optimized_ops(m).items() if op.startswith("Reorder")) for k, m in models.items()}}
     for threads in (1, threads_all):
-        row[threads] = time_models({"native": native, "simplified": small}, threads=threads, runs=runs)
+        row[threads] = time_models(models, threads=threads, runs=runs)
     return row
 
 
 def native_main(args) -> None:
     t_all = os.cpu_count() or 1
-    print(f"# simplified vs natively small: upper half of every class zeroed, --align 1, scale {args.scale}, "
-          f"{args.runs} interleaved runs, medians; ratio = native ms / simplified ms; T = {t_all} threads\n")
-    print(f"| model | input | native ms 1t | simplified ms 1t | ratio 1t | ratio {t_all}t | Adds ours / native | "
-          "ORT NCHWc reorders ours / native | weights ours / native |")
+    print(f"# simplified vs natively small: upper half of every class zeroed, --align {args.align}, scale {args.scale}, "
+          f"{args.runs} interleaved runs, medians; ratio = native ms / simplified ms (--border-maps runtime, the "
+          f"default | constant); T = {t_all} threads\n")
+    print(f"| model | input | native ms 1t | ratio 1t | ratio {t_all}t | border maps | Adds ours / native | "
+          "ORT NCHWc reorders (runtime, constant / native) | weights ours / native |")
     print("|---|---|---:|---:|---:|---:|---|---|---|")
-    ratios = {1: [], t_all: []}
+    ratios = {(t, v): [] for t in (1, t_all) for v in NATIVE_VARIANTS}
     for name in args.models:
-        r = measure_native(name, args.scale, args.runs, t_all)
-        same = r["weights"][0] == r["weights"][1]
+        r = measure_native(name, args.scale, args.runs, t_all, args.align)
+        w = r["weights"]
+        same = all(w[v] == w["native"] for v in NATIVE_VARIANTS)
         cells = []
         for t in (1, t_all):
-            ratio = r[t]["native"] / r[t]["simplified"]
-            if same:
-                ratios[t].append(ratio)
-            cells.append(f"{ratio:.3f}")
-        weights = "equal" if same else f"{r['weights'][0]:,} / {r['weights'][1]:,} (not compared)"
-        print(f"| {name} | {r['input']} | {r[1]['native']:.2f} | {r[1]['simplified']:.2f} | {cells[0]} | {cells[1]} | "
-              f"{r['adds'][0]} / {r['adds'][1]} | {r['reorders'][0]} / {r['reorders'][1]} | {weights} |", flush=True)
-    geo = [f"{np.exp(np.mean(np.log(ratios[t]))):.3f}" if ratios[t] else "-" for t in (1, t_all)]
-    print(f"| geometric mean (equal weights) | | | | {geo[0]} | {geo[1]} | | | |")
+            pair = []
+            for v in NATIVE_VARIANTS:
+                ratio = r[t]["native"] / r[t][v]
+                if same:
+                    ratios[(t, v)].append(ratio)
+                pair.append(f"{ratio:.3f}")
+            cells.append(" \\| ".join(pair))
+        weights = "equal" if same else f"{w['runtime']:,} / {w['native']:,} (not compared)"
+        reorders = f"{r['reorders']['runtime']}, {r['reorders']['constant']} / {r['reorders']['native']}"
+        print(f"| {name} | {r['input']} | {r[1]['native']:.2f} | {cells[0]} | {cells[1]} | {r['borders']} | "
+              f"{r['adds']['runtime']} / {r['adds']['native']} | {reorders} | {weights} |", flush=True)
+    geo = [" \\| ".join(f"{np.exp(np.mean(np.log(ratios[(t, v)]))):.3f}" if ratios[(t, v)] else "-" for v in NATIVE_VARIANTS)
+           for t in (1, t_all)]
+    print(f"| geometric mean (equal weights) | | | {geo[0]} | {geo[1]} | | | | |")
 
 
 def main(argv=None) -> None:
@@ -172,6 +191,7 @@ def main(argv=None) -> None:
         ap.add_argument("--models", nargs="*", default=list(ZOO))
         ap.add_argument("--scale", type=float, default=4)
         ap.add_argument("--runs", type=int, default=30)
+        ap.add_argument("--align", type=int, default=1)
         return native_main(ap.parse_args(argv))
     if argv[:1] == ["align"]:
         ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -422,7 +422,7 @@ class Graph:
             for m in self._after.pop(id(n), ()):
                 place(m)
 
-        for n in self._nodes:
+        for n in self._after.pop(id(None), []) + self._nodes:  # (None: insert at the front)
             place(n)
         self._nodes, self._dropped = out, set()
 
@@ -535,7 +535,8 @@ class Graph:
             self._producer[name] = node
             self._names.add(name)
 
-    def insert_after(self, node: onnx.NodeProto, new_nodes: list[onnx.NodeProto]) -> None:
+    def insert_after(self, node: onnx.NodeProto | None, new_nodes: list[onnx.NodeProto]) -> None:
+        """Insert `new_nodes` after `node` (None: at the front of the graph, for nodes without inputs)."""
         self._after.setdefault(id(node), []).extend(new_nodes)
         for n in new_nodes:
             self._index(n)

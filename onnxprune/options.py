@@ -113,6 +113,10 @@ class SimplifyOptions(Options):
     align: int = option(8, "--align", "spare dead channels so that layer widths stay multiples of N where they "
                         "were (onnxruntime's blocked conv kernels are much faster then); 1 removes every dead channel",
                         check=checks.positive_int, metavar="N")
+    border_maps: str = option("runtime", "--border-maps", "how the border effect of constant channels read by "
+                              "zero-padded convs is added: runtime (a one-channel conv over a ones image made at run "
+                              "time; keeps onnxruntime's blocked layout and fusions) or constant (a constant map)",
+                              choices=lambda: ("runtime", "constant"))
     check: bool = option(True, "--no-check", "write the result without the parity check", negated=True)
     inputs: object = option(None, "--inputs", "inputs for the parity check: an .npz keyed by input name "
                             "(`onnxprune inspect` lists them; an extra leading axis = several batches) or an .npy for "

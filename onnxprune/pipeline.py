@@ -22,6 +22,7 @@ from typing import Callable
 from .errors import OnnxPruneError
 from .graph import Graph, ModelFile, check_pins, load_model, name_nodes, read_model
 from .passes.base import Context
+from .passes.border_maps import constant_border_maps
 from .passes.cleanup import cleanup
 from .passes.fold_bn import fold_bn
 from .passes.propagate_constants import propagate_constants
@@ -118,13 +119,18 @@ CLEANUP = Pass("cleanup", cleanup)
 FOLD_BN = Pass("fold_bn", fold_bn)
 PROPAGATE = Pass("propagate_constants", propagate_constants)
 REMOVE = Pass("remove_channels", remove_channels)
+BORDER_CONSTANT = Pass("border_maps", constant_border_maps)
 REARRANGE = Pass("rearrange", rearrange_graph)
 
 
-def simplify_pipeline(fold_bn: bool = True, propagate: bool = True, remove: bool = True) -> Pipeline:
-    """cleanup → fold BN → (propagate constants → remove dead channels → cleanup) to a fixed point."""
+def simplify_pipeline(fold_bn: bool = True, propagate: bool = True, remove: bool = True,
+                      border_maps: str = "runtime") -> Pipeline:
+    """cleanup → fold BN → (propagate constants → remove dead channels → cleanup) to a fixed point
+    [→ border maps to constants → cleanup]."""
     shrink = (PROPAGATE,) * propagate + (REMOVE,) * remove
-    return Pipeline("simplify", (CLEANUP,) + (FOLD_BN,) * fold_bn + ((FixedPoint("shrink", shrink + (CLEANUP,)),) if shrink else ()))
+    constant = (BORDER_CONSTANT, CLEANUP) if border_maps == "constant" and propagate else ()
+    return Pipeline("simplify", (CLEANUP,) + (FOLD_BN,) * fold_bn
+                    + ((FixedPoint("shrink", shrink + (CLEANUP,)),) if shrink else ()) + constant)
 
 
 FOLD_BN_ONLY = Pipeline("fold_bn", (CLEANUP, FOLD_BN))   # model_tune's BN fold

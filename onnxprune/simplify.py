@@ -61,7 +61,7 @@ def _run(model, opts: SimplifyOptions):
     start = time.perf_counter()
     g, before = prepare(model, opts.pins, stats=True)
     feeds = feeds_for(opts.inputs, g.signature(), opts.seed, opts.check)
-    simplify_pipeline(opts.fold_bn, opts.propagate, opts.remove)(g, ctx)
+    simplify_pipeline(opts.fold_bn, opts.propagate, opts.remove, opts.border_maps)(g, ctx)
     classes = channel_summary(g.channel_graph(ctx.pins))  # the last round's: nothing changed since
     seconds = time.perf_counter() - start
     return g, Report(before, before, seconds, list(ctx.events), classes), feeds

@@ -15,6 +15,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
+from onnxprune.channels import linear
 
 OPSET = 17
 IR_VERSION = 10  # onnxruntime refuses the IR version onnx.helper writes by default
@@ -416,10 +417,22 @@ def layer_weights(model: onnx.ModelProto) -> dict[str, np.ndarray]:
 
 
 def weight_count(model: onnx.ModelProto) -> int:
-    """Weight elements of all Conv / ConvTranspose / Gemm / MatMul layers (per node: names may be empty)."""
+    """Weight elements of all Conv / ConvTranspose / Gemm / MatMul layers (per node: names may be empty),
+    not counting the border maps' one-channel convs over a ones image (they are not layers of the
+    architecture; `border_convs` counts them)."""
     inits = {t.name: t for t in model.graph.initializer}
+    border = {n.output[0] for n in linear.border_convs(model)}
     return sum(int(np.prod(inits[n.input[1]].dims)) for n in model.graph.node
-               if n.op_type in LAYER_OPS and len(n.input) > 1 and n.input[1] in inits)
+               if n.op_type in LAYER_OPS and len(n.input) > 1 and n.input[1] in inits and n.output[0] not in border)
+
+
+def ones_images(model: onnx.ModelProto) -> set[str]:
+    """The ones images the border maps read."""
+    return {n.input[0] for n in linear.border_convs(model)}
+
+
+def border_convs(model: onnx.ModelProto) -> int:
+    return len(linear.border_convs(model))
 
 
 def node_by_name(model: onnx.ModelProto, name: str) -> onnx.NodeProto:

@@ -10,6 +10,8 @@ import onnx
 import onnxruntime as ort
 import torch
 
+from .onnx_builders import weight_count
+
 EXPORTS = ("ts_folded", "ts_bn", "dynamo")
 
 
@@ -44,10 +46,6 @@ def assert_matches_torch(got: np.ndarray, ref: np.ndarray, rel: float = 1e-4) ->
 
 
 def layer_weight_count(model: onnx.ModelProto) -> int:
-    """Elements of the weights of every Conv / ConvTranspose / Gemm / MatMul with constant weights."""
-    inits = {t.name: t for t in model.graph.initializer}
-    total = 0
-    for n in model.graph.node:
-        if n.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul") and len(n.input) > 1 and n.input[1] in inits:
-            total += int(np.prod(inits[n.input[1]].dims))
-    return total
+    """Elements of the weights of every Conv / ConvTranspose / Gemm / MatMul with constant weights
+    (border maps' one-channel convs over a ones image excluded: not layers of the architecture)."""
+    return weight_count(model)

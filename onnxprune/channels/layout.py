@@ -456,9 +456,24 @@ class Gather(Rule):
         g.set_input_const(node, 1, np.searchsorted(kept_in, selected[kept_out]).astype(idx.dtype))
 
 
+class ShapeOf(Rule):
+    """Shape(x, start=s): reads no channel when s lies past x's channel axes (the border maps of
+    dynamic-size inputs read the spatial size this way); any other Shape sees the channel count."""
+
+    def couple(self, node, cg):
+        sp, rank = cg.space(node.input[0]), cg.rank(node.input[0])
+        if sp is None:
+            return
+        start = int(attrs(node).get("start", 0))
+        start = start + rank if start < 0 and rank is not None else start
+        if start <= max(sp.axes) or "end" in attrs(node):
+            cg.pin_space(sp, f"Shape {node.name}: reads the channel count")
+
+
 register_rule("Concat", Concat(), permute=True)
 register_rule("Split", Split())
 register_rule("Slice", Slice())
 register_rule(["Reshape", "Flatten", "Squeeze", "Unsqueeze"], Reshape(), permute=True)
 register_rule("Transpose", Transpose())
 register_rule("Gather", Gather())
+register_rule("Shape", ShapeOf(), permute=True)

@@ -3,15 +3,26 @@
 Their outputs open a new channel space owned by the weight rows; their inputs are consumed
 through weight columns (a `ReadBlock` of reads per input). A known constant input channel c with value v
 contributes W[:, c]·v everywhere — except where zero padding replaces it by 0 at the border, so
-for padded k×k convs the exact contribution is a map, computed by running the layer on a ones image.
+for padded k×k convs the exact contribution is a map: the layer's geometry applied to an image of
+ones with the kernel K = sum_c v_c W[:, c] (`Conv.constant_kernel`).
+
+That map is written as a one-input-channel Conv of K over a ones image made at run time
+(`Sign(RandomUniform(1, 2))`, exactly 1), added to the layer's output, and reassociated into a
+residual Add that follows. Why not a constant: onnxruntime's NCHWc transformer keeps a tensor in its
+blocked layout only through ops whose inputs are all NCHWc outputs, so an Add of a constant map
+makes it reorder the tensor out and back and leaves the Add and the activation unfused (ResNet-18:
+35 reorders instead of 1, 0.80–0.85 of the speed of the same architecture built small); a conv's
+output is NCHWc and its Add fuses into the conv (a random op is never constant-folded). Measured in
+`benchmarks/simplify_speedup.py native`; `--border-maps constant` (passes/border_maps.py) folds them
+into constant maps for runtimes that prefer those.
 """
 
 from __future__ import annotations
 
 import numpy as np
-from onnx import helper
+from onnx import helper, numpy_helper
 
-from ..graph import attrs, set_attr
+from ..graph import attrs, default_opset, set_attr
 from ..layers import all_zero, input_axis, output_axis
 from .core import ReadBlock
 from .registry import Rule, register_rule
@@ -28,6 +39,94 @@ def _bias(g, node, n_out, index=2) -> np.ndarray:
 
 def _write_bias(g, node, bias64: np.ndarray, dtype, index=2) -> None:
     g.set_input_const(node, index, bias64.astype(dtype), base=f"{node.name or node.output[0]}_bias")
+
+
+ONES_LOW, ONES_HIGH = 1.0, 2.0  # Sign of a sample of [1, 2) is exactly 1
+
+
+def ones_image(g, node, dtype) -> str:
+    """A [1, 1, *spatial] tensor of ones at the size of `node`'s input, computed at run time: shared
+    by every map at that size where the size is static, else made from the input's shape."""
+    x = node.input[0]
+    spatial = tuple(g.shapes[x][2:])
+    tensor_type = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    if any(d is None for d in spatial):
+        return _ones_like_input(g, node, x, tensor_type)
+    name = "border_ones_" + "x".join(map(str, spatial))
+    if is_ones_image(g, name):
+        return name
+    name, random = g.fresh_name(name), g.fresh_name(name + "_random")
+    g.insert_after(None, [
+        helper.make_node("RandomUniform", [], [random], name=random, low=ONES_LOW, high=ONES_HIGH,
+                         shape=[1, 1, *spatial], dtype=tensor_type),
+        helper.make_node("Sign", [random], [name], name=name)])
+    return name
+
+
+def border_convs(model) -> list:
+    """The border maps' convs in a ModelProto: Convs over a ones image (either kind above)."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+
+    def ones(name):
+        n = producer.get(name)
+        if n is not None and n.op_type == "ConstantOfShape":
+            value = next((a.t for a in n.attribute if a.name == "value"), None)
+            return value is not None and np.all(numpy_helper.to_array(value) == 1)
+        if n is None or n.op_type != "Sign" or n.input[0] not in producer:
+            return False
+        random = producer[n.input[0]]
+        return random.op_type == "RandomUniform" and float(attrs(random).get("low", 0.0)) > 0
+
+    return [n for n in model.graph.node if n.op_type == "Conv" and ones(n.input[0])]
+
+
+def _ones_like_input(g, node, x: str, tensor_type) -> str:
+    """ConstantOfShape([1, 1] + Shape(x, start=2)): exact at whatever size the input has (Shape
+    reads no channel from there: layout.ShapeOf)."""
+    base = f"border_ones_of_{x}"
+    spatial, dims, ones, lead = (g.fresh_name(f"{base}_{part}") for part in ("spatial", "dims", "ones", "lead"))
+    g.inits[lead] = np.array([1, 1], np.int64)
+    g.insert_after(g.producer(x), [
+        helper.make_node("Shape", [x], [spatial], name=spatial, start=2),
+        helper.make_node("Concat", [lead, spatial], [dims], name=dims, axis=0),
+        helper.make_node("ConstantOfShape", [dims], [ones], name=ones,
+                         value=helper.make_tensor("one", tensor_type, [1], [1]))])
+    return ones
+
+
+def is_ones_image(g, name: str) -> bool:
+    """`name` is Sign(RandomUniform(low > 0)): all ones, whatever the sample."""
+    sign = g.producer(name)
+    if sign is None or sign.op_type != "Sign":
+        return False
+    random = g.producer(sign.input[0])
+    return random is not None and random.op_type == "RandomUniform" and float(attrs(random).get("low", 0.0)) > 0
+
+
+def _insert_border_map(g, node, kernel: np.ndarray, dtype) -> None:
+    """out = layer(x) + Conv(ones, kernel) (the layer's geometry, one input channel); where `out`
+    only feeds an Add of a tensor r of its shape: out + r = layer(x) + (Conv(ones, kernel) + r),
+    so that onnxruntime fuses both Adds into the two convs."""
+    out = node.output[0]
+    ones = ones_image(g, node, dtype)
+    weights = g.fresh_name(f"{node.name or out}_border_kernel")
+    g.inits[weights] = kernel[:, None].astype(dtype)
+    mid, border = g.fresh_name(f"{out}_before_border"), g.fresh_name(f"{node.name or out}_border_map")
+    g.set_output(node, 0, mid)
+    conv = {k: v for k, v in attrs(node).items() if k != "group"}
+    add = helper.make_node("Add", [mid, border], [out], name=g.fresh_name(f"{node.name or out}_border_add"))
+    g.insert_after(node, [helper.make_node("Conv", [ones, weights], [border], name=border, **conv), add])
+    users = g.consumers().get(out, [])
+    if len(users) != 1 or users[0].op_type != "Add" or out in g.output_names:
+        return
+    residual = users[0]
+    k = list(residual.input).index(out)
+    other = residual.input[1 - k]
+    if not g.producer(other):  # a constant or graph input would not be in onnxruntime's blocked layout
+        return
+    g.set_input(add, 0, border)
+    g.set_input(add, 1, other)
+    g.set_input(residual, 1 - k, mid)
 
 
 def _insert_bias_map(g, node, bias_map: np.ndarray) -> None:
@@ -147,8 +246,9 @@ class Conv(Rule):
         if group > 1 and c_in_g == 1:
             return []  # depthwise: inside the class, not a read
         col_zero = all_zero(w.reshape(group, m, c_in_g, -1), (0, 2)).reshape(-1)
-        exact_anywhere = not self.padded(node, w) or _spatial_static(cg, node.input[0])
-        return _reads(node, cg, col_zero, exact_anywhere, "zero-padded conv with dynamic spatial size")
+        exact_anywhere = not self.padded(node, w) or _spatial_static(cg, node.input[0]) or default_opset(cg.g.model) >= 15
+        return _reads(node, cg, col_zero, exact_anywhere,  # padded: a border map, made at run time
+                      "zero-padded conv with dynamic spatial size (below opset 15: no Shape start)")
 
     def absorb(self, node, g, cg, items):
         w, group, m, c_in_g = self.geometry(g, node)
@@ -160,10 +260,15 @@ class Conv(Rule):
         items = _nonzero(items)  # a constant 0 contributes nothing, padded or not
         if not items:
             return
-        if not self.padded(node, w) and all(np.isscalar(v) for _, v in items):
+        scalars = all(np.isscalar(v) for _, v in items)
+        if not self.padded(node, w) and scalars:
             vec, bias_map = self.constant_kernel(w, group, items).reshape(w.shape[0], -1).sum(axis=1), None
+        elif not _spatial_static(cg, node.input[0]):  # (scalars: maps exist only at static sizes)
+            return _insert_border_map(g, node, self.constant_kernel(w, group, items), w.dtype)
         else:
             vec, bias_map = _uniform_or_map(self.contribution(node, cg, w, items))
+        if bias_map is not None and scalars:
+            return _insert_border_map(g, node, self.constant_kernel(w, group, items), w.dtype)
         _add_contribution(g, node, vec, bias_map, w.dtype)
 
     @staticmethod

@@ -16,6 +16,18 @@ CONSTANT_PRESERVING = {"MaxPool", "GlobalAveragePool", "GlobalMaxPool", "ReduceM
 # (AveragePool with padding, Pad with another fill value, ReduceSum ... are evaluated instead)
 
 
+def _plain_average(node) -> bool:
+    """An AveragePool that averages input elements only (no zero padding counted in): a constant
+    stays that constant at any input size."""
+    if node.op_type != "AveragePool":
+        return False
+    a = attrs(node)
+    if int(a.get("count_include_pad", 0)) == 0:
+        return True
+    unpadded = a.get("auto_pad", b"NOTSET") in (b"NOTSET", b"VALID", "NOTSET", "VALID") and not any(a.get("pads", []))
+    return unpadded and not int(a.get("ceil_mode", 0))
+
+
 class Spatial(Rule):
     def out_axes(self, node, cg):
         """The output's channel axes, or a reason string why the op touches the channels."""
@@ -101,7 +113,7 @@ class Spatial(Rule):
         if not known.any():
             return
         crop = attrs(node).get("coordinate_transformation_mode") in (b"tf_crop_and_resize", "tf_crop_and_resize")
-        if node.op_type in CONSTANT_PRESERVING and not cg.maps.get(x) and not crop:
+        if (node.op_type in CONSTANT_PRESERVING or _plain_average(node)) and not cg.maps.get(x) and not crop:
             cg.values[out] = cg.values[x].copy()  # max / mean / resampling of a constant is that constant
             return
         try:  # padding, border averages and maps: run the op on the known channels

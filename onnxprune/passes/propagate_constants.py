@@ -26,6 +26,8 @@ def propagate_constants(g: Graph, ctx: Context) -> bool:
         node = cg.nodes[name]
         rule_for(node).absorb(node, g, cg, absorbed)
         ctx.log(PASS, "absorb", name, f"{len(absorbed)} constant input channel(s) folded into the bias")
+    if items:
+        g.topo_sort()  # a border map reassociated into a residual Add reads a tensor made later
     return bool(items)
 
 

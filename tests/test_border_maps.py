@@ -1,0 +1,153 @@
+"""Border maps: what constant channels read by a zero-padded conv add near the border.
+
+A constant channel c_j read through W[:, j] by a padded conv adds c_j·W[:, j] inside and less at the
+border, where the padding reads 0. simplify writes the whole effect as one Conv with the kernel
+K = sum_j c_j W[:, j] over a ones image made at run time (channels/linear.py says why), or, with
+border_maps="constant", as a constant map. These tests check the kernel against the formula, the
+graph shapes onnxruntime needs to fuse it, and the function against the unmodified model.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+from onnxprune import OnnxPruneError, simplify
+from .onnx_builders import (GraphBuilder, assert_same_function, border_convs, exact_counts, inits_of, node_by_name,
+                            ones_images, weight_count)
+
+ATOL, RTOL = 1e-5, 1e-4
+EXACT = exact_counts()
+
+
+def simplified(model, **options):
+    out, report = simplify(model, atol=ATOL, rtol=RTOL, **{**EXACT, **options})
+    assert_same_function(model, out, atol=ATOL, rtol=RTOL)
+    return out, report
+
+
+def border_kernels(model) -> list[np.ndarray]:
+    inits, ones = inits_of(model), ones_images(model)
+    return [inits[n.input[1]] for n in model.graph.node if n.op_type == "Conv" and n.input[0] in ones]
+
+
+def two_convs(biases, zeroed, *, hw=(7, 7), k=3, seed=0, **geometry):
+    """c1 (1×1, these biases) → Relu → c2 (k×k, padded by `geometry`, default pads 1), c1's rows
+    `zeroed` zeroed: those channels carry relu(bias)."""
+    b = GraphBuilder(3, *hw, seed=seed)
+    b.conv(len(biases), 1, name="c1", b=np.asarray(biases, np.float32))
+    b.act("Relu")
+    b.conv(4, k, name="c2", **({"pads": 1} | geometry))
+    for row in zeroed:
+        b.zero_filter("c1", row)
+    return b
+
+
+@pytest.mark.parametrize("biases,zeroed", [
+    ([0.5, 1.5, -0.3, 0.8, 0.2], [1]),                   # one constant
+    ([0.5, 1.5, 2.0, -0.8, 0.7, 0.3], [1, 2, 4]),        # several into one kernel
+    ([0.5, -1.5, 0.9, 1e-30, 0.3], [1, 3]),              # a negative (relu: 0, adds nothing) and a tiny one
+])
+def test_the_border_kernel_is_the_sum_of_the_constant_columns(biases, zeroed):
+    b = two_convs(biases, zeroed)
+    w2 = b.inits[b.layers["c2"]["weight"]].astype(np.float64)
+    out, rep = simplified(b.model())
+    assert rep.after.layers["c2"][0] == len(biases) - len(zeroed)
+    constants = {j: max(biases[j], 0.0) for j in zeroed}
+    kernels = border_kernels(out)
+    if not any(constants.values()):
+        assert kernels == []
+        return
+    assert len(kernels) == 1 and kernels[0].shape == (4, 1, 3, 3)
+    expected = sum(c * w2[:, j] for j, c in constants.items())
+    np.testing.assert_allclose(kernels[0][:, 0], expected, rtol=1e-6, atol=1e-37)
+    assert not any(t.dims[-2:] == [7, 7] for t in out.graph.initializer), "no constant map"
+
+
+def test_all_constants_zero_need_no_map():
+    out, rep = simplified(two_convs([0.5, -1.5, -0.2, 0.3], [1, 2]).model())
+    assert rep.after.layers["c2"][0] == 2
+    assert border_convs(out) == 0 and not ones_images(out)
+
+
+@pytest.mark.parametrize("pads,stride,dilation,hw", [
+    ((0, 1, 1, 0), 2, 1, (9, 5)),      # asymmetric pads, stride 2, odd sizes
+    ((2, 0, 1, 2), 2, 1, (7, 7)),
+    ((1, 2, 0, 1), 1, 2, (9, 5)),      # dilation
+    ((2, 2, 2, 2), 2, 2, (7, 11)),
+])
+def test_the_border_conv_has_the_layers_geometry(pads, stride, dilation, hw):
+    b = two_convs([0.9, 0.4, 1.1, 0.6, 0.8], [0, 3], hw=hw, pads=pads, stride=stride, dilation=dilation)
+    out, rep = simplified(b.model())
+    assert rep.after.layers["c2"][0] == 3
+    (border,) = [n for n in out.graph.node if n.op_type == "Conv" and n.input[0] in ones_images(out)]
+    c2 = node_by_name(out, "c2")
+    geometry = ("pads", "strides", "dilations", "kernel_shape")
+    assert {a.name: a for a in border.attribute if a.name in geometry} == \
+           {a.name: a for a in c2.attribute if a.name in geometry}
+
+
+def test_one_ones_image_per_size_and_one_map_per_layer():
+    b = GraphBuilder(3, 8, 8, seed=5)
+    b.conv(6, 1, name="c1", b=np.full(6, 0.6, np.float32))
+    b.act("Relu")
+    b.conv(6, 3, pads=1, name="c2", b=np.full(6, 0.7, np.float32))
+    b.act("Relu")
+    b.conv(4, 3, pads=1, name="c3")
+    b.zero_filter("c1", 2)
+    b.zero_filter("c2", 4)
+    out, rep = simplified(b.model())
+    assert rep.after.layers["c2"] == (5, 5) and rep.after.layers["c3"] == (5, 4)
+    assert len(ones_images(out)) == 1 and border_convs(out) == 2
+
+
+def test_a_residual_add_takes_the_map_so_both_adds_fuse():
+    """conv2 + map + identity is written conv2 + (map + identity): each Add then feeds on one conv
+    (onnxruntime fuses an Add into the conv that produces one operand, once per conv)."""
+    b = GraphBuilder(4, 7, 7, seed=6)
+    x = b.conv(6, 1, name="c0")
+    h = b.act("Relu")
+    b.conv(6, 3, pads=1, name="c1", b=np.full(6, 0.8, np.float32))
+    b.act("Relu")
+    y = b.conv(6, 3, pads=1, name="c2")
+    b.add(y, h)
+    b.act("Relu")
+    b.conv(3, 1, name="head", x=b.cur)
+    b.zero_filter("c1", 1)
+    out, _ = simplified(b.model(), pins=["c0_out", "c2_out"])  # (c1's channel alone goes)
+    c2 = node_by_name(out, "c2")
+    (residual,) = [n for n in out.graph.node if c2.output[0] in n.input]
+    assert residual.op_type == "Add"
+    other = next(i for i in residual.input if i != c2.output[0])
+    producer = next(n for n in out.graph.node if other in n.output)
+    assert producer.op_type == "Add" and len(border_convs_feeding(out, producer)) == 1
+
+
+def border_convs_feeding(model, node) -> list:
+    ones = ones_images(model)
+    return [n for n in model.graph.node if n.op_type == "Conv" and n.input[0] in ones and n.output[0] in node.input]
+
+
+def test_constant_mode_adds_a_constant_map():
+    m = two_convs([0.5, 1.5, 0.9, 0.8, 0.2], [1, 2]).model()
+    runtime, _ = simplified(m)
+    constant, _ = simplified(m, border_maps="constant")
+    assert border_convs(constant) == 0 and not any(n.op_type == "RandomUniform" for n in constant.graph.node)
+    maps = [t for t in constant.graph.initializer if list(t.dims) == [1, 4, 7, 7]]
+    assert len(maps) == 1
+    assert weight_count(constant) == weight_count(runtime)
+
+
+def test_simplifying_the_result_again_changes_nothing():
+    m = two_convs([0.5, 1.5, 0.9, 0.8, 0.2], [1, 2]).model()
+    once, _ = simplified(m)
+    twice, _ = simplified(once)
+    assert border_convs(twice) == border_convs(once) == 1
+    assert weight_count(twice) == weight_count(once)
+    assert_same_function(m, twice, atol=ATOL, rtol=RTOL)
+
+
+def test_border_maps_option_is_checked():
+    with pytest.raises(OnnxPruneError, match="--border-maps must be one of runtime, constant"):
+        simplify(onnx.ModelProto(), border_maps="bogus")
