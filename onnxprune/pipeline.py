@@ -25,6 +25,7 @@ from .passes.base import Context
 from .passes.border_maps import constant_border_maps
 from .passes.cleanup import cleanup
 from .passes.fold_bn import fold_bn
+from .passes.host_border_maps import host_border_maps
 from .passes.propagate_constants import propagate_constants
 from .passes.rearrange import rearrange_graph
 from .passes.remove_channels import remove_channels
@@ -120,17 +121,18 @@ FOLD_BN = Pass("fold_bn", fold_bn)
 PROPAGATE = Pass("propagate_constants", propagate_constants)
 REMOVE = Pass("remove_channels", remove_channels)
 BORDER_CONSTANT = Pass("border_maps", constant_border_maps)
+HOST = Pass("host_border_maps", host_border_maps)
 REARRANGE = Pass("rearrange", rearrange_graph)
 
 
 def simplify_pipeline(fold_bn: bool = True, propagate: bool = True, remove: bool = True,
                       border_maps: str = "runtime") -> Pipeline:
     """cleanup → fold BN → (propagate constants → remove dead channels → cleanup) to a fixed point
-    [→ border maps to constants → cleanup]."""
+    → border maps hosted by kept dead channels [→ the others to constants] → cleanup."""
     shrink = (PROPAGATE,) * propagate + (REMOVE,) * remove
-    constant = (BORDER_CONSTANT, CLEANUP) if border_maps == "constant" and propagate else ()
+    borders = ((HOST,) + (BORDER_CONSTANT,) * (border_maps == "constant") + (CLEANUP,)) * propagate
     return Pipeline("simplify", (CLEANUP,) + (FOLD_BN,) * fold_bn
-                    + ((FixedPoint("shrink", shrink + (CLEANUP,)),) if shrink else ()) + constant)
+                    + ((FixedPoint("shrink", shrink + (CLEANUP,)),) if shrink else ()) + borders)
 
 
 FOLD_BN_ONLY = Pipeline("fold_bn", (CLEANUP, FOLD_BN))   # model_tune's BN fold

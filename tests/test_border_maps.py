@@ -151,3 +151,69 @@ def test_simplifying_the_result_again_changes_nothing():
 def test_border_maps_option_is_checked():
     with pytest.raises(OnnxPruneError, match="--border-maps must be one of runtime, constant"):
         simplify(onnx.ModelProto(), border_maps="bogus")
+
+
+# --- hosted by a dead channel kept for alignment (passes/host_border_maps.py) ------------------
+
+def test_a_dead_channel_kept_for_alignment_carries_the_map():
+    """8 channels, 3 dead (relu(bias) 0.9, 1.7, 0.4), --align 2: one dead channel stays, the one with
+    the largest constant (1.7); its column becomes K / 1.7, so the layer's own zero padding makes
+    the whole border map: no map conv, no ones image."""
+    biases = [0.3, 0.9, 0.5, -0.2, 1.7, 0.8, 0.4, 0.6]
+    b = two_convs(biases, [1, 4, 6], hw=(7, 9))
+    w2 = b.inits[b.layers["c2"]["weight"]].astype(np.float64)
+    out, rep = simplified(b.model(), align=2)
+    assert rep.after.layers["c2"][0] == 6 and border_convs(out) == 0 and not ones_images(out)
+    w = inits_of(out)[node_by_name(out, "c2").input[1]]
+    kept = [0, 2, 3, 4, 5, 7]  # slot order: the live channels and the spared 4
+    np.testing.assert_array_equal(w[:, [0, 1, 2, 4, 5]], w2[:, [0, 2, 3, 5, 7]].astype(np.float32))
+    K = sum(max(biases[j], 0) * w2[:, j] for j in (1, 4, 6))
+    np.testing.assert_allclose(w[:, kept.index(4)], K / 1.7, rtol=1e-6)
+
+
+def test_a_kept_channel_with_constant_zero_does_not_host():
+    """Two dead channels kept (--align 4): relu(-0.6) = 0 cannot carry anything; relu(1.2) does."""
+    biases = [0.3, -0.6, 0.5, 1.2, 0.8, 0.4, 0.6, 0.2]
+    b = two_convs(biases, [1, 3], hw=(6, 6))
+    w2 = b.inits[b.layers["c2"]["weight"]].astype(np.float64)
+    out, rep = simplified(b.model(), align=4)
+    assert rep.after.layers["c2"][0] == 8 and border_convs(out) == 0
+    w = inits_of(out)[node_by_name(out, "c2").input[1]]
+    assert not np.any(w[:, 1])                                    # the zero constant: still unread
+    np.testing.assert_allclose(w[:, 3], w2[:, 3], rtol=1e-6)      # 1.2 hosts its own map: K / c = W[:, 3]
+
+
+def test_a_hosted_map_is_exact_at_any_size():
+    """Symbolic H×W: hosted, there is no shape computation left at all."""
+    b = two_convs([0.3, 0.9, 0.5, -0.2, 1.7, 0.8, 0.4, 0.6], [1, 4, 6], hw=(7, 7))
+    m = b.model(dynamic_hw=True)
+    rng = np.random.default_rng(0)
+    feeds = [{"x": rng.standard_normal((1, 3, 7, 7)).astype(np.float32)}]
+    out, rep = simplify(m, inputs=feeds, align=2, atol=ATOL, rtol=RTOL)
+    assert border_convs(out) == 0 and not any(n.op_type in ("Shape", "ConstantOfShape") for n in out.graph.node)
+    assert rep.after.layers["c2"][0] == 6
+    for size in ((5, 9), (12, 4), (7, 7)):
+        f = {"x": rng.standard_normal((1, 3, *size)).astype(np.float32)}
+        np.testing.assert_allclose(run_ort(out, f), run_ort(m, f), atol=ATOL, rtol=RTOL)
+
+
+def test_a_reassociated_map_is_hosted_too():
+    b = GraphBuilder(4, 7, 7, seed=6)
+    b.conv(8, 1, name="c0")
+    h = b.act("Relu")
+    b.conv(8, 3, pads=1, name="c1", b=np.array([0.8, 0.5, 0.9, 0.3, 0.7, 0.6, 0.4, 0.2], np.float32))
+    b.act("Relu")
+    y = b.conv(8, 3, pads=1, name="c2")
+    b.add(y, h)
+    b.act("Relu")
+    b.conv(3, 1, name="head")
+    b.zero_filter("c1", 1)
+    b.zero_filter("c1", 5)
+    out, rep = simplified(b.model(), align=4, pins=["c0_out", "c2_out"])
+    assert rep.after.layers["c2"][0] == 8 and border_convs(out) == 0
+    assert [n.op_type for n in out.graph.node].count("Add") == 1
+
+
+def run_ort(model, feeds):
+    from .onnx_builders import run
+    return run(model, feeds)[0]

@@ -53,7 +53,7 @@ def ones_image(g, node, dtype) -> str:
     if any(d is None for d in spatial):
         return _ones_like_input(g, node, x, tensor_type)
     name = "border_ones_" + "x".join(map(str, spatial))
-    if is_ones_image(g, name):
+    if is_ones(g.producer, name, random_only=True):
         return name
     name, random = g.fresh_name(name), g.fresh_name(name + "_random")
     g.insert_after(None, [
@@ -66,18 +66,20 @@ def ones_image(g, node, dtype) -> str:
 def border_convs(model) -> list:
     """The border maps' convs in a ModelProto: Convs over a ones image (either kind above)."""
     producer = {o: n for n in model.graph.node for o in n.output}
+    return [n for n in model.graph.node if n.op_type == "Conv" and is_ones(producer.get, n.input[0])]
 
-    def ones(name):
-        n = producer.get(name)
-        if n is not None and n.op_type == "ConstantOfShape":
-            value = next((a.t for a in n.attribute if a.name == "value"), None)
-            return value is not None and np.all(numpy_helper.to_array(value) == 1)
-        if n is None or n.op_type != "Sign" or n.input[0] not in producer:
-            return False
-        random = producer[n.input[0]]
-        return random.op_type == "RandomUniform" and float(attrs(random).get("low", 0.0)) > 0
 
-    return [n for n in model.graph.node if n.op_type == "Conv" and ones(n.input[0])]
+def is_ones(producer, name: str, random_only: bool = False) -> bool:
+    """`name` is a ones image: Sign(RandomUniform(low > 0)) (all ones, whatever the sample) or, unless
+    `random_only`, ConstantOfShape(value 1). `producer`: tensor name -> node or None."""
+    n = producer(name)
+    if n is not None and n.op_type == "ConstantOfShape" and not random_only:
+        value = next((a.t for a in n.attribute if a.name == "value"), None)
+        return value is not None and bool(np.all(numpy_helper.to_array(value) == 1))
+    if n is None or n.op_type != "Sign":
+        return False
+    random = producer(n.input[0])
+    return random is not None and random.op_type == "RandomUniform" and float(attrs(random).get("low", 0.0)) > 0
 
 
 def _ones_like_input(g, node, x: str, tensor_type) -> str:
@@ -94,19 +96,13 @@ def _ones_like_input(g, node, x: str, tensor_type) -> str:
     return ones
 
 
-def is_ones_image(g, name: str) -> bool:
-    """`name` is Sign(RandomUniform(low > 0)): all ones, whatever the sample."""
-    sign = g.producer(name)
-    if sign is None or sign.op_type != "Sign":
-        return False
-    random = g.producer(sign.input[0])
-    return random is not None and random.op_type == "RandomUniform" and float(attrs(random).get("low", 0.0)) > 0
-
-
 def _insert_border_map(g, node, kernel: np.ndarray, dtype) -> None:
     """out = layer(x) + Conv(ones, kernel) (the layer's geometry, one input channel); where `out`
-    only feeds an Add of a tensor r of its shape: out + r = layer(x) + (Conv(ones, kernel) + r),
-    so that onnxruntime fuses both Adds into the two convs."""
+    only feeds an Add of a tensor r made by a node: out + r = layer(x) + (Conv(ones, kernel) + r),
+    so that onnxruntime fuses both Adds into the two convs. Only for group-1 layers: onnxruntime
+    blocks a grouped conv only when every group's width is a multiple of its block, which pruned
+    grouped layers rarely are, and a blocked map added to an unblocked conv costs a reorder (RegNet:
+    33 reorders against 27 with a constant map)."""
     out = node.output[0]
     ones = ones_image(g, node, dtype)
     weights = g.fresh_name(f"{node.name or out}_border_kernel")
@@ -267,7 +263,7 @@ class Conv(Rule):
             return _insert_border_map(g, node, self.constant_kernel(w, group, items), w.dtype)
         else:
             vec, bias_map = _uniform_or_map(self.contribution(node, cg, w, items))
-        if bias_map is not None and scalars:
+        if bias_map is not None and scalars and group == 1:  # (see _insert_border_map: not grouped)
             return _insert_border_map(g, node, self.constant_kernel(w, group, items), w.dtype)
         _add_contribution(g, node, vec, bias_map, w.dtype)
 

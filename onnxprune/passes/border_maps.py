@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..channels.linear import is_ones_image
+from ..channels.linear import is_ones
 from ..graph import Graph
 from .base import Context
 
@@ -16,7 +16,7 @@ PASS = "border_maps"
 
 
 def constant_border_maps(g: Graph, ctx: Context) -> bool:
-    ones = [n for n in g.nodes if n.op_type == "Sign" and is_ones_image(g, n.output[0])]
+    ones = [n for n in g.nodes if n.op_type == "Sign" and is_ones(g.producer, n.output[0], random_only=True)]
     for sign in ones:
         name, shape = sign.output[0], g.shapes.get(sign.output[0])
         dtype = g.inits[g.consumers()[name][0].input[1]].dtype if g.consumers().get(name) else np.float32

@@ -34,11 +34,25 @@ def remove_channels(g: Graph, ctx: Context) -> bool:
     return True
 
 
+def _host_score(cg: ChannelGraph, roots: np.ndarray) -> np.ndarray:
+    """Per class root: the smallest |constant| it carries over the tensors it spans (0 where it is
+    not a known non-zero constant everywhere). A dead channel kept for alignment with a score > 0
+    can carry the border maps of the layers that read it (host_border_maps), the larger the better."""
+    values = np.full(cg.n_slots, np.nan)
+    for name, sp in cg.spaces.items():
+        values[sp.base: sp.base + sp.size] = cg.values[name]
+    magnitude = np.where(np.isfinite(values), np.abs(values), 0.0)
+    score = np.full(cg.n_slots, np.inf)
+    np.minimum.at(score, roots, magnitude)
+    return score
+
+
 def _keep_lists(cg: ChannelGraph, doomed: set[int], ctx: Context, layer_outputs=frozenset()) -> dict[str, np.ndarray]:
     """Slots to keep per tensor; spares the classes whose removal is impossible to express
     (a tensor left with no channel, a split channel range that would not stay a box) and, with
     ctx.align > 1, enough dead channels to keep layer widths multiples of `align`."""
     roots = cg.roots()
+    host_score = _host_score(cg, roots)
     while doomed:
         dead = np.isin(roots, np.fromiter(doomed, np.int64))
         spared = set()
@@ -60,7 +74,9 @@ def _keep_lists(cg: ChannelGraph, doomed: set[int], ctx: Context, layer_outputs=
                 continue
             short = -kept.size % ctx.align
             if name in layer_outputs and short and sp.size % ctx.align == 0:
-                spared |= {int(r) for r in roots[sp.base: sp.base + sp.size][d][:short]}
+                dead_roots = roots[sp.base: sp.base + sp.size][d]
+                first = np.argsort(-host_score[dead_roots], kind="stable")[:short]  # the best hosts first
+                spared |= {int(r) for r in dead_roots[first]}
                 ctx.log(PASS, "spare", name, f"kept to stay a multiple of --align {ctx.align}")
                 continue
             keep[name] = kept
