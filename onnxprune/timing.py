@@ -12,15 +12,17 @@ from .parity import random_inputs, session
 
 
 def time_models(models: dict[str, onnx.ModelProto], threads: int = 1, runs: int = 30, warmup: int = 3,
-                seed: int = 0) -> dict[str, float]:
-    """label -> median latency in milliseconds (graph optimizations on, as users run them)."""
+                seed: int = 0, samples: bool = False) -> dict:
+    """label -> median latency in milliseconds (graph optimizations on, as users run them); with
+    `samples`, label -> every run's latency, in run order (run i of each model was timed back to
+    back, so per-run ratios cancel the machine's drift)."""
     sessions = {k: session(m, threads=threads, optimize=True) for k, m in models.items()}
     feeds = random_inputs(next(iter(models.values())), seed)
-    samples: dict[str, list[float]] = {k: [] for k in models}
+    times: dict[str, list[float]] = {k: [] for k in models}
     for i in range(warmup + runs):
         for k, s in sessions.items():
             t = time.perf_counter()
             s.run(None, feeds)
             if i >= warmup:
-                samples[k].append((time.perf_counter() - t) * 1e3)
-    return {k: float(np.median(v)) for k, v in samples.items()}
+                times[k].append((time.perf_counter() - t) * 1e3)
+    return times if samples else {k: float(np.median(v)) for k, v in times.items()}

@@ -217,3 +217,69 @@ def test_a_reassociated_map_is_hosted_too():
 def run_ort(model, feeds):
     from .onnx_builders import run
     return run(model, feeds)[0]
+
+
+# --- maps made by a depthwise conv or a padded average, read by a pointwise layer ---------------
+
+def depthwise_block(act, *, stride=1, hw=(9, 9), dw_bias=0.5, seed=1):
+    """c1 (1×1) → Relu → depthwise 3×3 (pad 1) → act → proj (1×1); two of c1's rows zeroed: the
+    depthwise turns their constants into maps (the border sees zero padding)."""
+    b = GraphBuilder(4, *hw, seed=seed)
+    b.conv(8, 1, name="c1", b=np.array([0.9, 0.4, 1.3, 0.7, 0.2, 0.8, 1.1, 0.6], np.float32))
+    b.act("Relu")
+    b.depthwise(3, pads=1, stride=stride, name="dw", b=np.full(8, dw_bias, np.float32))
+    if act == "SiLU":
+        sig = b.act("Sigmoid", x=b.layers["dw"]["output"])
+        b.mul(b.layers["dw"]["output"], sig)
+    elif act:
+        b.act(act)
+    b.conv(5, 1, name="proj")
+    b.zero_filter("c1", 2)
+    b.zero_filter("c1", 6)
+    return b
+
+
+@pytest.mark.parametrize("act,dw_bias", [(None, 0.5), ("Relu", 0.5), ("Relu", -0.3), ("Clip", 0.5), ("SiLU", 0.1),
+                                         ("HardSwish", 0.2)])
+def test_a_depthwise_map_read_by_a_pointwise_layer_is_a_fitted_border_conv(act, dw_bias):
+    """Whatever the activation after the depthwise (a ReLU that clips part of the map too), each
+    map is a function of which depthwise taps are inside: a 3×3 conv over ones, fitted, replaces
+    the constant map — checked against the unmodified model."""
+    out, rep = simplified(depthwise_block(act, dw_bias=dw_bias).model())
+    assert rep.after.layers["proj"][0] == 6 and rep.after.layers["dw"] == (6, 6)
+    assert not any(list(t.dims) == [1, 5, 9, 9] for t in out.graph.initializer), "no constant map"
+    (border,) = [n for n in out.graph.node if n.op_type == "Conv" and n.input[0] in ones_images(out)]
+    assert [a.ints for a in border.attribute if a.name == "kernel_shape"] == [[3, 3]]
+
+
+def test_a_strided_depthwise_map_on_an_odd_size():
+    out, rep = simplified(depthwise_block("Relu", stride=2, hw=(9, 7)).model())
+    assert rep.after.layers["proj"][0] == 6 and border_convs(out) == 1
+
+
+def test_a_padded_average_read_by_a_pointwise_layer():
+    """AveragePool counting its zero pads (Inception's pool branch): constant c becomes c·(inside / 9)."""
+    b = GraphBuilder(3, 8, 8, seed=7)
+    b.conv(6, 1, name="c1", b=np.full(6, 0.7, np.float32))
+    b.act("Relu")
+    b.pool("AveragePool", 3, stride=1, pads=1, count_include_pad=1)
+    b.conv(4, 1, name="proj")
+    b.zero_filter("c1", 3)
+    out, rep = simplified(b.model())
+    assert rep.after.layers["proj"][0] == 5 and border_convs(out) == 1
+
+
+def test_a_map_that_no_border_conv_makes_stays_a_constant_map():
+    """A constant channel times a spatially varying constant is a map, but not a function of which
+    taps are inside: the fit is refused and a constant map is added (exactly)."""
+    b = GraphBuilder(3, 8, 8, seed=8)
+    b.conv(6, 1, name="c1", b=np.full(6, 0.7, np.float32))
+    b.act("Relu")
+    b.depthwise(3, pads=1, name="dw")
+    texture = b.init("texture", np.random.default_rng(3).uniform(0.5, 1.5, (1, 6, 8, 8)).astype(np.float32))
+    b.op("Mul", [b.cur, texture], b.shape)
+    b.conv(4, 1, name="proj")
+    b.zero_filter("c1", 3)
+    out, rep = simplified(b.model())
+    assert rep.after.layers["proj"][0] == 5 and border_convs(out) == 0
+    assert any(list(t.dims) == [1, 4, 8, 8] for t in out.graph.initializer)

@@ -7,15 +7,17 @@ for padded k×k convs the exact contribution is a map: the layer's geometry appl
 ones with the kernel K = sum_c v_c W[:, c] (`Conv.constant_kernel`).
 
 That map is written as a one-input-channel Conv of K over a ones image made at run time
-(`Sign(RandomUniform(1, 2))`, exactly 1), added to the layer's output, and reassociated into a
-residual Add that follows. Why not a constant: onnxruntime's NCHWc transformer keeps a tensor in its
-blocked layout only through ops whose inputs are all NCHWc outputs, so an Add of a constant map
-makes it reorder the tensor out and back and leaves the Add and the activation unfused (ResNet-18:
-35 reorders instead of 1, 0.80–0.85 of the speed of the same architecture built small); a conv's
-output is NCHWc and its Add fuses into the conv (a random op is never constant-folded). Measured in
+(`Sign(RandomUniform(1, 2))`, exactly 1; from the input's shape where it is symbolic), added to the
+layer's output, and reassociated into a residual Add that follows. Why not a constant: onnxruntime's
+NCHWc transformer keeps a tensor in its blocked layout only through ops whose inputs are all NCHWc
+outputs, so an Add of a constant map makes it reorder the tensor out and back and leaves the Add and
+the activation unfused (ResNet-18: 35 reorders instead of 1, 0.80–0.86 of the speed of the same
+architecture built small); a conv's output is NCHWc and its Add fuses into the conv (a random op is
+never constant-folded). Maps a pointwise layer reads that a depthwise conv or a padded average made
+become such a conv too, its kernel fitted (`fitted_border`). Where a dead channel kept for --align
+can carry the map, passes/host_border_maps.py moves it there. Measured in
 `benchmarks/simplify_speedup.py native`; `--border-maps constant` (passes/border_maps.py) folds them
-into constant maps for runtimes that prefer those.
-"""
+into constant maps for runtimes that prefer those."""
 
 from __future__ import annotations
 
@@ -25,8 +27,8 @@ from onnx import helper, numpy_helper
 from ..graph import attrs, default_opset, set_attr
 from ..layers import all_zero, input_axis, output_axis
 from .core import ReadBlock
-from .registry import Rule, register_rule
-from .rules import evaluate
+from .registry import Rule, register_rule, rule_for
+from .rules import Elementwise, evaluate
 
 _REF_OPSET = [helper.make_opsetid("", 17)]
 
@@ -96,26 +98,30 @@ def _ones_like_input(g, node, x: str, tensor_type) -> str:
     return ones
 
 
-def _insert_border_map(g, node, kernel: np.ndarray, dtype) -> None:
-    """out = layer(x) + Conv(ones, kernel) (the layer's geometry, one input channel); where `out`
+def _insert_border_map(g, node, kernel: np.ndarray, dtype, geometry=None) -> None:
+    """out = layer(x) + Conv(ones, kernel) (the geometry of the layer, or of the `geometry` node whose
+    input size the ones image takes: see `fitted_border`; one input channel); where `out`
     only feeds an Add of a tensor r made by a node: out + r = layer(x) + (Conv(ones, kernel) + r),
     so that onnxruntime fuses both Adds into the two convs. Only for group-1 layers: onnxruntime
     blocks a grouped conv only when every group's width is a multiple of its block, which pruned
     grouped layers rarely are, and a blocked map added to an unblocked conv costs a reorder (RegNet:
     33 reorders against 27 with a constant map)."""
-    out = node.output[0]
-    ones = ones_image(g, node, dtype)
+    out, geometry = node.output[0], geometry or node
+    ones = ones_image(g, geometry, dtype)
     weights = g.fresh_name(f"{node.name or out}_border_kernel")
     g.inits[weights] = kernel[:, None].astype(dtype)
     mid, border = g.fresh_name(f"{out}_before_border"), g.fresh_name(f"{node.name or out}_border_map")
     g.set_output(node, 0, mid)
-    conv = {k: v for k, v in attrs(node).items() if k != "group"}
+    conv = {k: v for k, v in attrs(geometry).items() if k in WINDOW}
+    conv["kernel_shape"] = list(kernel.shape[1:])
     add = helper.make_node("Add", [mid, border], [out], name=g.fresh_name(f"{node.name or out}_border_add"))
     g.insert_after(node, [helper.make_node("Conv", [ones, weights], [border], name=border, **conv), add])
     users = g.consumers().get(out, [])
     if len(users) != 1 or users[0].op_type != "Add" or out in g.output_names:
         return
     residual = users[0]
+    if len(set(residual.input)) != 2:
+        return
     k = list(residual.input).index(out)
     other = residual.input[1 - k]
     if not g.producer(other):  # a constant or graph input would not be in onnxruntime's blocked layout
@@ -123,6 +129,72 @@ def _insert_border_map(g, node, kernel: np.ndarray, dtype) -> None:
     g.set_input(add, 0, border)
     g.set_input(add, 1, other)
     g.set_input(residual, 1 - k, mid)
+
+
+WINDOW = ("pads", "strides", "dilations", "auto_pad")  # the geometry a border conv copies
+
+
+def fitted_border(g, cg, node, items, target: np.ndarray):
+    """The maps a pointwise layer reads, as a border conv: a map made by a per-channel windowed op
+    G (a depthwise Conv, an AveragePool over zero padding) and elementwise ops after it is, at each
+    position, a function of which of G's taps fall inside the image; a Conv of a ones image with
+    G's geometry adds, at each position, the sum of its kernel over those taps. Fitting that kernel
+    (least squares, one column per tap, plus the bias) to the layer's contribution `target` and
+    accepting it only where it reproduces `target` to float32 rounding writes the map as a conv over
+    ones — whatever activation came after G (a clipped ReLU6 too). Returns (G, kernel [C_out, k...],
+    bias [C_out]) or None (then a constant map is added)."""
+    slots = [k for k, v in items if not np.isscalar(v)]
+    source = _window_source(g, cg, node.input[0], slots)
+    if source is None:
+        return None
+    taps = tuple(g.inits[source.input[1]].shape[2:]) if source.op_type == "Conv" else tuple(attrs(source)["kernel_shape"])
+    spatial = tuple(cg.shape(source.input[0])[2:])
+    n = int(np.prod(taps))
+    conv = helper.make_node("Conv", ["x", "w"], ["y"], **{k: v for k, v in attrs(source).items() if k in WINDOW},
+                            kernel_shape=list(taps))
+    seen = evaluate(conv, {"x": np.ones((1, 1) + spatial), "w": np.eye(n).reshape((n, 1) + taps)}, _REF_OPSET)[0]
+    if seen.shape[2:] != target.shape[2:]:
+        return None
+    design = np.hstack([seen.reshape(n, -1).T, np.ones((seen[0, 0].size, 1))])  # [positions, taps + bias]
+    solution = np.linalg.lstsq(design, target.reshape(target.shape[1], -1).T, rcond=None)[0]
+    # (the maps were evaluated in float32 where a pool ran on onnxruntime: agree to float32 rounding)
+    if not np.allclose(design @ solution, target.reshape(target.shape[1], -1).T, rtol=1e-6,
+                       atol=1e-6 * np.abs(target).max()):
+        return None
+    return source, solution[:-1].T.reshape((target.shape[1],) + taps), solution[-1]
+
+
+def _window_source(g, cg, x: str, slots: list[int]):
+    """Walking back from x through elementwise ops (SiLU's x·sigmoid(x) included; operands that are
+    uniform constants on these slots, like an SE gate of dead channels, are not followed): the one
+    padded per-channel windowed op that made the slots' maps (a depthwise Conv, an AveragePool), or None."""
+    found, stack, seen = [], [x], set()
+    while stack:
+        name = stack.pop()
+        p = g.producer(name)
+        if name in seen:
+            continue
+        seen.add(name)
+        if p is None or cg.space(name) is None:
+            return None
+        a = attrs(p)
+        if p.op_type == "Conv" and g.is_const(p.input[1]):
+            wd = g.inits[p.input[1]]
+            if not (wd.ndim == 4 and wd.shape[1] == 1 and int(a.get("group", 1)) > 1 and Conv.padded(p, wd)):
+                return None  # (not depthwise: it mixes channels)
+            found.append(p)
+        elif p.op_type == "AveragePool" and not int(a.get("ceil_mode", 0)) and len(a.get("kernel_shape", [])) == 2:
+            found.append(p)
+        elif isinstance(rule_for(p), Elementwise):
+            stack.extend(i for i in p.input if i and not g.is_const(i) and not _uniform_on(cg, i, slots))
+        else:
+            return None
+    return found[0] if len({id(f) for f in found}) == 1 else None
+
+
+def _uniform_on(cg, name: str, slots: list[int]) -> bool:
+    values, sp = cg.values.get(name), cg.space(name)
+    return values is not None and sp is not None and sp.size == values.size and bool(np.all(np.isfinite(values[slots])))
 
 
 def _insert_bias_map(g, node, bias_map: np.ndarray) -> None:
@@ -265,6 +337,13 @@ class Conv(Rule):
             vec, bias_map = _uniform_or_map(self.contribution(node, cg, w, items))
         if bias_map is not None and scalars and group == 1:  # (see _insert_border_map: not grouped)
             return _insert_border_map(g, node, self.constant_kernel(w, group, items), w.dtype)
+        if bias_map is not None and group == 1 and w.shape[2:] == (1,) * (w.ndim - 2) and not self.padded(node, w) \
+                and all(s == 1 for s in attrs(node).get("strides", [1])):
+            fitted = fitted_border(g, cg, node, items, bias_map)
+            if fitted is not None:
+                source, kernel, bias = fitted
+                _write_bias(g, node, _bias(g, node, w.shape[0]) + bias, w.dtype)
+                return _insert_border_map(g, node, kernel, w.dtype, geometry=source)
         _add_contribution(g, node, vec, bias_map, w.dtype)
 
     @staticmethod

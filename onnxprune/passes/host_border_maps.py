@@ -60,9 +60,10 @@ def host_border_maps(g: Graph, ctx: Context) -> bool:
 
 def _site(g: Graph, node) -> Site | None:
     """`node` as a border conv added to a layer's output (directly, or reassociated into a residual)."""
-    if node.op_type != "Conv" or not is_ones(g.producer, node.input[0]) or g.uses(node.output[0]) != 1:
+    users = g.consumers().get(node.output[0], [])
+    if node.op_type != "Conv" or not is_ones(g.producer, node.input[0]) or len(users) != 1 or g.uses(node.output[0]) != 1:
         return None
-    (add,) = g.consumers()[node.output[0]]
+    (add,) = users
     if add.op_type != "Add" or len(set(add.input)) != 2:
         return None
     other = next(i for i in add.input if i != node.output[0])
@@ -70,7 +71,7 @@ def _site(g: Graph, node) -> Site | None:
     if layer is not None:
         return Site(node, add, layer)
     users = g.consumers().get(add.output[0], [])
-    if g.uses(add.output[0]) != 1 or users[0].op_type != "Add" or len(set(users[0].input)) != 2:
+    if len(users) != 1 or g.uses(add.output[0]) != 1 or users[0].op_type != "Add" or len(set(users[0].input)) != 2:
         return None
     outer = users[0]
     layer = _layer_of(g, node, next(i for i in outer.input if i != add.output[0]))
