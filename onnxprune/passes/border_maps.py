@@ -16,11 +16,12 @@ PASS = "border_maps"
 
 
 def constant_border_maps(g: Graph, ctx: Context) -> bool:
-    ones = [n for n in g.nodes if n.op_type == "Sign" and is_ones(g.producer, n.output[0], random_only=True)]
-    for sign in ones:
-        name, shape = sign.output[0], g.shapes.get(sign.output[0])
+    images = [n for n in g.nodes if n.op_type == "Expand" and is_ones(g.producer, n.output[0])
+              and all(d is not None for d in g.shapes.get(n.output[0]) or (None,))]
+    for expand in images:
+        name = expand.output[0]
         dtype = g.inits[g.consumers()[name][0].input[1]].dtype if g.consumers().get(name) else np.float32
-        g.remove_node(sign)
-        g.inits[name] = np.ones(shape, dtype)
+        g.remove_node(expand)
+        g.inits[name] = np.ones(g.shapes[name], dtype)
         ctx.log(PASS, "constant", name, "border maps folded into constants")
-    return bool(ones)
+    return bool(images)
