@@ -10,6 +10,7 @@ import numpy as np
 import onnx
 
 from .graph import default_opset, static_shapes, tensor_payload, weightless
+from .channels.linear import border_convs
 from .layers import io_channels, is_linear
 from .layers import macs as layer_macs
 
@@ -22,6 +23,7 @@ class ModelStats:
     size_bytes: int
     opset: int
     layers: dict[str, tuple[int, int]]  # layer name -> (in channels, out channels)
+    border_maps: int = 0  # one-channel convs over a ones image (channels/linear.py): not layers
 
     @classmethod
     def of(cls, model: onnx.ModelProto, shapes: dict | None = None) -> "ModelStats":
@@ -31,13 +33,16 @@ class ModelStats:
         params = sum(int(np.prod(t.dims)) for t in model.graph.initializer)
         ops = Counter(n.op_type for n in model.graph.node)
         constant = _constant_tensors(model)
+        border = {n.output[0] for n in border_convs(model)}
         macs, layers = 0, {}
         for n in model.graph.node:
             w = shapes.get(n.input[1]) if len(n.input) > 1 and n.input[1] in constant else None
             if is_linear(n) and w is not None and all(d is not None for d in w):
-                macs += layer_macs(n, shapes, list(w))
-                layers[n.name] = io_channels(n, list(w))
-        return cls(dict(sorted(ops.items())), params, macs, model_bytes(model), default_opset(model), layers)
+                macs += layer_macs(n, shapes, list(w))  # (a border map's too: it is computed)
+                if n.output[0] not in border:
+                    layers[n.name] = io_channels(n, list(w))
+        return cls(dict(sorted(ops.items())), params, macs, model_bytes(model), default_opset(model), layers,
+                   len(border))
 
 
 def model_bytes(model: onnx.ModelProto) -> int:
@@ -105,6 +110,10 @@ class Report:
             f"BN folded: {counts.get('fold_bn', 0)}   constants absorbed into: {counts.get('absorb', 0)} layer(s)   "
             f"layers shrunk: {len(self.changed_layers())}"
         )
+        hosted = counts.get("host", 0)
+        if hosted or a.border_maps:
+            lines.append(f"border maps: {hosted} carried by kept dead channels, {a.border_maps} as one-channel convs "
+                         "over a ones image")
         spared = {e.where: e.detail for e in self.events if e.what == "spare"}
         if spared:
             lines.append(f"dead channels kept in {len(spared)} tensor(s): " + "; ".join(sorted(set(spared.values()))))

@@ -62,7 +62,10 @@ def _run(model, opts: SimplifyOptions):
     g, before = prepare(model, opts.pins, stats=True)
     feeds = feeds_for(opts.inputs, g.signature(), opts.seed, opts.check)
     simplify_pipeline(opts.fold_bn, opts.propagate, opts.remove, opts.border_maps)(g, ctx)
-    classes = channel_summary(g.channel_graph(ctx.pins))  # the last round's: nothing changed since
+    classes = channel_summary(g.channel_graph(ctx.pins))
+    if opts.propagate and "absorb" in classes["by_kind"]:
+        # after the fixed point, the only classes left that could absorb are the hosts of border maps
+        classes["by_kind"]["hosting border maps"] = classes["by_kind"].pop("absorb")
     seconds = time.perf_counter() - start
     return g, Report(before, before, seconds, list(ctx.events), classes), feeds
 

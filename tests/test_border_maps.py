@@ -60,6 +60,7 @@ def test_the_border_kernel_is_the_sum_of_the_constant_columns(biases, zeroed):
         assert kernels == []
         return
     assert len(kernels) == 1 and kernels[0].shape == (4, 1, 3, 3)
+    assert rep.after.border_maps == 1 and set(rep.after.layers) == {"c1", "c2"}  # (not a layer)
     expected = sum(c * w2[:, j] for j, c in constants.items())
     np.testing.assert_allclose(kernels[0][:, 0], expected, rtol=1e-6, atol=1e-37)
     assert not any(t.dims[-2:] == [7, 7] for t in out.graph.initializer), "no constant map"
@@ -169,6 +170,8 @@ def test_a_dead_channel_kept_for_alignment_carries_the_map():
     np.testing.assert_array_equal(w[:, [0, 1, 2, 4, 5]], w2[:, [0, 2, 3, 5, 7]].astype(np.float32))
     K = sum(max(biases[j], 0) * w2[:, j] for j in (1, 4, 6))
     np.testing.assert_allclose(w[:, kept.index(4)], K / 1.7, rtol=1e-6)
+    assert "border maps: 1 carried by kept dead channels, 0 as one-channel convs" in rep.table()
+    assert rep.classes["by_kind"]["hosting border maps"] == 1
 
 
 def test_a_kept_channel_with_constant_zero_does_not_host():
