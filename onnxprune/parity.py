@@ -64,13 +64,16 @@ class ParityReport:
         }
 
 
-def session(model, threads: int = 1, optimize: bool = False):
+def session(model, threads: int = 1, optimize: bool = False, spinning: bool = True):
     """An onnxruntime CPU session for a ModelProto or a model file (read by onnxruntime itself,
     external data included: nothing is serialized here); threads=0: onnxruntime's default (every
-    physical core)."""
+    physical core). `spinning=False`: idle intra-op workers sleep instead of spinning (sessions
+    timed in turn must not burn the cores the running one needs)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
+    if not spinning:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1

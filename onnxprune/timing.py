@@ -16,7 +16,9 @@ def time_models(models: dict[str, onnx.ModelProto], threads: int = 1, runs: int 
     """label -> median latency in milliseconds (graph optimizations on, as users run them); with
     `samples`, label -> every run's latency, in run order (run i of each model was timed back to
     back, so per-run ratios cancel the machine's drift)."""
-    sessions = {k: session(m, threads=threads, optimize=True) for k, m in models.items()}
+    # (spinning off: with several threads, the idle workers of the sessions not running spin and
+    # steal the cores of the one that is — 2-thread runs were 3x slower than 1-thread ones)
+    sessions = {k: session(m, threads=threads, optimize=True, spinning=threads == 1) for k, m in models.items()}
     feeds = random_inputs(next(iter(models.values())), seed)
     times: dict[str, list[float]] = {k: [] for k in models}
     for i in range(warmup + runs):
