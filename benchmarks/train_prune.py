@@ -449,11 +449,10 @@ def markdown(name: str, dense_row: dict, rows: list[dict], sparsities, skipped: 
            f"{dense_row['macs'] / 1e6:.2f} M MACs, {dense_row['params'] / 1e3:.1f} k params, "
            f"{dense_row['dense_ms']:.3f} ms on onnxruntime (1 thread, batch 1), trained in {dense_row['wall_s']:.0f} s. "
            f"Fine-tune budget: {recipe.finetune_epochs} epochs of SGD steps for every method. MACs / params: the "
-           "simplified model (speedup()'s default align=8: widths that were multiples of 8 stay so, which "
-           "onnxruntime's blocked kernels want; 'MACs align 1': every dead channel removed) relative to the "
+           "simplified model (speedup()'s default align=16: widths stay multiples of 16, or of 8 / 4 / 2 where "
+           "they were, which onnxruntime's blocked kernels want; 'MACs align 1': every dead channel removed) relative to the "
            "simplified dense model (params: Conv/Gemm weights and biases; "
-           "+consts: thousands of other constants simplify added -- the exact border-correction maps of pruned "
-           "channels' constants). Speedup: onnxruntime latency dense / simplified "
+           "+consts: other constants simplify added -- the border maps of pruned channels' constants). Speedup: onnxruntime latency dense / simplified "
            "(1 thread, batch 1, interleaved runs, medians). Wall: prune + fine-tune, seconds.\n"]
     head = (["method"] + [f"top-1 @{s:g}" for s in sparsities] + [f"Δ vs dense ({sp})", f"MACs ({sp})", f"MACs align 1 ({sp})",
             f"params ({sp})", f"+consts k ({sp})", f"speedup ({sp})", f"wall s ({sp})"])

@@ -346,10 +346,10 @@ class Conv(Rule):
             return _insert_border_map(g, node, self.constant_kernel(w, group, items), w.dtype)
         else:
             vec, bias_map = _uniform_or_map(self.contribution(node, cg, w, items))
-        if bias_map is not None and scalars and group == 1:  # (see _insert_border_map: not grouped)
+        runtime = bias_map is not None and group == 1 and default_opset(g.model) >= 9  # (Sign: opset 9)
+        if runtime and scalars:  # (see _insert_border_map: not grouped)
             return _insert_border_map(g, node, self.constant_kernel(w, group, items), w.dtype)
-        if bias_map is not None and group == 1 and w.shape[2:] == (1,) * (w.ndim - 2) and not self.padded(node, w) \
-                and all(s == 1 for s in attrs(node).get("strides", [1])):
+        if runtime and w.shape[2:] == (1,) * (w.ndim - 2) and all(s == 1 for s in attrs(node).get("strides", [1])):
             fitted = fitted_border(g, cg, node, items, bias_map)
             if fitted is not None:
                 source, kernel, bias = fitted

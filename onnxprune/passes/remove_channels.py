@@ -4,6 +4,8 @@ per-channel constants, split sizes, reshape shapes, flatten→Gemm columns, dept
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from ..channels.core import ChannelGraph
@@ -50,7 +52,8 @@ def _host_score(cg: ChannelGraph, roots: np.ndarray) -> np.ndarray:
 def _keep_lists(cg: ChannelGraph, doomed: set[int], ctx: Context, layer_outputs=frozenset()) -> dict[str, np.ndarray]:
     """Slots to keep per tensor; spares the classes whose removal is impossible to express
     (a tensor left with no channel, a split channel range that would not stay a box) and, with
-    ctx.align > 1, enough dead channels to keep layer widths multiples of `align`."""
+    ctx.align > 1, enough dead channels to keep each layer's width a multiple of the largest divisor
+    of `align` that its width was a multiple of."""
     roots = cg.roots()
     host_score = _host_score(cg, roots)
     while doomed:
@@ -72,12 +75,13 @@ def _keep_lists(cg: ChannelGraph, doomed: set[int], ctx: Context, layer_outputs=
                 spared |= {int(r) for r in roots[sp.base: sp.base + sp.size][d]}
                 ctx.log(PASS, "spare", name, "removal would break a split channel range (shuffle)")
                 continue
-            short = -kept.size % ctx.align
-            if name in layer_outputs and short and sp.size % ctx.align == 0:
+            align = math.gcd(ctx.align, sp.size)  # (a 24-wide layer under --align 16 stays a multiple of 8)
+            short = -kept.size % align
+            if name in layer_outputs and short:
                 dead_roots = roots[sp.base: sp.base + sp.size][d]
                 first = np.argsort(-host_score[dead_roots], kind="stable")[:short]  # the best hosts first
                 spared |= {int(r) for r in dead_roots[first]}
-                ctx.log(PASS, "spare", name, f"kept to stay a multiple of --align {ctx.align}")
+                ctx.log(PASS, "spare", name, f"kept to stay a multiple of {align} (--align {ctx.align})")
                 continue
             keep[name] = kept
         if not spared:

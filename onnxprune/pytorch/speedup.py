@@ -33,12 +33,12 @@ class SpeedupReport:
     __str__ = table
 
 
-def speedup(model, dummy_input, path=None, *, masks=None, exporter: str = "dynamo", align: int = 8,
+def speedup(model, dummy_input, path=None, *, masks=None, exporter: str = "dynamo", align: int | None = None,
             batches: int = 2, seed: int = 0, atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL,
             opset: int | None = None, progress=None):
     """Export `model` (with its torch.nn.utils.prune masks, or `masks` in any form masks.py
-    accepts), simplify, and check the result against the PyTorch model. Writes `path` (atomically)
-    when given. Returns (onnx.ModelProto, SpeedupReport)."""
+    accepts), simplify (`align`: simplify's, by default its default), and check the result against
+    the PyTorch model. Writes `path` (atomically) when given. Returns (onnx.ModelProto, SpeedupReport)."""
     from ..files import FilePlan
     from ..graph import save_model
     from ..simplify import simplify
@@ -55,7 +55,8 @@ def speedup(model, dummy_input, path=None, *, masks=None, exporter: str = "dynam
         make_permanent(source)
     exported = export_onnx(source, dummy_input, exporter, opset)
     say(f"exported with the {exporter} exporter: {len(exported.graph.node)} nodes")
-    small, report = simplify(exported, align=align, atol=atol, rtol=rtol, seed=seed)
+    options = {"align": align} if align is not None else {}
+    small, report = simplify(exported, atol=atol, rtol=rtol, seed=seed, **options)
     say(f"simplified in {report.seconds:.2f} s: {report.before.macs:,} -> {report.after.macs:,} MACs")
     parity = torch_parity(source, small, dummy_input, batches, seed, atol, rtol)
     result = SpeedupReport(report, parity)
