@@ -22,7 +22,7 @@ from typing import Callable
 from .errors import OnnxPruneError
 from .graph import Graph, ModelFile, check_pins, load_model, name_nodes, read_model
 from .passes.base import Context
-from .passes.border_maps import constant_border_maps
+from .passes.border_maps import place_border_maps
 from .passes.cleanup import cleanup
 from .passes.fold_bn import fold_bn
 from .passes.host_border_maps import host_border_maps
@@ -120,17 +120,17 @@ CLEANUP = Pass("cleanup", cleanup)
 FOLD_BN = Pass("fold_bn", fold_bn)
 PROPAGATE = Pass("propagate_constants", propagate_constants)
 REMOVE = Pass("remove_channels", remove_channels)
-BORDER_CONSTANT = Pass("border_maps", constant_border_maps)
+PLACE_BORDERS = Pass("border_maps", place_border_maps)
 HOST = Pass("host_border_maps", host_border_maps)
 REARRANGE = Pass("rearrange", rearrange_graph)
 
 
-def simplify_pipeline(fold_bn: bool = True, propagate: bool = True, remove: bool = True,
-                      border_maps: str = "runtime") -> Pipeline:
+def simplify_pipeline(fold_bn: bool = True, propagate: bool = True, remove: bool = True) -> Pipeline:
     """cleanup → fold BN → (propagate constants → remove dead channels → cleanup) to a fixed point
-    → border maps hosted by kept dead channels [→ the others to constants] → cleanup."""
+    → border maps hosted by kept dead channels, the rest placed (constants where a conv over ones
+    would not pay) → cleanup."""
     shrink = (PROPAGATE,) * propagate + (REMOVE,) * remove
-    borders = ((HOST,) + (BORDER_CONSTANT,) * (border_maps == "constant") + (CLEANUP,)) * propagate
+    borders = (HOST, PLACE_BORDERS, CLEANUP) if propagate else ()
     return Pipeline("simplify", (CLEANUP,) + (FOLD_BN,) * fold_bn
                     + ((FixedPoint("shrink", shrink + (CLEANUP,)),) if shrink else ()) + borders)
 

@@ -57,11 +57,11 @@ def simplify_to(src, dst, options: SimplifyOptions | None = None, **kwargs) -> R
 
 def _run(model, opts: SimplifyOptions):
     """prepare → pipeline → report, and the parity feeds (parity.feeds_for)."""
-    ctx = Context(pins=set(opts.pins), align=opts.align)
+    ctx = Context(pins=set(opts.pins), align=opts.align, border_maps=opts.border_maps)
     start = time.perf_counter()
     g, before = prepare(model, opts.pins, stats=True)
     feeds = feeds_for(opts.inputs, g.signature(), opts.seed, opts.check)
-    simplify_pipeline(opts.fold_bn, opts.propagate, opts.remove, opts.border_maps)(g, ctx)
+    simplify_pipeline(opts.fold_bn, opts.propagate, opts.remove)(g, ctx)
     classes = channel_summary(g.channel_graph(ctx.pins))
     if opts.propagate and "absorb" in classes["by_kind"]:
         # after the fixed point, the only classes left that could absorb are the hosts of border maps

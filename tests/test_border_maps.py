@@ -286,3 +286,22 @@ def test_a_map_that_no_border_conv_makes_stays_a_constant_map():
     out, rep = simplified(b.model())
     assert rep.after.layers["proj"][0] == 5 and border_convs(out) == 0
     assert any(list(t.dims) == [1, 4, 8, 8] for t in out.graph.initializer)
+
+
+# --- grouped layers: a conv over ones only where onnxruntime blocks the layer -------------------
+
+@pytest.mark.parametrize("width,group,blocked", [(32, 2, True), (24, 3, False), (32, 4, False)])
+def test_a_grouped_layer_keeps_a_run_time_map_only_where_it_is_blocked(width, group, blocked):
+    """Blocked (NCHWc) only when the width and every group's input and output widths are multiples
+    of 16: 32 in 2 groups is (16 per group); 24 in 3 groups and 32 in 4 (8 per group) are not, and
+    their maps become constants."""
+    b = GraphBuilder(3, 8, 8, seed=9)
+    b.conv(width + group, 1, name="c1", b=np.full(width + group, 0.6, np.float32))
+    b.act("Relu")
+    b.conv(width, 3, pads=1, group=group, name="c2")
+    for grp in range(group):  # one dead channel per group, at the same local index (grouped removal)
+        b.zero_filter("c1", grp * (width // group + 1))
+    out, rep = simplified(b.model())
+    assert rep.after.layers["c2"] == (width, width)
+    assert border_convs(out) == (1 if blocked else 0)
+    assert any(list(t.dims) == [1, width, 8, 8] for t in out.graph.initializer) != blocked

@@ -113,10 +113,8 @@ def _insert_border_map(g, node, kernel: np.ndarray, dtype, geometry=None) -> Non
     """out = layer(x) + Conv(ones, kernel) (the geometry of the layer, or of the `geometry` node whose
     input size the ones image takes: see `fitted_border`; one input channel); where `out`
     only feeds an Add of a tensor r made by a node: out + r = layer(x) + (Conv(ones, kernel) + r),
-    so that onnxruntime fuses both Adds into the two convs. Only for group-1 layers: onnxruntime
-    blocks a grouped conv only when every group's width is a multiple of its block, which pruned
-    grouped layers rarely are, and a blocked map added to an unblocked conv costs a reorder (RegNet:
-    33 reorders against 27 with a constant map)."""
+    so that onnxruntime fuses both Adds into the two convs (for grouped layers it may not block,
+    passes/border_maps.py makes the map a constant once the final widths are known)."""
     out, geometry = node.output[0], geometry or node
     ones = ones_image(g, geometry, dtype)
     weights = g.fresh_name(f"{node.name or out}_border_kernel")
@@ -346,8 +344,8 @@ class Conv(Rule):
             return _insert_border_map(g, node, self.constant_kernel(w, group, items), w.dtype)
         else:
             vec, bias_map = _uniform_or_map(self.contribution(node, cg, w, items))
-        runtime = bias_map is not None and group == 1 and default_opset(g.model) >= 9  # (Sign: opset 9)
-        if runtime and scalars:  # (see _insert_border_map: not grouped)
+        runtime = bias_map is not None and default_opset(g.model) >= 9  # (Sign: opset 9)
+        if runtime and scalars:  # (grouped layers too: passes/border_maps.py decides at the end)
             return _insert_border_map(g, node, self.constant_kernel(w, group, items), w.dtype)
         if runtime and w.shape[2:] == (1,) * (w.ndim - 2) and all(s == 1 for s in attrs(node).get("strides", [1])):
             fitted = fitted_border(g, cg, node, items, bias_map)

@@ -19,6 +19,7 @@ class Context:
     pins: set[str] = field(default_factory=set)        # tensor names the user pinned
     events: list[Event] = field(default_factory=list)
     align: int = 1  # keep layer widths multiples of this (spare dead channels): fast kernels like it
+    border_maps: str = "runtime"  # or "constant": how border maps are written (passes/border_maps.py)
     rounds: dict[str, int] = field(default_factory=dict)  # fixed point name -> rounds it took
 
     def log(self, pass_name: str, what: str, where: str, detail: str = "") -> None:
