@@ -111,9 +111,9 @@ class SimplifyOptions(Options):
     pins: tuple = option((), "--pin", "never touch the channels of this tensor (repeatable)", repeat=True,
                          metavar="TENSOR")
     align: int = option(16, "--align", "spare dead channels so that layer widths stay multiples of N, or of the "
-                        "largest divisor of N they were multiples of (onnxruntime's blocked conv kernels, 16 "
-                        "channels wide on AVX-512 and 8 on AVX2, are much faster then); 1 removes every dead "
-                        "channel", check=checks.positive_int, metavar="N")
+                        "largest divisor of N they were multiples of, at most half the width (onnxruntime's "
+                        "blocked conv kernels, 16 channels wide on AVX-512 and 8 on AVX2, are much faster then); "
+                        "1 removes every dead channel", check=checks.positive_int, metavar="N")
     border_maps: str = option("runtime", "--border-maps", "how the border effect of constant channels read by "
                               "zero-padded convs is added: runtime (a one-channel conv over a ones image made at run "
                               "time; keeps onnxruntime's blocked layout and fusions) or constant (a constant map)",

@@ -32,17 +32,25 @@ class ModelStats:
         shapes = shapes if shapes is not None else static_shapes(weightless(model))
         params = sum(int(np.prod(t.dims)) for t in model.graph.initializer)
         ops = Counter(n.op_type for n in model.graph.node)
-        constant = _constant_tensors(model)
         border = {n.output[0] for n in border_convs(model)}
-        macs, layers = 0, {}
-        for n in model.graph.node:
-            w = shapes.get(n.input[1]) if len(n.input) > 1 and n.input[1] in constant else None
-            if is_linear(n) and w is not None and all(d is not None for d in w):
-                macs += layer_macs(n, shapes, list(w))  # (a border map's too: it is computed)
-                if n.output[0] not in border:
-                    layers[n.name] = io_channels(n, list(w))
+        macs, layers = total_macs(model.graph.node, shapes, _constant_tensors(model)), {}
+        for n, w in _layer_weights(model.graph.node, shapes, _constant_tensors(model)):
+            if n.output[0] not in border:  # (a border map's MACs count: it is computed)
+                layers[n.name] = io_channels(n, list(w))
         return cls(dict(sorted(ops.items())), params, macs, model_bytes(model), default_opset(model), layers,
                    len(border))
+
+
+def total_macs(nodes, shapes: dict, constant) -> int:
+    """MACs per input item of the linear layers with constant weights whose shapes are known."""
+    return sum(layer_macs(n, shapes, list(w)) for n, w in _layer_weights(nodes, shapes, constant))
+
+
+def _layer_weights(nodes, shapes: dict, constant):
+    for n in nodes:
+        w = shapes.get(n.input[1]) if len(n.input) > 1 and n.input[1] in constant else None
+        if is_linear(n) and w is not None and all(d is not None for d in w):
+            yield n, w
 
 
 def model_bytes(model: onnx.ModelProto) -> int:

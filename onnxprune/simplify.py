@@ -20,7 +20,8 @@ from .options import SimplifyOptions
 from .parity import compare, feeds_for
 from .passes.base import Context
 from .pipeline import prepare, simplify_pipeline
-from .report import ModelStats, Report, channel_summary
+from .passes.cleanup import cleanup
+from .report import ModelStats, Report, channel_summary, total_macs
 
 
 def simplify(model, options: SimplifyOptions | None = None, **kwargs) -> tuple[onnx.ModelProto, Report]:
@@ -61,6 +62,9 @@ def _run(model, opts: SimplifyOptions):
     start = time.perf_counter()
     g, before = prepare(model, opts.pins, stats=True)
     feeds = feeds_for(opts.inputs, g.signature(), opts.seed, opts.check)
+    if cleanup(g, ctx):  # (the pipeline's first step: the input's MACs are counted on the shapes it infers)
+        g.changed()
+    before.macs = max(before.macs, total_macs(g.nodes, g.shapes, set(g.inits)))
     simplify_pipeline(opts.fold_bn, opts.propagate, opts.remove)(g, ctx)
     classes = channel_summary(g.channel_graph(ctx.pins))
     if opts.propagate and "absorb" in classes["by_kind"]:

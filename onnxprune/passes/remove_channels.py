@@ -36,6 +36,16 @@ def remove_channels(g: Graph, ctx: Context) -> bool:
     return True
 
 
+def layer_align(align: int, width: int) -> int:
+    """What --align asks of a layer `width` wide: the largest divisor of `align` that the width is a
+    multiple of (24 under 16: 8), and at most half the width (16 under 16: 8), so that alignment
+    alone never keeps a half-pruned layer whole."""
+    a = math.gcd(align, width)
+    while a > 1 and 2 * a > width:
+        a = math.gcd(a // 2, width)
+    return a
+
+
 def _host_score(cg: ChannelGraph, roots: np.ndarray) -> np.ndarray:
     """Per class root: the smallest |constant| it carries over the tensors it spans (0 where it is
     not a known non-zero constant everywhere). A dead channel kept for alignment with a score > 0
@@ -52,8 +62,7 @@ def _host_score(cg: ChannelGraph, roots: np.ndarray) -> np.ndarray:
 def _keep_lists(cg: ChannelGraph, doomed: set[int], ctx: Context, layer_outputs=frozenset()) -> dict[str, np.ndarray]:
     """Slots to keep per tensor; spares the classes whose removal is impossible to express
     (a tensor left with no channel, a split channel range that would not stay a box) and, with
-    ctx.align > 1, enough dead channels to keep each layer's width a multiple of the largest divisor
-    of `align` that its width was a multiple of."""
+    ctx.align > 1, enough dead channels to keep each layer's width a multiple of `layer_align`."""
     roots = cg.roots()
     host_score = _host_score(cg, roots)
     while doomed:
@@ -75,7 +84,7 @@ def _keep_lists(cg: ChannelGraph, doomed: set[int], ctx: Context, layer_outputs=
                 spared |= {int(r) for r in roots[sp.base: sp.base + sp.size][d]}
                 ctx.log(PASS, "spare", name, "removal would break a split channel range (shuffle)")
                 continue
-            align = math.gcd(ctx.align, sp.size)  # (a 24-wide layer under --align 16 stays a multiple of 8)
+            align = layer_align(ctx.align, sp.size)
             short = -kept.size % align
             if name in layer_outputs and short:
                 dead_roots = roots[sp.base: sp.base + sp.size][d]
