@@ -61,11 +61,12 @@ def model_bytes(model: onnx.ModelProto) -> int:
 
 
 def _constant_tensors(model: onnx.ModelProto) -> set[str]:
-    """Initializers and what nodes compute from them alone: a weight exported behind a Transpose
-    (TorchScript without constant folding) is still a layer's weight."""
+    """Initializers, Constant nodes and what nodes compute from them alone: a weight exported behind
+    a Transpose or as a Constant node (TorchScript without constant folding) is still a layer's weight."""
     const = {t.name for t in model.graph.initializer}
     for n in model.graph.node:  # topological order
-        if n.input and all(i in const for i in n.input if i) and n.op_type not in ("RandomNormal", "RandomUniform"):
+        if n.op_type == "Constant" or (n.input and all(i in const for i in n.input if i)
+                                       and n.op_type not in ("RandomNormalLike", "RandomUniformLike")):
             const.update(o for o in n.output if o)
     return const
 
