@@ -305,3 +305,28 @@ def test_a_grouped_layer_keeps_a_run_time_map_only_where_it_is_blocked(width, gr
     assert rep.after.layers["c2"] == (width, width)
     assert border_convs(out) == (1 if blocked else 0)
     assert any(list(t.dims) == [1, width, 8, 8] for t in out.graph.initializer) != blocked
+
+
+def test_constants_found_in_later_rounds_extend_the_layers_one_map():
+    """Regression (fuzz): a padded layer whose inputs become constant over several rounds got a
+    second border conv reassociated into the first's Add, and hosting one left the other's Adds
+    stale (a crash). Now a layer has one map per geometry, its kernels summed, and the host pass
+    finds each map afresh."""
+    b = GraphBuilder(2, 5, 5, seed=0)
+    b.conv(2, 1, name="c1", bias=False, weight=np.array([[0.0, 0.0], [0.453, 0.074]], np.float32).reshape(2, 2, 1, 1))
+    bn = b.bn(gamma=np.array([1.313, 0.0], np.float32), name="bn")
+    for key, value in (("beta", [0.474, -0.352]), ("mean", [-0.38, -0.187]), ("var", [0.504, 1.786])):
+        b.inits[b.bns["bn"][key]] = np.array(value, np.float32)
+    first, second = b.split([1, 1], x=bn)
+    c10 = b.conv(1, 1, x=first, name="c10", weight=np.full((1, 1, 1, 1), -0.219, np.float32), b=[-0.623])
+    joined = b.concat([second, c10])
+    c14 = b.conv(1, 1, x=joined, name="c14", bias=False)
+    c16 = b.conv(1, 3, pads=1, x=joined, name="c16", bias=False)
+    b.concat([c14, c16, joined])
+    b.global_avg_pool()
+    b.flatten()
+    b.gemm(4, bias=False)
+    for align in (1, 2, 16):
+        out, _ = simplify(b.model(), align=align, atol=ATOL, rtol=RTOL)
+        assert_same_function(b.model(), out, atol=ATOL, rtol=RTOL)
+        assert border_convs(out) <= 1

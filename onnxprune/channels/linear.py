@@ -117,12 +117,16 @@ def _insert_border_map(g, node, kernel: np.ndarray, dtype, geometry=None) -> Non
     passes/border_maps.py makes the map a constant once the final widths are known)."""
     out, geometry = node.output[0], geometry or node
     ones = ones_image(g, geometry, dtype)
+    conv = {k: v for k, v in attrs(geometry).items() if k in WINDOW}
+    conv["kernel_shape"] = list(kernel.shape[1:])
+    existing = _border_of(g, node, ones, conv)
+    if existing is not None:  # a later round's constants: one map per layer, kernels summed
+        g.set_input_const(existing, 1, g.inits[existing.input[1]] + kernel[:, None].astype(dtype))
+        return
     weights = g.fresh_name(f"{node.name or out}_border_kernel")
     g.inits[weights] = kernel[:, None].astype(dtype)
     mid, border = g.fresh_name(f"{out}_before_border"), g.fresh_name(f"{node.name or out}_border_map")
     g.set_output(node, 0, mid)
-    conv = {k: v for k, v in attrs(geometry).items() if k in WINDOW}
-    conv["kernel_shape"] = list(kernel.shape[1:])
     add = helper.make_node("Add", [mid, border], [out], name=g.fresh_name(f"{node.name or out}_border_add"))
     g.insert_after(node, [helper.make_node("Conv", [ones, weights], [border], name=border, **conv), add])
     users = g.consumers().get(out, [])
@@ -141,6 +145,24 @@ def _insert_border_map(g, node, kernel: np.ndarray, dtype, geometry=None) -> Non
 
 
 WINDOW = ("pads", "strides", "dilations", "auto_pad")  # the geometry a border conv copies
+
+
+def _border_of(g, node, ones: str, conv: dict):
+    """The border conv over `ones` with this geometry already added to `node`'s output (directly,
+    or reassociated into the residual Add that follows), or None."""
+    users = g.consumers().get(node.output[0], [])
+    if len(users) != 1 or users[0].op_type != "Add" or g.uses(node.output[0]) != 1:
+        return None
+    operands = [i for i in users[0].input if i != node.output[0]]
+    inner = g.producer(operands[0]) if len(operands) == 1 else None
+    if inner is not None and inner.op_type == "Add" and g.uses(operands[0]) == 1:
+        operands = list(inner.input)  # layer + (border + r)
+    for name in operands:
+        b = g.producer(name)
+        if b is not None and b.op_type == "Conv" and b.input[0] == ones and g.uses(name) == 1 and \
+                {k: v for k, v in attrs(b).items() if k in WINDOW or k == "kernel_shape"} == conv:
+            return b
+    return None
 
 
 def fitted_border(g, cg, node, items, target: np.ndarray):

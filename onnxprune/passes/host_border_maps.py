@@ -22,12 +22,14 @@ PASS = "host_border_maps"
 
 
 def host_border_maps(g: Graph, ctx: Context) -> bool:
-    sites = [s for s in map(lambda n: border_site(g, n), g.nodes) if s is not None]
-    if not sites:
-        return False
-    cg = g.channel_graph(ctx.pins)
+    cg = None
     hosted = False
-    for site in sites:
+    for node in g.nodes:
+        site = border_site(g, node)  # (found afresh: hosting one map rewires the Adds of the next)
+        if site is None:
+            continue
+        if cg is None:
+            cg = g.channel_graph(ctx.pins)  # (hosting changes no channel's value)
         host = _host(g, cg, site.layer)
         if host is None:
             continue
@@ -37,7 +39,7 @@ def host_border_maps(g: Graph, ctx: Context) -> bool:
         if not np.all(np.isfinite(column)):
             continue
         w = w.copy()
-        w[:, h] = column
+        w[:, h] += column  # (zero unless this pass already made h carry another of the layer's maps)
         g.set_input_const(site.layer, 1, w)
         _drop(g, site)
         ctx.log(PASS, "host", site.layer.name, f"border map carried by dead channel {h} of {site.layer.input[0]} "
