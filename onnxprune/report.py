@@ -32,9 +32,9 @@ class ModelStats:
         shapes = shapes if shapes is not None else static_shapes(weightless(model))
         params = sum(int(np.prod(t.dims)) for t in model.graph.initializer)
         ops = Counter(n.op_type for n in model.graph.node)
-        border = {n.output[0] for n in border_convs(model)}
-        macs, layers = total_macs(model.graph.node, shapes, _constant_tensors(model)), {}
-        for n, w in _layer_weights(model.graph.node, shapes, _constant_tensors(model)):
+        border, constant = {n.output[0] for n in border_convs(model)}, _constant_tensors(model)
+        macs, layers = total_macs(model.graph.node, shapes, constant), {}
+        for n, w in _layer_weights(model.graph.node, shapes, constant):
             if n.output[0] not in border:  # (a border map's MACs count: it is computed)
                 layers[n.name] = io_channels(n, list(w))
         return cls(dict(sorted(ops.items())), params, macs, model_bytes(model), default_opset(model), layers,

@@ -19,8 +19,7 @@ from .graph import ModelFile, write_graph
 from .options import SimplifyOptions
 from .parity import compare, feeds_for
 from .passes.base import Context
-from .pipeline import prepare, simplify_pipeline
-from .passes.cleanup import cleanup
+from .pipeline import Pipeline, prepare, simplify_pipeline
 from .report import ModelStats, Report, channel_summary, total_macs
 
 
@@ -62,10 +61,11 @@ def _run(model, opts: SimplifyOptions):
     start = time.perf_counter()
     g, before = prepare(model, opts.pins, stats=True)
     feeds = feeds_for(opts.inputs, g.signature(), opts.seed, opts.check)
-    if cleanup(g, ctx):  # (the pipeline's first step: the input's MACs are counted on the shapes it infers)
-        g.changed()
+    pipeline = simplify_pipeline(opts.fold_bn, opts.propagate, opts.remove)
+    cleanup, rest = pipeline.steps[0], Pipeline(pipeline.name, pipeline.steps[1:])
+    cleanup(g, ctx)  # the input's MACs are counted on the shapes its first cleanup infers
     before.macs = max(before.macs, total_macs(g.nodes, g.shapes, set(g.inits)))
-    simplify_pipeline(opts.fold_bn, opts.propagate, opts.remove)(g, ctx)
+    rest(g, ctx)
     classes = channel_summary(g.channel_graph(ctx.pins))
     if opts.propagate and "absorb" in classes["by_kind"]:
         # after the fixed point, the only classes left that could absorb are the hosts of border maps

@@ -57,10 +57,10 @@ def ones_image(g, node, dtype) -> str:
     if any(d is None for d in spatial):
         return _ones_like_input(g, node, x, tensor_type)
     name = "border_ones_" + "x".join(map(str, spatial))
-    if g.producer(name) is not None and is_ones(g.producer, name):
+    if is_ones(g.producer, name):
         return name
     unit = "border_one_" + str(tensor_type)
-    if g.producer(unit) is None or not is_ones(g.producer, unit):
+    if not is_ones(g.producer, unit):
         unit, random = g.fresh_name(unit), g.fresh_name(unit + "_random")
         g.insert_after(None, [
             helper.make_node("RandomUniform", [], [random], name=random, low=ONES_LOW, high=ONES_HIGH,
