@@ -330,3 +330,16 @@ def test_constants_found_in_later_rounds_extend_the_layers_one_map():
         out, _ = simplify(b.model(), align=align, atol=ATOL, rtol=RTOL)
         assert_same_function(b.model(), out, atol=ATOL, rtol=RTOL)
         assert border_convs(out) <= 1
+
+
+def test_a_layer_without_a_kernel_shape_attribute_hosts_its_map():
+    """kernel_shape is optional in ONNX (the weights give it): the host pass reads the kernel size
+    from the weights, not from the attribute."""
+    b = two_convs([0.3, 0.9, 0.5, -0.2, 1.7, 0.8, 0.4, 0.6], [1, 4, 6], hw=(7, 9))
+    m = b.model()
+    for n in m.graph.node:
+        kept = [a for a in n.attribute if a.name != "kernel_shape"]
+        del n.attribute[:]
+        n.attribute.extend(kept)
+    out, rep = simplified(m, align=2)
+    assert rep.after.layers["c2"][0] == 6 and border_convs(out) == 0

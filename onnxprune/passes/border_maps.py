@@ -17,12 +17,11 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from ..channels.linear import is_ones
+from ..channels.linear import WINDOW, is_ones
 from ..graph import Graph, attrs
 from .base import Context
 
 PASS = "border_maps"
-GEOMETRY = ("pads", "strides", "dilations", "auto_pad", "kernel_shape")
 BLOCK = 16  # onnxruntime's NCHWc block on AVX-512 (8 on AVX2: a multiple of 16 suits both)
 
 
@@ -87,10 +86,8 @@ def _layer_of(g: Graph, border, name: str, grouped: bool):
     if not g.is_const(layer.input[1]) or is_ones(g.producer, layer.input[0]):
         return None
     a, b = attrs(layer), attrs(border)
-    if any(a.get(k) != b.get(k) for k in GEOMETRY):
-        return None
-    if g.inits[layer.input[1]].shape[2:] != g.inits[border.input[1]].shape[2:]:
-        return None
+    if any(a.get(k) != b.get(k) for k in WINDOW) or g.inits[layer.input[1]].shape[2:] != g.inits[border.input[1]].shape[2:]:
+        return None  # (the kernel size from the weights: a layer may omit kernel_shape)
     shape, ones = g.shapes.get(layer.input[0]), g.shapes.get(border.input[0])
     if shape is None or ones is None or shape[2:] != ones[2:]:
         return None
@@ -109,5 +106,3 @@ def _ones_of(g: Graph, ones: str, x: str) -> bool:
     return (shape is not None and shape.op_type == "Shape" and shape.input[0] == x
             and int(attrs(shape).get("start", 0)) == 2 and "end" not in attrs(shape)
             and np.array_equal(g.const(concat.input[0]), [1, 1]))
-
-
