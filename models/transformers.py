@@ -1,9 +1,12 @@
 """Small transformers in plain PyTorch: a ViT, a BERT-style encoder, a GPT-style decoder and a
-LLaMA-style decoder, at test sizes (hidden 32, MLP 80, 2 layers, 4 heads, 8 tokens, vocab 50).
+LLaMA-style decoder, at test sizes (hidden 32, MLP 80, 2 layers, 4 heads of 8 features, 8 tokens,
+vocab 50). `build(mlp=..., heads=...)` makes the same architecture with fewer MLP neurons or fewer
+heads (of the same head size): what a model with those removed must equal.
 
 Every MLP exposes `expand` (the Linears that produce its hidden neurons: fc1, or gate and up), every
-attention `head_rows(h)` (the q, k, v rows that make head h), so that tests can zero whole neurons
-and whole heads without knowing the model.
+attention `head_rows(h)` (the q, k, v rows that make head h), `value_rows(h)` and `output_columns(h)`
+(what makes head h's contribution), so that tests can zero whole neurons and whole heads without
+knowing the model.
 
     >>> from onnxprune.models.transformers import TRANSFORMERS
     >>> spec = TRANSFORMERS["gpt"]
@@ -20,9 +23,11 @@ from typing import Callable
 import torch
 from torch import nn
 
-__all__ = ["TransformerSpec", "TRANSFORMERS", "mlps", "attentions", "zero_mlp_neurons", "zero_heads"]
+__all__ = ["TransformerSpec", "TRANSFORMERS", "HEADS", "mlps", "attentions", "zero_mlp_neurons", "zero_heads",
+           "zero_head_contributions"]
 
 DIM, HEADS, LAYERS, VOCAB, SEQ = 32, 4, 2, 50, 8
+HEAD_DIM = DIM // HEADS
 MLP = 80  # hidden neurons: 80 and 40 (half) differ from every other matrix width here (32, 16, 96, 50, 10)
 
 
@@ -89,50 +94,68 @@ def attend(q, k, v, bias=None):
     return scores.softmax(dim=-1) @ v
 
 
-class FusedQKVAttention(nn.Module):
+class HeadMasks:
+    """Where head h lives in the weights, for attentions with `heads` query heads of `d` features
+    (`kv_group` query heads per k / v head) and an output projection `out_proj`."""
+    kv_group = 1
+
+    def value_rows(self, h: int):
+        """The v rows head h reads (in GQA those of its k / v head, shared by the whole group)."""
+        return self.head_rows(h)[2:]
+
+    def output_columns(self, h: int):
+        d = self.out_proj.in_features // self.heads
+        return [(self.out_proj, h * d, d)]
+
+
+class FusedQKVAttention(HeadMasks, nn.Module):
     """ViT's: one Linear, Reshape [B, N, 3, h, d], permute (2, 0, 3, 1, 4), q, k, v = qkv[0..2]."""
 
-    def __init__(self, dim: int, heads: int):
+    def __init__(self, dim: int, heads: int, d: int = HEAD_DIM):
         super().__init__()
-        self.heads, self.qkv, self.proj = heads, nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.heads, self.d = heads, d
+        self.qkv, self.proj = nn.Linear(dim, 3 * heads * d), nn.Linear(heads * d, dim)
+        self.out_proj = self.proj
 
     def head_rows(self, h: int):
-        d = self.proj.in_features // self.heads
-        return [(self.qkv, part * self.proj.in_features + h * d, d) for part in range(3)]
+        d = self.d
+        return [(self.qkv, part * self.heads * d + h * d, d) for part in range(3)]
 
     def forward(self, x):
         b, n, c = x.shape
-        qkv = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        qkv = self.qkv(x).reshape(b, n, 3, self.heads, self.d).permute(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]
         return self.proj(merge_heads(attend(q, k, v)))
 
 
-class CausalSplitAttention(nn.Module):
+class CausalSplitAttention(HeadMasks, nn.Module):
     """GPT-2's: one Linear split into q, k, v along the features; a causal mask."""
 
-    def __init__(self, dim: int, heads: int, seq: int):
+    def __init__(self, dim: int, heads: int, seq: int, d: int = HEAD_DIM):
         super().__init__()
-        self.heads, self.qkv, self.proj = heads, nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.heads, self.qkv, self.proj = heads, nn.Linear(dim, 3 * heads * d), nn.Linear(heads * d, dim)
+        self.out_proj = self.proj
         self.register_buffer("causal", torch.full((seq, seq), float("-inf")).triu(1), persistent=False)
 
     def head_rows(self, h: int):
-        dim = self.proj.in_features
-        d = dim // self.heads
-        return [(self.qkv, part * dim + h * d, d) for part in range(3)]
+        width = self.proj.in_features
+        d = width // self.heads
+        return [(self.qkv, part * width + h * d, d) for part in range(3)]
 
     def forward(self, x):
         n = x.shape[1]
-        q, k, v = (split_heads(t, self.heads) for t in self.qkv(x).split(x.shape[-1], dim=2))
+        q, k, v = (split_heads(t, self.heads) for t in self.qkv(x).split(self.proj.in_features, dim=2))
         return self.proj(merge_heads(attend(q, k, v, self.causal[:n, :n])))
 
 
-class SeparateQKVAttention(nn.Module):
+class SeparateQKVAttention(HeadMasks, nn.Module):
     """BERT's: three Linears, an additive attention-mask bias."""
 
-    def __init__(self, dim: int, heads: int):
+    def __init__(self, dim: int, heads: int, d: int = HEAD_DIM):
         super().__init__()
         self.heads = heads
-        self.q, self.k, self.v, self.out = (nn.Linear(dim, dim) for _ in range(4))
+        self.q, self.k, self.v = (nn.Linear(dim, heads * d) for _ in range(3))
+        self.out = self.out_proj = nn.Linear(heads * d, dim)
 
     def head_rows(self, h: int):
         d = self.out.in_features // self.heads
@@ -148,17 +171,18 @@ def rotate_half(x):
     return torch.cat((-x2, x1), dim=-1)
 
 
-class GroupedQueryAttention(nn.Module):
+class GroupedQueryAttention(HeadMasks, nn.Module):
     """LLaMA's: bias-free q, k, v, o; rotary position embedding on q and k; `kv_heads` < `heads`
     k / v heads, each repeated to `heads // kv_heads` query heads; causal."""
 
-    def __init__(self, dim: int, heads: int, kv_heads: int, seq: int):
+    def __init__(self, dim: int, heads: int, kv_heads: int, seq: int, d: int = HEAD_DIM):
         super().__init__()
-        self.heads, self.kv_heads, d = heads, kv_heads, dim // heads
-        self.q = nn.Linear(dim, dim, bias=False)
+        self.heads, self.kv_heads = heads, kv_heads
+        self.kv_group = heads // kv_heads
+        self.q = nn.Linear(dim, heads * d, bias=False)
         self.k = nn.Linear(dim, kv_heads * d, bias=False)
         self.v = nn.Linear(dim, kv_heads * d, bias=False)
-        self.o = nn.Linear(dim, dim, bias=False)
+        self.o = self.out_proj = nn.Linear(heads * d, dim, bias=False)
         inv_freq = 1.0 / 10000 ** (torch.arange(0, d, 2).float() / d)
         angles = torch.outer(torch.arange(seq).float(), inv_freq)
         angles = torch.cat((angles, angles), dim=-1)  # [seq, d]
@@ -264,9 +288,10 @@ class GPT(nn.Module):
 
 
 class Llama(nn.Module):
-    def __init__(self, mlp: int, dim: int = DIM, heads: int = HEADS, kv_heads: int = 2, layers: int = LAYERS,
+    def __init__(self, mlp: int, dim: int = DIM, heads: int = HEADS, kv_group: int = 2, layers: int = LAYERS,
                  vocab: int = VOCAB, seq: int = SEQ):
         super().__init__()
+        kv_heads = heads // kv_group  # (query heads per k / v head: 2)
         self.tok = nn.Embedding(vocab, dim)
         self.blocks = nn.ModuleList(PreNormBlock(GroupedQueryAttention(dim, heads, kv_heads, seq), SwiGLU(dim, mlp),
                                                  lambda: RMSNorm(dim)) for _ in range(layers))
@@ -308,10 +333,11 @@ class TransformerSpec:
     make_inputs: Callable[[torch.Generator], tuple]
     mlp: int                                 # default MLP hidden width (even)
 
-    def build(self, seed: int = 0, mlp: int | None = None) -> nn.Module:
-        """Seeded and deterministic, in eval mode; `mlp` changes only the MLP hidden width."""
+    def build(self, seed: int = 0, mlp: int | None = None, heads: int = HEADS) -> nn.Module:
+        """Seeded and deterministic, in eval mode; `mlp` changes only the MLP hidden width, `heads`
+        only the number of attention heads (each HEAD_DIM wide; LLaMA keeps 2 query heads per k / v head)."""
         torch.manual_seed(seed)
-        model = self.factory(mlp=self.mlp if mlp is None else mlp).eval()
+        model = self.factory(mlp=self.mlp if mlp is None else mlp, heads=heads).eval()
         _randomize_norms(model, torch.Generator().manual_seed(seed + 1))
         return model
 
@@ -364,3 +390,24 @@ def zero_heads(model: nn.Module, heads=(0,)) -> None:
         for h in heads:
             for lin, start, size in attn.head_rows(h):
                 lin.weight[start: start + size] = 0
+
+
+@torch.no_grad()
+def zero_head_contributions(model: nn.Module, fraction: float = 0.5, seed: int = 0, part: str = "values") -> int:
+    """Make a random `fraction` of every attention's heads contribute an input-independent constant:
+    `part="values"` zeroes their v weight rows (biases stay: the head's output is its v bias),
+    `part="outputs"` their output projection's input columns. In grouped-query attention whole groups
+    (a k / v head and all its query heads) are picked. Returns the number of query heads made dead."""
+    gen = torch.Generator().manual_seed(seed)
+    total = 0
+    for attn in attentions(model):
+        groups = attn.heads // attn.kv_group
+        for g in torch.randperm(groups, generator=gen)[: int(groups * fraction)].tolist():
+            for h in range(g * attn.kv_group, (g + 1) * attn.kv_group):
+                for lin, start, size in (attn.value_rows(h) if part == "values" else attn.output_columns(h)):
+                    if part == "values":
+                        lin.weight[start: start + size] = 0
+                    else:
+                        lin.weight[:, start: start + size] = 0
+                total += 1
+    return total

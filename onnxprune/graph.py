@@ -291,6 +291,8 @@ def static_shapes(model: onnx.ModelProto, symbolic: bool = False) -> dict[str, t
     `symbolic`, a dynamic dim is its dim_param name where inference knows one (else None)."""
     try:
         inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+        if _refine_slices(inferred):
+            inferred = onnx.shape_inference.infer_shapes(inferred, data_prop=True)
     except Exception:
         inferred = model
     shapes: dict[str, tuple] = {}
@@ -304,6 +306,30 @@ def static_shapes(model: onnx.ModelProto, symbolic: bool = False) -> dict[str, t
     for init in g.initializer:
         shapes[init.name] = tuple(init.dims)
     return shapes
+
+
+def _refine_slices(inferred: onnx.ModelProto) -> bool:
+    """ONNX infers no dim of a Slice whose starts or ends are computed (a rotary table sliced to the
+    sequence length: cos[:n]), not even those of the axes it does not slice. Write those into the
+    Slice's value_info (the second inference keeps them and carries them on); True if any was."""
+    g = inferred.graph
+    init = {t.name: t for t in g.initializer}
+    infos = {vi.name: vi for vi in list(g.input) + list(g.value_info)}
+    changed = False
+    for node in g.node:
+        if node.op_type != "Slice" or len(node.input) < 4 or node.input[3] not in init:
+            continue
+        src, out = node.input[0], infos.get(node.output[0])
+        dims = (list(init[src].dims) if src in init else [d.dim_value if d.HasField("dim_value") else None
+                for d in infos[src].type.tensor_type.shape.dim] if src in infos else None)
+        if dims is None or out is None or len(dims) != len(out.type.tensor_type.shape.dim):
+            continue
+        sliced = {int(a) % len(dims) for a in numpy_helper.to_array(init[node.input[3]]).reshape(-1)}
+        for a, (d_in, d_out) in enumerate(zip(dims, out.type.tensor_type.shape.dim)):
+            if a not in sliced and d_in is not None and not d_out.HasField("dim_value"):
+                d_out.dim_value = d_in
+                changed = True
+    return changed
 
 
 def elem_types(model: onnx.ModelProto) -> dict[str, int]:

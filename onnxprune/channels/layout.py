@@ -8,7 +8,7 @@ import numpy as np
 from ..graph import attrs, default_opset, set_attr
 from ..layers import all_zero
 from .registry import Rule, register_rule
-from .rules import contiguous, new_dims, take_channels
+from .rules import contiguous, factor_slots, kept_box, new_dims, take_channels
 
 
 def _axis(node, rank, default=0) -> int:
@@ -17,9 +17,10 @@ def _axis(node, rank, default=0) -> int:
 
 
 class Concat(Rule):
-    """Concat on the channel axis: out[offset_i + c] ≡ in_i[c]. Along another axis every input
-    carries the same channels; a constant input there (a class token before the patch tokens) is a
-    per-channel parameter, cut along with the channels."""
+    """Concat on a channel axis: out[offset_i + c] ≡ in_i[c] along that factor (the d of heads × d
+    in a rotary rotate_half). Along another axis every input carries the same channels; a constant
+    input there (a class token before the patch tokens) is a per-channel parameter, cut along with
+    the channels."""
 
     @staticmethod
     def is_parameter(node, cg, name, sp_out) -> bool:
@@ -35,8 +36,6 @@ class Concat(Rule):
             return self.pin_through(node, cg, f"Concat {node.name}: no input carries channels")
         axes = spaced[0].axes
         axis = _axis(node, rank)
-        if axis in axes and len(axes) > 1:
-            return self.pin_through(node, cg, f"Concat {node.name}: concatenates inside a split channel range")
         sp_out = cg.new_space(out, axes)
         if sp_out is None:
             return self.pin_through(node, cg, f"Concat {node.name}: dynamic channel dim")
@@ -48,7 +47,7 @@ class Concat(Rule):
                 n = shape[axis] if shape is not None else None
                 if n is None:
                     return self.pin_through(node, cg, f"Concat {node.name}: dynamic input size")
-                part = sp_out.slots[offset: offset + n]
+                part = sp_out.base + factor_slots(sp_out.dims, axes.index(axis), offset, offset + n)
                 offset += n
             elif self.is_parameter(node, cg, name, sp_out):
                 continue
@@ -68,14 +67,16 @@ class Concat(Rule):
             return
         cg.values[out] = np.full(sp_out.size, np.nan)
         parts = [n if cg.space(n) is not None else None for n in node.input]
-        if _axis(node, cg.rank(out)) in sp_out.axes:
+        axis = _axis(node, cg.rank(out))
+        if axis in sp_out.axes:
             offset = 0
             for name in node.input:
-                n = cg.shape(name)[sp_out.axes[0]]
-                if cg.space(name) is not None and cg.space(name).size == n:
-                    cg.values[out][offset: offset + n] = cg.values[name]
+                n = cg.shape(name)[axis]
+                part = factor_slots(sp_out.dims, sp_out.axes.index(axis), offset, offset + n)
+                if cg.space(name) is not None and cg.space(name).size == part.size:
+                    cg.values[out][part] = cg.values[name]
                     for k, m in cg.maps.get(name, {}).items():
-                        cg.maps.setdefault(out, {})[offset + k] = m
+                        cg.maps.setdefault(out, {})[int(part[k])] = m
                 offset += n
         elif all(p is not None for p in parts):  # joined along another axis: constant if all agree
             stacked = np.stack([cg.values[p] for p in parts])
@@ -118,14 +119,15 @@ class Split(Rule):
                 cg.same_space(x, o)
             return
         sizes = self.sizes(node, cg)
-        if len(sp.axes) > 1 or sizes is None:
-            return self.pin_through(node, cg, f"Split {node.name}: split sizes unknown or inside a split range")
-        offset = 0
+        if sizes is None:
+            return self.pin_through(node, cg, f"Split {node.name}: split sizes unknown")
+        j, offset = sp.axes.index(axis), 0
         for o, n in zip(node.output, sizes):
+            part = factor_slots(sp.dims, j, offset, offset + n)
             sp_o = cg.new_space(o, sp.axes)
-            if sp_o is None or sp_o.size != n:
+            if sp_o is None or sp_o.size != part.size:
                 return self.pin_through(node, cg, f"Split {node.name}: output sizes do not match")
-            cg.unite(sp.slots[offset: offset + n], sp_o.slots)
+            cg.unite(sp.base + part, sp_o.slots)
             offset += n
 
     def values(self, node, cg):
@@ -140,8 +142,9 @@ class Split(Rule):
             if sp_o is None:
                 continue
             if axis in sp.axes:
-                cg.take(node.input[0], o, np.arange(offset, offset + sp_o.size))
-                offset += sp_o.size
+                j = sp.axes.index(axis)
+                cg.take(node.input[0], o, factor_slots(sp.dims, j, offset, offset + sp_o.dims[j]))
+                offset += sp_o.dims[j]
             else:  # split along another axis: uniform constants stay, maps would be cut
                 cg.values[o] = v.copy()
 
@@ -150,7 +153,8 @@ class Split(Rule):
         sp = cg.space(x)
         if x not in keep or _axis(node, cg.rank(x)) not in sp.axes:
             return
-        sizes = [len(keep[o]) if o in keep else cg.space(o).size for o in node.output]
+        j = sp.axes.index(_axis(node, cg.rank(x)))
+        sizes = [new_dims(cg.space(o), keep[o])[j] if o in keep else cg.space(o).dims[j] for o in node.output]
         if default_opset(g.model) >= 13:
             g.set_input_const(node, 1, np.array(sizes, np.int64), base=f"{node.name}_split")
             for i, a in enumerate(node.attribute):
@@ -180,7 +184,8 @@ class Slice(Rule):
                 [int(v) for v in steps] if steps is not None else [1] * n)
 
     def channel_slice(self, node, cg):
-        """(position in the params lists, slice object) for the channel axis, or (None, None)."""
+        """(position in the params lists, slice object) for the channel factor it cuts, or (None,
+        None) when it cuts none; a reason string instead of the position when it is not understood."""
         x = node.input[0]
         sp = cg.space(x)
         p = self.params(node, cg)
@@ -192,10 +197,21 @@ class Slice(Rule):
         hits = [i for i, a in enumerate(axes) if a in sp.axes]
         if not hits:
             return None, None
-        if len(sp.axes) > 1 or len(hits) > 1 or steps[hits[0]] != 1:
+        if len(hits) > 1 or steps[hits[0]] != 1:
             return "unsupported", None
         i = hits[0]
         return i, slice(starts[i], ends[i], 1)
+
+    def factor(self, node, cg, i) -> int:
+        """Which factor of the input's channel range the slice at params position i cuts."""
+        axis = self.params(node, cg)[2][i]
+        return cg.space(node.input[0]).axes.index(axis + cg.rank(node.input[0]) if axis < 0 else axis)
+
+    def part(self, node, cg, i, s) -> np.ndarray:
+        """The input slots the slice keeps, in the output's order."""
+        sp = cg.space(node.input[0])
+        j = self.factor(node, cg, i)
+        return factor_slots(sp.dims, j, *s.indices(sp.dims[j])[:2])
 
     def couple(self, node, cg):
         x = node.input[0]
@@ -208,7 +224,7 @@ class Slice(Rule):
         if i is None:
             cg.same_space(x, node.output[0])
             return
-        idx = np.arange(sp.size)[s]
+        idx = self.part(node, cg, i, s)
         sp_o = cg.new_space(node.output[0], sp.axes)
         if sp_o is None or sp_o.size != len(idx):
             return self.pin_through(node, cg, f"Slice {node.name}: output size does not match")
@@ -220,7 +236,7 @@ class Slice(Rule):
             return
         i, s = self.channel_slice(node, cg)
         if s is not None:
-            cg.take(node.input[0], node.output[0], np.arange(sp.size)[s])
+            cg.take(node.input[0], node.output[0], self.part(node, cg, i, s))
         else:  # sliced along another axis: uniform constants stay, maps would be cut
             cg.values[node.output[0]] = cg.values[node.input[0]].copy()
 
@@ -231,8 +247,9 @@ class Slice(Rule):
         i, s = self.channel_slice(node, cg)
         if s is None:
             return
-        start, stop, _ = s.indices(cg.space(x).size)
-        kept = keep[x]
+        j = self.factor(node, cg, i)
+        start, stop, _ = s.indices(cg.space(x).dims[j])
+        kept = kept_box(cg.space(x), keep[x])[j]
         new_start, new_stop = int(np.sum(kept < start)), int(np.sum(kept < stop))
         if default_opset(g.model) < 10:
             a = attrs(node)
@@ -286,8 +303,102 @@ def reshape_channel_map(in_shape, sp, out_shape):
     return None
 
 
+def reshape_groups(a: tuple, b: tuple) -> list[tuple[tuple, tuple]] | None:
+    """Pair runs of input axes with runs of output axes of equal element count, in order — what a
+    row-major reshape keeps together: [(input axes, output axes)], or None. A size-1 axis pairs with
+    nothing; a dynamic dim pairs only with a dynamic dim (the sequence axis of [B, N, h·d] ->
+    [B, N, h, d], which exporters never fold into another)."""
+    groups, i, j = [], 0, 0
+    while i < len(a) or j < len(b):
+        if i < len(a) and a[i] == 1:
+            groups.append(((i,), ()))
+            i += 1
+        elif j < len(b) and b[j] == 1:
+            groups.append(((), (j,)))
+            j += 1
+        elif i == len(a) or j == len(b):
+            return None
+        elif a[i] is None or b[j] is None:
+            if a[i] is not None or b[j] is not None:
+                return None
+            groups.append(((i,), (j,)))
+            i, j = i + 1, j + 1
+        else:
+            ii, jj, pa, pb = i + 1, j + 1, a[i], b[j]
+            while pa != pb:
+                if pa < pb:
+                    if ii == len(a) or a[ii] is None:
+                        return None
+                    pa, ii = pa * a[ii], ii + 1
+                else:
+                    if jj == len(b) or b[jj] is None:
+                        return None
+                    pb, jj = pb * b[jj], jj + 1
+            groups.append((tuple(range(i, ii)), tuple(range(j, jj))))
+            i, j = ii, jj
+    return groups
+
+
+def grouped_channel_map(in_shape, sp, out_shape):
+    """reshape_channel_map for channel factors on axes that need not be adjacent (heads and features
+    of [B, kv, rep, N, d] -> [B, kv·rep, N, d], the GQA repeat): each run of axes that reshape_groups
+    pairs is mapped on its own; a run with channel axes puts them on all its output axes (slot k of
+    kv·rep belongs to kv head k // rep). (output axes, output slot -> input slot) or None."""
+    if not in_shape or not out_shape or 1 in sp.dims:  # (a size-1 factor could land on any size-1 axis)
+        return None
+    groups = reshape_groups(tuple(in_shape), tuple(out_shape))
+    if groups is None:
+        return None
+    strides = np.cumprod((1,) + sp.dims[:0:-1])[::-1]  # each factor's stride in the slot numbering
+    out_axes, mapping = [], np.zeros(1, np.int64)
+    for ins, outs in groups:
+        factors = [a for a in ins if a in sp.axes]
+        if not factors:
+            continue
+        if not outs:
+            return None
+        part = np.zeros([in_shape[a] for a in ins], np.int64)
+        for a in factors:
+            shape = [1] * len(ins)
+            shape[ins.index(a)] = in_shape[a]
+            part = part + np.arange(in_shape[a]).reshape(shape) * int(strides[sp.axes.index(a)])
+        out_axes.extend(outs)
+        mapping = np.add.outer(mapping, part.ravel()).ravel()  # row-major over the output axes
+    if sum(1 for ins, _ in groups for a in ins if a in sp.axes) != len(sp.axes):
+        return None
+    return tuple(out_axes), mapping
+
+
+def unsqueeze_channel_map(node, cg):
+    """Squeeze / Unsqueeze by their axes: the channel axes move past the axes added or removed (a
+    squeezed size-1 channel axis leaves the space)."""
+    x = node.input[0]
+    sp, rank, out_rank = cg.space(x), cg.rank(x), cg.rank(node.output[0])
+    given = cg.g.const(node.input[1]) if len(node.input) > 1 and node.input[1] else attrs(node).get("axes")
+    if rank is None or out_rank is None or (given is None and len(node.input) > 1):
+        return None
+    if given is None:  # Squeeze without axes: every size-1 axis
+        given = [a for a, d in enumerate(cg.shape(x)) if d == 1]
+    given = sorted(int(a) % (out_rank if node.op_type == "Unsqueeze" else rank) for a in np.ravel(given))
+    if node.op_type == "Unsqueeze":
+        kept_in = [a for a in range(out_rank) if a not in given]  # output axis of each input axis
+        axes = tuple(kept_in[a] for a in sp.axes)
+    else:
+        axes = tuple(a - sum(1 for r in given if r < a) for a in sp.axes if a not in given)
+    return (axes, np.arange(sp.size)) if axes else None
+
+
+def channel_map(node, cg):
+    x, out = node.input[0], node.output[0]
+    sp = cg.space(x)
+    if node.op_type in ("Squeeze", "Unsqueeze"):
+        return unsqueeze_channel_map(node, cg)
+    return reshape_channel_map(cg.shape(x), sp, cg.shape(out)) or grouped_channel_map(cg.shape(x), sp, cg.shape(out))
+
+
 class Reshape(Rule):
-    """Reshape, Flatten, Squeeze, Unsqueeze: a reshape of the channel range (see reshape_channel_map)."""
+    """Reshape, Flatten, Squeeze, Unsqueeze: a reshape of the channel range (see reshape_channel_map,
+    grouped_channel_map)."""
 
     def couple(self, node, cg):
         x, out = node.input[0], node.output[0]
@@ -296,7 +407,7 @@ class Reshape(Rule):
             return
         if node.op_type == "Reshape" and not cg.g.is_const(node.input[1]):
             return self.pin_through(node, cg, f"Reshape {node.name}: shape is computed at run time")
-        m = reshape_channel_map(cg.shape(x), sp, cg.shape(out))
+        m = channel_map(node, cg)
         sp_o = cg.new_space(out, m[0]) if m is not None else None
         if sp_o is None or sp_o.size != len(m[1]):
             return self.pin_through(node, cg, f"{node.op_type} {node.name}: moves the channels in a way not understood")
@@ -307,7 +418,7 @@ class Reshape(Rule):
         if sp is None or sp_o is None:
             return
         x, out = node.input[0], node.output[0]
-        axes, mapping = reshape_channel_map(cg.shape(x), sp, cg.shape(out))
+        axes, mapping = channel_map(node, cg)
         cg.values[out] = cg.values[x][mapping]
         maps = cg.maps.get(x, {})
         if not maps:
@@ -456,6 +567,43 @@ class Gather(Rule):
         g.set_input_const(node, 1, np.searchsorted(kept_in, selected[kept_out]).astype(idx.dtype))
 
 
+class Expand(Rule):
+    """Expand(x, shape): broadcasts x's other axes (the GQA repeat of k / v heads over their query
+    heads); the channel axes keep their extent, and the shape's entries there become 1 when channels
+    go (1 keeps x's own size)."""
+
+    def couple(self, node, cg):
+        x, out = node.input[0], node.output[0]
+        sp = cg.space(x)
+        if sp is None:
+            return
+        in_shape, out_shape = cg.shape(x), cg.shape(out)
+        if not cg.g.is_const(node.input[1]) or out_shape is None:
+            return self.pin_through(node, cg, f"Expand {node.name}: shape computed at run time")
+        axes = tuple(a + len(out_shape) - len(in_shape) for a in sp.axes)
+        if any(out_shape[a] != d for a, d in zip(axes, sp.dims)):
+            return self.pin_through(node, cg, f"Expand {node.name}: channel axes not understood")
+        sp_o = cg.new_space(out, axes)
+        if sp_o is None:
+            return self.pin_through(node, cg, f"Expand {node.name}: unknown output shape")
+        cg.unite(sp.slots, sp_o.slots)
+
+    def values(self, node, cg):
+        if cg.space(node.output[0]) is not None:  # uniform constants stay; maps would be broadcast
+            cg.values[node.output[0]] = cg.values[node.input[0]].copy()
+
+    def rewrite(self, node, g, cg, keep):
+        out = node.output[0]
+        if out not in keep:
+            return
+        shape = g.inits[node.input[1]].copy()
+        rank = cg.rank(out)
+        for a in cg.space(out).axes:
+            if a - (rank - shape.size) >= 0:
+                shape[a - (rank - shape.size)] = 1
+        g.set_input_const(node, 1, shape)
+
+
 class ShapeOf(Rule):
     """Shape(x, start=s): reads no channel when s lies past x's channel axes (the border maps of
     dynamic-size inputs read the spatial size this way); any other Shape sees the channel count."""
@@ -476,4 +624,5 @@ register_rule("Slice", Slice())
 register_rule(["Reshape", "Flatten", "Squeeze", "Unsqueeze"], Reshape(), permute=True)
 register_rule("Transpose", Transpose())
 register_rule("Gather", Gather())
+register_rule("Expand", Expand(), permute=True)
 register_rule("Shape", ShapeOf(), permute=True)

@@ -27,6 +27,7 @@ from onnx import helper, numpy_helper
 from ..graph import attrs, default_opset, set_attr
 from ..layers import all_zero, input_axis, output_axis
 from .core import ReadBlock
+from .attention import ActivationProduct
 from .registry import Rule, register_rule, rule_for
 from .rules import Elementwise, evaluate
 
@@ -579,38 +580,6 @@ class Gemm(Rule):
         g.set_input_const(node, 1, _take(g.inits[node.input[1]], {output_axis(node): ko, input_axis(node): ki}))
 
 
-def attention_reason(node) -> str:
-    return f"MatMul {node.name}: attention (product of two activations): heads are not removed yet"
-
-
-class ActivationProduct:
-    """MatMul of two activations (Q·Kᵀ, attn·V): no weights to cut, and a channel of either side meets
-    input-dependent data. Both operands are pinned. A product that contracts tracked channels
-    (Q·Kᵀ over the head features) gives scores, which carry none; otherwise (attn·V) the output's
-    head and feature axes — all but the leading batch axis and the row axis — open a space of their
-    own, pinned too, so that the layer reading them knows why they stay."""
-
-    @staticmethod
-    def couple(node, cg):
-        a, b = node.input
-        reason = attention_reason(node)
-        cg.pin_tensor(a, reason)
-        cg.pin_tensor(b, reason)
-        out_rank = cg.rank(node.output[0])
-        if out_rank is None or out_rank < 2 or ActivationProduct.contracts_channels(node, cg):
-            return
-        cg.pin_space(cg.new_space(node.output[0], tuple(range(1, out_rank - 2)) + (out_rank - 1,)), reason)
-
-    @staticmethod
-    def contracts_channels(node, cg) -> bool:
-        """A's last axis or B's second-to-last axis (the contracted one) carries channels."""
-        for name, contracted in zip(node.input, (-1, -2)):
-            sp, rank = cg.space(name), cg.rank(name)
-            if sp is not None and rank is not None and rank >= 2 and rank + contracted in sp.axes:
-                return True
-        return False
-
-
 class MatMul(Rule):
     """A [..., F] @ W [F, K] with a constant 2-D W: channels on A's last axis. A product of two
     activations is an ActivationProduct."""
@@ -629,6 +598,8 @@ class MatMul(Rule):
         _open_layer(self, node, cg, (rank - 1,), (rank - 1,))
 
     def values(self, node, cg):
+        if not any(n in cg.g.inits for n in node.input):
+            return ActivationProduct.values(node, cg)
         if cg.space(node.output[0]) is None or not self.linear(node, cg):
             return
         w = cg.g.inits[node.input[1]]

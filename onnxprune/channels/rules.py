@@ -27,10 +27,11 @@ class NonRectangular(Exception):
 
 # --- helpers shared by the rules ----------------------------------------------------------
 
-def new_dims(space: Space, keep: np.ndarray) -> tuple[int, ...]:
-    """Sizes of the channel axes once only `keep` (flat slot indices) remains."""
+def kept_box(space: Space, keep: np.ndarray) -> list[np.ndarray]:
+    """Per channel factor of `space`, the indices kept along it once only `keep` (flat slot indices)
+    remains; raises NonRectangular when the kept slots are not the product of those (not a box)."""
     if len(space.dims) == 1:
-        return (len(keep),)
+        return [np.asarray(keep, np.int64)]
     mask = np.zeros(space.size, bool)
     mask[keep] = True
     mask = mask.reshape(space.dims)
@@ -40,7 +41,18 @@ def new_dims(space: Space, keep: np.ndarray) -> tuple[int, ...]:
         box = np.multiply.outer(box, k)
     if not np.array_equal(box, mask):
         raise NonRectangular(str(space.dims))
-    return tuple(int(k.sum()) for k in kept_per_axis)
+    return [np.flatnonzero(k) for k in kept_per_axis]
+
+
+def new_dims(space: Space, keep: np.ndarray) -> tuple[int, ...]:
+    """Sizes of the channel axes once only `keep` (flat slot indices) remains."""
+    return tuple(k.size for k in kept_box(space, keep))
+
+
+def factor_slots(dims: tuple[int, ...], j: int, start: int, stop: int) -> np.ndarray:
+    """The flat slots (row-major over `dims`) whose index along factor j lies in [start, stop), in
+    order: the part of a channel range that a slice, split or concat along that factor moves."""
+    return np.arange(int(np.prod(dims, dtype=np.int64))).reshape(dims).take(np.arange(start, stop), axis=j).ravel()
 
 
 def take_channels(arr: np.ndarray, axes: tuple[int, ...], space: Space, keep: np.ndarray) -> np.ndarray:
@@ -50,6 +62,38 @@ def take_channels(arr: np.ndarray, axes: tuple[int, ...], space: Space, keep: np
     first = np.moveaxis(arr, axes, tuple(range(n)))  # channel axes in front, in slot order
     kept = np.take(first.reshape((-1,) + first.shape[n:]), keep, axis=0)
     return np.moveaxis(kept.reshape(new_dims(space, keep) + first.shape[n:]), tuple(range(n)), axes)
+
+
+def cut_operand(c: np.ndarray, out_rank: int, space: Space, keep: np.ndarray) -> np.ndarray:
+    """A constant operand broadcast against an output whose channels are `space`, cut to the slots
+    `keep`: along each channel factor where it has the factor's extent; where it has extent 1 (or
+    does not reach the axis) it broadcasts along that factor and stays (a rotary table [N, d] over
+    heads × d keeps its d when whole heads go)."""
+    shift = out_rank - c.ndim
+    for a, d, kept in zip(space.axes, space.dims, kept_box(space, keep)):
+        if a - shift >= 0 and c.shape[a - shift] == d and kept.size < d:
+            c = np.take(c, kept, axis=a - shift)
+    return np.ascontiguousarray(c)
+
+
+def per_factor(extents: tuple, dims: tuple) -> bool:
+    """A constant operand's extents along the channel factors: each the factor's size or 1."""
+    return all(e in (1, d) for e, d in zip(extents, dims))
+
+
+def unite_along(cg: ChannelGraph, space: Space, whole: list[bool]) -> None:
+    """Unite the slots of `space` that differ only along the factors marked `whole`: those factors
+    are then never cut, only the others. What an operand computed at run time asks that varies along
+    some factors and broadcasts along the others (a rotary table [N, d] sliced to the sequence
+    length, against heads × d: it cannot be cut, so whole heads go or none)."""
+    idx = np.unravel_index(np.arange(space.size), space.dims)
+    key = np.zeros(space.size, np.int64)
+    for i, d, w in zip(idx, space.dims, whole):
+        if not w:
+            key = key * d + i
+    first = np.zeros(int(key.max()) + 1, np.int64)
+    first[key] = space.slots
+    cg.unite(space.slots, first[key])
 
 
 def contiguous(space: Space) -> bool:
@@ -176,11 +220,13 @@ class Elementwise(Rule):
                 continue  # broadcast along the channels (a scalar, x / 6, a [1, 1, H, W] map ...): no coupling
             sp = cg.space(n)
             if cg.g.is_const(n):
-                if axes is None or extents != sp_out.dims:  # e.g. a rotary table [N, d] over heads × d
+                if not per_factor(extents, sp_out.dims):
                     cg.pin_space(sp_out, f"{node.op_type} {node.name}: constant operand shape not per-channel")
                 continue
             if sp is not None and sp.axes == axes and sp.dims == sp_out.dims:
                 cg.unite(sp.slots, sp_out.slots)
+            elif sp is None and extents is not None and per_factor(extents, sp_out.dims) and 1 in extents:
+                unite_along(cg, sp_out, [e != 1 for e in extents])
             else:
                 reason = (f"{node.op_type} {node.name}: operand {n} is not tracked (a graph input, an unknown op's output ...)"
                           if sp is None else f"{node.op_type} {node.name}: operand {n} carries its channels differently")
@@ -250,10 +296,9 @@ class Elementwise(Rule):
             if not g.is_const(n) or (self.data_inputs is not None and i >= self.data_inputs):
                 continue
             c = g.inits[n]
-            axes = aligned_axes(sp.axes, out_rank, c.ndim)
-            if axes is None or all(c.shape[a] == 1 for a in axes):
-                continue
-            g.set_input_const(node, i, take_channels(c, axes, sp, keep[out]))
+            cut = cut_operand(c, out_rank, sp, keep[out])
+            if cut.shape != c.shape:
+                g.set_input_const(node, i, cut)
 
 
 class BatchNorm(Rule):

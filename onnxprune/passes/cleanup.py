@@ -120,36 +120,82 @@ def _fold_static_shape_dims(g: Graph, ctx: Context, shape_nodes) -> bool:
 def copy_batch_dims(g: Graph, ctx: Context) -> bool:
     """Reshape(D, Concat(dim i of Shape(S), constants ...)) with a symbolic batch — how exporters write
     x.view(x.size(0), ...) — becomes Reshape(D, [0, constants ...]): 0 copies D's own dim i, which is
-    the same dim when D is S or shape inference gives both the same symbol. The reshape is then
-    constant and its channels can be tracked."""
+    the same dim when D is S or shape inference gives both the same symbol. Expand likewise, with 1
+    (keep D's own dim) for the entries that repeat D's dims (x[:, :, None].expand(b, h, rep, n, d) of
+    the GQA repeat). A Reshape may infer one dim that is none of D's (-1). The shape is then constant
+    and the channels can be tracked."""
     producers = g.producers()
-    targets = [n for n in g.nodes if n.op_type == "Reshape" and not g.is_const(n.input[1])
-               and not int(attrs(n).get("allowzero", 0)) and getattr(producers.get(n.input[1]), "op_type", "") == "Concat"]
+    targets = [n for n in g.nodes if n.op_type in ("Reshape", "Expand") and not g.is_const(n.input[1])
+               and not int(attrs(n).get("allowzero", 0)) and _shape_pieces(g, producers, n.input[1]) is not None]
     if not targets:
         return False
     symbolic = static_shapes(g.weightless(), symbolic=True)
     changed = False
     for node in targets:
         data, pieces = node.input[0], []
-        for name in producers[node.input[1]].input:
-            value = g.const(name)
-            if value is not None and value.ndim <= 1:
-                pieces.extend(int(v) for v in value.reshape(-1))
-                continue
-            source = _shape_dim(g, producers, name)
-            if source is None or not _same_dim(symbolic, data, len(pieces), *source):
+        parts = _shape_pieces(g, producers, node.input[1])
+        # an Expand's shape aligns with the data's trailing axes
+        shift = len(parts) - len(symbolic.get(data, ())) if node.op_type == "Expand" else 0
+        # a Reshape may leave one dim to be inferred (-1): the sequence length moved to another axis
+        infer = node.op_type == "Reshape" and -1 not in parts
+        for part in parts:
+            if isinstance(part, int):
+                pieces.append(part)
+            elif _same_dim(symbolic, data, len(pieces) - shift, *part):
+                pieces.append(0 if node.op_type == "Reshape" else 1)
+            elif infer:
+                pieces.append(-1)
+                infer = False
+            else:
                 break
-            pieces.append(0)
         else:
             g.set_input_const(node, 1, np.array(pieces, np.int64), base=f"{node.name}_shape")
-            ctx.log(PASS, "fold", node.name, "reshape shape with a copied batch dim")
+            ctx.log(PASS, "fold", node.name, f"{node.op_type.lower()} shape with a copied batch dim")
             changed = True
     return changed
 
 
-def _shape_dim(g: Graph, producers, name: str):
-    """(S, k) if `name` is the 1-element tensor [dim k of Shape(S)], else None."""
+def _shape_pieces(g: Graph, producers, name: str) -> list | None:
+    """A shape tensor built from pieces: each entry an int or (S, k) for dim k of Shape(S); None if
+    it is not. Looks through Concat, a Reshape to [-1], and torch's expand idiom
+    Where(Equal(s, -1), 1, s) (s itself when no entry of s is -1, as no dim of a Shape is)."""
     node = producers.get(name)
+    if node is None:
+        return None
+    if node.op_type == "Reshape" and g.const(node.input[1]) is not None and g.const(node.input[1]).tolist() == [-1]:
+        return _shape_pieces(g, producers, node.input[0])
+    if node.op_type == "Where":
+        equal, s = producers.get(node.input[0]), node.input[2]
+        ones = g.const(node.input[1])
+        if (equal is None or equal.op_type != "Equal" or list(equal.input) != [s, equal.input[1]]
+                or g.const(equal.input[1]) is None or not np.all(g.const(equal.input[1]) == -1)
+                or ones is None or not np.all(ones == 1)):
+            return None
+        pieces = _shape_pieces(g, producers, s)
+        return pieces if pieces is not None and -1 not in pieces else None
+    if node.op_type != "Concat":
+        return None
+    pieces = []
+    for part in node.input:
+        value = g.const(part)
+        if value is not None and value.ndim <= 1:
+            pieces.extend(int(v) for v in value.reshape(-1))
+            continue
+        source = _shape_dim(g, producers, part)
+        if source is None:
+            return None
+        pieces.append(source)
+    return pieces
+
+
+def _shape_dim(g: Graph, producers, name: str):
+    """(S, k) if `name` is the 1-element tensor [dim k of Shape(S)] (Gather of a Shape, or a Shape
+    from k to k + 1), else None."""
+    node = producers.get(name)
+    if node is not None and node.op_type == "Shape":
+        a = attrs(node)
+        start = int(a.get("start", 0))
+        return (node.input[0], start) if start >= 0 and int(a.get("end", start)) == start + 1 else None
     if node is not None and node.op_type == "Unsqueeze":
         node = producers.get(node.input[0])
     if node is None or node.op_type != "Gather" or int(attrs(node).get("axis", 0)) != 0:
@@ -164,7 +210,7 @@ def _same_dim(shapes, a: str, i: int, b: str, k: int) -> bool:
     if a == b and i == k:
         return True
     sa, sb = shapes.get(a), shapes.get(b)
-    if sa is None or sb is None or i >= len(sa) or k >= len(sb):
+    if sa is None or sb is None or not 0 <= i < len(sa) or k >= len(sb):
         return False
     return sa[i] is not None and sa[i] == sb[k]
 
