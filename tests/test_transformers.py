@@ -18,7 +18,7 @@ import pytest
 import torch
 from torch import nn
 
-from onnxprune import simplify
+from onnxprune import prune, simplify
 from onnxprune.cli import main
 from onnxprune.graph import static_shapes
 from onnxprune.models.masks import conv_linear_weight_count
@@ -311,3 +311,157 @@ def test_layer_with_weights_computed_at_run_time_pins_instead_of_crashing(layer,
     small, report = simplify(m, align=1)
     assert report.after.layers["conv"] == (3, 4)
     same_outputs(m, small, {"x": randn(1, 3, 4, 4)})
+
+
+# --- pruning heads: onnxprune prune --granularity head ------------------------------------------
+
+def kept_heads(small: onnx.ModelProto, proj: nn.Linear, heads: int) -> list[int]:
+    """Which heads the output projection still reads: its remaining input rows, matched against the
+    PyTorch projection's column blocks (one per head)."""
+    d = proj.in_features // heads
+    blocks = [proj.weight[:, h * d:(h + 1) * d].detach().numpy().T for h in range(heads)]
+    for init in small.graph.initializer:
+        w = onnx.numpy_helper.to_array(init)
+        if w.ndim == 2 and w.shape[1] == proj.out_features and w.shape[0] % d == 0 and w.shape[0] < proj.in_features:
+            found = [next((h for h, blk in enumerate(blocks) if np.array_equal(w[i:i + d], blk)), None)
+                     for i in range(0, w.shape[0], d)]
+            if None not in found:
+                return found
+    raise AssertionError("no pruned output projection found")
+
+
+@pytest.mark.parametrize("criterion", ["l1", "l2"])
+def test_prune_heads_scores_each_head_over_qkv_rows_and_output_columns(criterion, tmp_path):
+    """--granularity head zeroes, in every attention, the half of its heads with the smallest l1 / l2
+    norm over all their weights (q, k, v rows and output projection columns, computed here from the
+    PyTorch model); simplify then removes exactly those, and the result equals the pruned model."""
+    spec = TRANSFORMERS["vit"]
+    model = spec.build()
+    with torch.no_grad():  # make the choice depend on the output columns too: head 3's are tiny
+        for attn in (m for m in model.modules() if hasattr(m, "head_rows")):
+            attn.proj.weight[:, 3 * 8: 4 * 8] *= 1e-3
+    inputs = spec.example_input()
+    src = tmp_path / "vit.onnx"
+    onnx.save(export(model, inputs, "dynamo"), str(src))
+    pruned, report = prune(str(src), granularity="head", criterion=criterion, sparsity=0.5, prune_first=True)
+    small, _ = simplify(pruned, align=1)
+    np.testing.assert_allclose(run_all(small, inputs), run_all(pruned, inputs), rtol=1e-4, atol=1e-5)
+    assert attention_heads(small) == [HEADS // 2] * len(mlps(model))
+    for attn in (m for m in model.modules() if hasattr(m, "head_rows")):
+        parts = lambda h: [attn.qkv.weight[start: start + size] for _, start, size in attn.head_rows(h)] + \
+            [attn.proj.weight[:, h * 8:(h + 1) * 8]]
+        norm = (lambda ws: sum(float(w.abs().sum()) for w in ws)) if criterion == "l1" else \
+            (lambda ws: sum(float((w.double() ** 2).sum()) for w in ws) ** 0.5)
+        scores = [norm(parts(h)) for h in range(HEADS)]
+        assert sorted(kept_heads(small, attn.proj, HEADS)) == sorted(np.argsort(scores)[HEADS // 2:].tolist())
+    assert any("attention head(s) zeroed" in r.note for r in report.layers)
+
+
+@pytest.mark.parametrize("name", list(TRANSFORMERS))
+def test_cli_prune_granularity_head_then_simplify(name, tmp_path):
+    """From the command line, on every transformer: half the heads and half the MLP neurons zeroed,
+    then removed; the simplified model equals the pruned one and has half the heads."""
+    spec = TRANSFORMERS[name]
+    src, pruned, small = tmp_path / "m.onnx", tmp_path / "p.onnx", tmp_path / "s.onnx"
+    src.write_bytes(dense_export(name, "dynamo"))
+    inputs = spec.example_input()
+    assert main(["prune", str(src), "-o", str(pruned), "--granularity", "head", "--sparsity", "0.5",
+                 "--prune-first"]) == 0
+    assert main(["simplify", str(pruned), "-o", str(small), "--align", "1"]) == 0
+    pruned_model, small_model = onnx.load(str(pruned)), onnx.load(str(small))
+    assert_matches_torch(run_all(small_model, inputs), run_all(pruned_model, inputs), rel=1e-4)
+    assert attention_heads(small_model) == [HEADS // 2] * len(mlps(spec.build()))
+
+
+# --- the attention rules on hand-built blocks ---------------------------------------------------
+
+def attention_block(randn, *, heads=3, d=4, n=5, dim=6, normalize="Softmax", kv_heads=None, bias_table=False,
+                    mask_input=False, dead_values=(), softmax_axis=-1):
+    """x [1, n, dim] -> q, k, v projections -> [1, h, n, d] -> softmax(q·kᵀ/√d [+ bias]) · v -> out
+    projection. `kv_heads=1`: one k / v head broadcast to every query head (multi-query attention);
+    `bias_table`: a constant relative-position bias [1, h, n, n]; `mask_input`: a [1, 1, 1, n] mask
+    bias fed as a graph input; `dead_values`: heads whose v weight rows are zero (biases kept);
+    `normalize`: the op that turns scores into weights (Sigmoid is not row-stochastic)."""
+    kv = heads if kv_heads is None else kv_heads
+    wv = randn(dim, kv * d)
+    for h in dead_values:
+        wv[:, h * d:(h + 1) * d] = 0
+    inits = {"wq": randn(dim, heads * d), "wk": randn(dim, kv * d), "wv": wv, "bv": randn(kv * d),
+             "wo": randn(heads * d, dim), "q_shape": np.array([1, n, heads, d], np.int64),
+             "kv_shape": np.array([1, n, kv, d], np.int64), "merge": np.array([1, n, heads * d], np.int64),
+             "scale": np.array(1 / np.sqrt(d), np.float32)}
+    nodes = [node("MatMul", ["x", "wq"], "q0"), node("Reshape", ["q0", "q_shape"], "q1"),
+             node("Transpose", ["q1"], "q", perm=[0, 2, 1, 3]),
+             node("MatMul", ["x", "wk"], "k0"), node("Reshape", ["k0", "kv_shape"], "k1"),
+             node("Transpose", ["k1"], "kt", perm=[0, 2, 3, 1]),
+             node("MatMul", ["x", "wv"], "v0"), node("Add", ["v0", "bv"], "v0b"), node("Reshape", ["v0b", "kv_shape"], "v1"),
+             node("Transpose", ["v1"], "v", perm=[0, 2, 1, 3]),
+             node("MatMul", ["q", "kt"], "qk"), node("Mul", ["qk", "scale"], "scores")]
+    inputs = {"x": (onnx.TensorProto.FLOAT, [1, n, dim])}
+    last = "scores"
+    if bias_table:
+        inits["table"] = randn(1, heads, n, n)
+        nodes.append(node("Add", [last, "table"], "biased"))
+        last = "biased"
+    if mask_input:
+        inputs["mask"] = (onnx.TensorProto.FLOAT, [1, 1, 1, n])
+        nodes.append(node("Add", [last, "mask"], "masked"))
+        last = "masked"
+    nodes.append(node(normalize, [last], "attn", **({"axis": softmax_axis} if normalize == "Softmax" else {})))
+    nodes += [node("MatMul", ["attn", "v"], "ctx"), node("Transpose", ["ctx"], "ctx_t", perm=[0, 2, 1, 3]),
+              node("Reshape", ["ctx_t", "merge"], "merged"), node("MatMul", ["merged", "wo"], "y")]
+    return hand_model(nodes, inputs, ("y", [1, n, dim]), inits)
+
+
+def block_feeds(randn, m):
+    return {i.name: randn(*[d.dim_value for d in i.type.tensor_type.shape.dim]) for i in m.graph.input}
+
+
+def test_dead_value_heads_go_with_their_relative_position_bias(randn):
+    """Heads 0 and 2 of 3 output their v bias: they go — q, k, v columns, output rows — and the
+    constant [1, h, n, n] bias table added to the scores is cut to the head kept."""
+    m = attention_block(randn, bias_table=True, dead_values=(0, 2))
+    small, _ = simplify(m, align=1)
+    assert [const_input(small, k).shape for k in ("q0", "k0", "v0", "y")] == [(6, 4), (6, 4), (6, 4), (4, 6)]
+    assert const_input(small, "biased").shape == (1, 1, 5, 5)
+    assert const_input(small, "q1").tolist() == [1, 5, 1, 4]
+    same_outputs(m, small, block_feeds(randn, m))
+
+
+def test_an_input_mask_broadcast_over_heads_does_not_hold_them(randn):
+    m = attention_block(randn, mask_input=True, dead_values=(1,))
+    small, _ = simplify(m, align=1)
+    assert const_input(small, "y").shape == (8, 6)
+    same_outputs(m, small, block_feeds(randn, m))
+
+
+def test_weights_that_are_not_a_softmax_keep_the_head(randn):
+    """sigmoid(scores) rows do not sum to one: a constant v then gives c · Σ attn, which depends on
+    the input. The head must stay."""
+    m = attention_block(randn, normalize="Sigmoid", dead_values=(1,))
+    small, _ = simplify(m, align=1)
+    assert const_input(small, "y").shape == (12, 6)
+    same_outputs(m, small, block_feeds(randn, m))
+
+
+def test_softmax_over_the_head_axis_keeps_every_head(randn):
+    """A softmax that normalizes over the heads mixes them: none can go alone."""
+    m = attention_block(randn, softmax_axis=1, dead_values=(1,))
+    small, report = simplify(m, align=1)
+    assert const_input(small, "y").shape == (12, 6)
+    assert any("normalizes over the channel axis" in r for r in report.classes["pinned"])
+    same_outputs(m, small, block_feeds(randn, m))
+
+
+def test_multi_query_attention_drops_query_heads_and_keeps_the_shared_kv_head(randn):
+    """One k / v head broadcast to every query head: whole query heads still go when their output
+    columns are zero; the shared k and v stay as wide as they are (every head reads them)."""
+    m = attention_block(randn, kv_heads=1)
+    wo = next(t for t in m.graph.initializer if t.name == "wo")
+    w = onnx.numpy_helper.to_array(wo).copy()
+    w[4:8] = 0  # head 1's output rows
+    wo.CopyFrom(onnx.numpy_helper.from_array(w, "wo"))
+    small, report = simplify(m, align=1)
+    assert [const_input(small, k).shape for k in ("q0", "k0", "v0", "y")] == [(6, 8), (6, 4), (6, 4), (8, 6)]
+    assert any("shared by every head" in r for r in report.classes["pinned"])
+    same_outputs(m, small, block_feeds(randn, m))

@@ -153,6 +153,19 @@ class ActivationProduct:
         cg.values[out] = np.where(v == 0, 0.0, v) if row_stochastic(node.input[0], cg) else np.where(v == 0, 0.0, np.nan)
 
 
+def head_roots(cg) -> set[int]:
+    """The class roots of attention heads: the classes of a product's output slots over head axes."""
+    roots = cg.roots()
+    heads = set()
+    for node in cg.nodes.values():
+        if node.op_type == "MatMul" and not any(n in cg.g.inits for n in node.input):
+            sp = cg.space(node.output[0])
+            if sp is not None and any(axis_role(0, a, cg.rank(node.output[0]), cg.rank(node.output[0]))[0] == BATCH
+                                      for a in sp.axes):
+                heads |= set(roots[sp.slots].tolist())
+    return heads
+
+
 def softmax_axes(node, rank: int, opset: int) -> set[int]:
     axis = int(attrs(node).get("axis", -1 if opset >= 13 else 1))
     axis = axis + rank if axis < 0 else axis

@@ -8,7 +8,8 @@ STRUCTURED = ("l1", "l2", "fpgm", "random", "apoz", "mean_activation")
 DATA_DRIVEN = ("apoz", "mean_activation")
 REDUCE = ("sum", "mean", "max")
 # the registries `PruneOptions` (and so the CLI) take their choices from
-FOR_GRANULARITY = {"filter": STRUCTURED, "weight": ("level",), "1xN": ("l1", "random")}
+FOR_GRANULARITY = {"filter": STRUCTURED, "head": ("l1", "l2", "random") + DATA_DRIVEN, "weight": ("level",),
+                   "1xN": ("l1", "random")}
 CRITERIA = STRUCTURED + ("level",)
 
 
@@ -71,6 +72,12 @@ def level_mask(w: np.ndarray, sparsity: float) -> np.ndarray:
     keep = np.ones(w.size, bool)
     keep[np.argsort(np.abs(w).reshape(-1), kind="stable")[:k]] = False
     return keep.reshape(w.shape)
+
+
+def weight_set(criterion: str, parts: list[np.ndarray]) -> float:
+    """l1 or l2 of a set of weights taken together (a head's q, k, v rows and output columns)."""
+    flat = np.concatenate([np.asarray(p, np.float64).reshape(-1) for p in parts])
+    return float(np.abs(flat).sum()) if criterion == "l1" else float(np.sqrt((flat ** 2).sum()))
 
 
 def lowest(scores: np.ndarray, count: int) -> np.ndarray:

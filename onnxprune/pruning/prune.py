@@ -1,7 +1,10 @@
 """`onnxprune prune`: make the zeros, directly on the ONNX model.
 
 Granularities: "filter" (dependency-aware: a channel class is zeroed in every layer producing it,
-so that simplify removes it everywhere), "weight" (unstructured, level) and "1xN" blocks.
+so that simplify removes it everywhere), "head" (the same, with each attention head scored over all
+its weights: its q, k, v rows and its output projection's columns), "weight" (unstructured, level)
+and "1xN" blocks. An attention head is one channel class (channels/attention.py): filter pruning
+zeroes whole heads too, scored by their q, k, v rows alone.
 A pruned filter keeps its bias: its channel becomes a constant that simplify folds exactly into
 the layers reading it, then removes.
 """
@@ -14,9 +17,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
+from ..channels.attention import head_roots
 from ..channels.core import build_channel_graph
 from ..errors import OnnxPruneError
 from ..graph import Graph, attrs
+from ..layers import input_axis
 from ..options import PruneOptions
 from ..passes.base import Context
 from ..pipeline import cleaned_graph
@@ -50,7 +55,7 @@ class PruneReport:
     rearranged: int = 0
 
     def table(self) -> str:
-        unit = {"filter": "filters", "weight": "weights", "1xN": f"1x{self.n} blocks"}[self.granularity]
+        unit = {"filter": "filters", "head": "filters", "weight": "weights", "1xN": f"1x{self.n} blocks"}[self.granularity]
         pruned = sum(1 for r in self.layers if r.requested is not None or r.note.startswith("mask applied"))
         lines = [f"prune: criterion {self.criterion}, granularity {self.granularity}, {pruned} layer(s) pruned "
                  f"in {self.seconds:.2f} s" + (f", {self.rearranged} layer(s) rearranged" if self.rearranged else "")]
@@ -93,8 +98,9 @@ def prune(model, options: PruneOptions | None = None, *, calib: list[dict] | Non
             REARRANGE(g, ctx)
             report.rearranged = sum(e.what == "permute" for e in ctx.events)
         rng = np.random.default_rng(o.seed)
-        if o.chosen_granularity == "filter":
-            _prune_filters(g, wanted, skipped, o.criterion, o.group_reduce, calib, rng, report)
+        if o.chosen_granularity in ("filter", "head"):
+            _prune_filters(g, wanted, skipped, o.criterion, o.group_reduce, calib, rng, report,
+                           heads=o.chosen_granularity == "head")
         else:
             _prune_weights(g, nodes, wanted, skipped, o.criterion, o.chosen_granularity, o.n, rng, report)
     report.seconds = time.perf_counter() - start
@@ -116,8 +122,9 @@ def _apply_masks(g: Graph, masks: dict[str, np.ndarray], report: PruneReport) ->
 
 # --- filters, dependency-aware ----------------------------------------------------------------
 
-def _prune_filters(g, wanted, skipped, criterion, group_reduce, calib, rng, report) -> None:
+def _prune_filters(g, wanted, skipped, criterion, group_reduce, calib, rng, report, heads=False) -> None:
     cg = build_channel_graph(g)
+    head_classes = head_roots(cg) if heads else set()
     nodes = {n.name: n for n in layers(g)}
     stats = _activation_stats(g, cg, calib) if criterion in criteria.DATA_DRIVEN else None
     pruned_rows: dict[str, set[int]] = {name: set() for name in nodes}
@@ -132,7 +139,11 @@ def _prune_filters(g, wanted, skipped, criterion, group_reduce, calib, rng, repo
                 notes.setdefault(name, note)
             continue
         applied.update({name: ratio for name in b.layers})
-        scores = _importance(g, nodes, b, criterion, group_reduce, stats, cg, rng)
+        is_heads = bool(head_classes) and set(b.classes) <= head_classes
+        if is_heads and criterion in criteria.WEIGHT_CRITERIA:
+            scores = _head_importance(g, nodes, b, criterion, cg)
+        else:
+            scores = _importance(g, nodes, b, criterion, group_reduce, stats, cg, rng)
         free = [i for i, root in enumerate(b.classes) if root not in b.pinned]
         count = min(int(ratio * b.size + 1e-9), len(free))
         if count < int(ratio * b.size + 1e-9):
@@ -141,6 +152,9 @@ def _prune_filters(g, wanted, skipped, criterion, group_reduce, calib, rng, repo
         for i in np.array(free)[criteria.lowest(scores[free], count)] if count else []:
             for name in b.layers:
                 pruned_rows[name].update(b.rows[name][i])
+        if is_heads:
+            for name in b.layers:
+                notes.setdefault(name, f"{count} of {b.size} attention head(s) zeroed")
         if len(b.layers) > 1:
             for name in b.layers:
                 notes.setdefault(name, f"coupled with {len(b.layers) - 1} other layer(s)")
@@ -201,6 +215,21 @@ def _importance(g, nodes, b: Bucket, criterion, group_reduce, stats, cg, rng) ->
         layer_scores = fn(filters(g, nodes[name]))
         per_layer.append(np.array([layer_scores[rows].sum() for rows in b.rows[name]]))
     return criteria.reduce(per_layer, group_reduce)
+
+
+def _head_importance(g, nodes, b: Bucket, criterion, cg) -> np.ndarray:
+    """l1 / l2 of each head's weights taken together: its rows in every layer producing it (q, k, v)
+    and its columns in every layer reading it (the output projection)."""
+    roots = cg.roots()
+    columns = {root: [] for root in b.classes}
+    slot, block, index, _, _ = cg.read_table()
+    for s_, k, i in zip(slot.tolist(), block.tolist(), index.tolist()):
+        root = int(roots[s_])
+        if root in columns:
+            reader = cg.nodes[cg.read_blocks[k].node]
+            columns[root].append(np.take(g.inits[reader.input[1]], i, axis=input_axis(reader)))
+    return np.array([criteria.weight_set(criterion, [filters(g, nodes[name])[b.rows[name][k]] for name in b.layers]
+                                         + columns[root]) for k, root in enumerate(b.classes)])
 
 
 def _activation_stats(g: Graph, cg, calib: list[dict] | None) -> dict[str, dict[str, np.ndarray]]:
