@@ -1,5 +1,5 @@
-"""Small transformers in plain PyTorch: a ViT, a BERT-style encoder, a GPT-style decoder and a
-LLaMA-style decoder, at test sizes (hidden 32, MLP 80, 2 layers, 4 heads of 8 features, 8 tokens,
+"""Small transformers in plain PyTorch: a ViT, a Swin (window attention, shifted windows, relative
+position bias), a BERT-style encoder, a GPT-style decoder and a LLaMA-style decoder, at test sizes (hidden 32, MLP 80, 2 layers, 4 heads of 8 features, 8 tokens,
 vocab 50). `build(mlp=..., heads=...)` makes the same architecture with fewer MLP neurons or fewer
 heads (of the same head size): what a model with those removed must equal.
 
@@ -236,6 +236,77 @@ class PostNormBlock(nn.Module):
         return self.norm2(x + self.mlp(x))
 
 
+class WindowAttention(HeadMasks, nn.Module):
+    """Swin's: attention inside w×w windows of a [B, H, W, C] map (window partition and reverse are
+    reshapes and a permute), fused qkv, a learned relative-position bias table [(2w-1)², h] gathered
+    by a constant index to [h, w², w²]; `shift` rolls the map by w/2 first and masks the attention
+    between tokens that the roll brought together (shifted windows)."""
+
+    def __init__(self, dim: int, heads: int, window: int, size: int, shift: bool, d: int = HEAD_DIM):
+        super().__init__()
+        self.heads, self.d, self.window, self.shift = heads, d, window, window // 2 if shift else 0
+        self.qkv, self.proj = nn.Linear(dim, 3 * heads * d), nn.Linear(heads * d, dim)
+        self.out_proj = self.proj
+        self.table = nn.Parameter(torch.randn((2 * window - 1) ** 2, heads) * 0.5)
+        coords = torch.stack(torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij")).flatten(1)
+        rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + window - 1
+        self.register_buffer("index", rel[..., 0] * (2 * window - 1) + rel[..., 1], persistent=False)
+        region = torch.zeros(size, size)
+        if self.shift:
+            cuts = (slice(0, -window), slice(-window, -self.shift), slice(-self.shift, None))
+            for k, (a, b) in enumerate((a, b) for a in cuts for b in cuts):
+                region[a, b] = k
+        regions = self.partition(region[None, :, :, None]).squeeze(-1)  # [nW, w²]
+        mask = (regions[:, :, None] != regions[:, None, :]).float() * -1e4
+        self.register_buffer("mask", mask[:, None], persistent=False)  # [nW, 1, w², w²]
+
+    def head_rows(self, h: int):
+        return [(self.qkv, part * self.heads * self.d + h * self.d, self.d) for part in range(3)]
+
+    def partition(self, x):
+        """[B, H, W, C] -> [B·nW, w², C]"""
+        b, hh, ww, c = x.shape
+        w = self.window
+        return x.view(b, hh // w, w, ww // w, w, c).permute(0, 1, 3, 2, 4, 5).reshape(-1, w * w, c)
+
+    def forward(self, x):
+        b, hh, ww, c = x.shape
+        w = self.window
+        if self.shift:
+            x = torch.roll(x, (-self.shift, -self.shift), dims=(1, 2))
+        t = self.partition(x)
+        n = t.shape[1]
+        qkv = self.qkv(t).reshape(-1, n, 3, self.heads, self.d).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        bias = self.table[self.index.reshape(-1)].reshape(n, n, -1).permute(2, 0, 1)  # [h, w², w²]
+        scores = q @ k.transpose(-2, -1) / math.sqrt(self.d) + bias
+        windows = scores.shape[0] // b
+        scores = (scores.view(b, windows, self.heads, n, n) + self.mask).view(-1, self.heads, n, n)
+        out = self.proj(merge_heads(scores.softmax(dim=-1) @ v))
+        out = out.view(b, hh // w, ww // w, w, w, c).permute(0, 1, 3, 2, 4, 5).reshape(b, hh, ww, c)
+        return torch.roll(out, (self.shift, self.shift), dims=(1, 2)) if self.shift else out
+
+
+class Swin(nn.Module):
+    """Patch embedding to a [B, 8, 8, C] map, a window-attention block and a shifted one (windows
+    4×4), mean pool, classifier."""
+
+    def __init__(self, mlp: int, image: int = 16, patch: int = 2, dim: int = DIM, heads: int = HEADS,
+                 window: int = 4, num_classes: int = 10):
+        super().__init__()
+        size = image // patch
+        self.patch = nn.Conv2d(3, dim, patch, stride=patch)
+        self.blocks = nn.ModuleList(PreNormBlock(WindowAttention(dim, heads, window, size, shift), GeluMLP(dim, mlp),
+                                                 lambda: nn.LayerNorm(dim)) for shift in (False, True))
+        self.norm, self.head = nn.LayerNorm(dim), nn.Linear(dim, num_classes)
+
+    def forward(self, image):
+        x = self.patch(image).permute(0, 2, 3, 1)  # [B, H, W, C]
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.norm(x).mean(dim=(1, 2)))
+
+
 class ViT(nn.Module):
     def __init__(self, mlp: int, image: int = 16, patch: int = 4, dim: int = DIM, heads: int = HEADS,
                  layers: int = LAYERS, num_classes: int = 10):
@@ -351,6 +422,7 @@ TRANSFORMERS: dict[str, TransformerSpec] = {
     s.name: s
     for s in (
         TransformerSpec("vit", ViT, lambda gen: torch.randn((1, 3, 16, 16), generator=gen), MLP),
+        TransformerSpec("swin", Swin, lambda gen: torch.randn((1, 3, 16, 16), generator=gen), MLP),
         TransformerSpec("bert", BertEncoder, _bert_inputs, MLP),
         TransformerSpec("gpt", GPT, _ids, MLP),
         TransformerSpec("llama", Llama, _ids, MLP),

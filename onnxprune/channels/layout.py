@@ -306,8 +306,13 @@ def reshape_channel_map(in_shape, sp, out_shape):
 def reshape_groups(a: tuple, b: tuple) -> list[tuple[tuple, tuple]] | None:
     """Pair runs of input axes with runs of output axes of equal element count, in order — what a
     row-major reshape keeps together: [(input axes, output axes)], or None. A size-1 axis pairs with
-    nothing; a dynamic dim pairs only with a dynamic dim (the sequence axis of [B, N, h·d] ->
-    [B, N, h, d], which exporters never fold into another)."""
+    nothing; a dynamic dim pairs only with a dynamic dim, and only when the static sizes between the
+    dynamic dims agree on both sides, so that each keeps its place in the element order (the
+    sequence axis of [B, N, h·d] -> [B, N, h, d]; not Swin's [B·nW, h, N, N] -> [B, nW, h, N, N]
+    at a symbolic batch, which splits one)."""
+    if None in a or None in b:
+        if _static_runs(a) != _static_runs(b):
+            return None
     groups, i, j = [], 0, 0
     while i < len(a) or j < len(b):
         if i < len(a) and a[i] == 1:
@@ -337,6 +342,17 @@ def reshape_groups(a: tuple, b: tuple) -> list[tuple[tuple, tuple]] | None:
             groups.append((tuple(range(i, ii)), tuple(range(j, jj))))
             i, j = ii, jj
     return groups
+
+
+def _static_runs(shape) -> list[int]:
+    """The products of the static dims before, between and after the dynamic ones."""
+    runs = [1]
+    for d in shape:
+        if d is None:
+            runs.append(1)
+        else:
+            runs[-1] *= d
+    return runs
 
 
 def grouped_channel_map(in_shape, sp, out_shape):

@@ -19,14 +19,14 @@ from .block import BlockPruner
 from .export import export_onnx
 from .groups import Channel, DependencyGroups, Group, ParamSlice, Plan, dependency_groups
 from .masks import apply_masks, current_masks, make_permanent, normalize_masks
-from .pruner import FilterPruner, FPGMPruner, L1FilterPruner, L2FilterPruner, LevelPruner, Pruner, masked_state_dict
+from .pruner import FilterPruner, FPGMPruner, HeadPruner, L1FilterPruner, L2FilterPruner, LevelPruner, Pruner, masked_state_dict
 from .rounds import RoundResult, prune_in_rounds
 from .speedup import SpeedupReport, speedup
 from .training import ADMMPruner, ActivationAPoZRankFilterPruner, ActivationMeanRankFilterPruner, SlimPruner, TaylorFOWeightFilterPruner
 
 __all__ = [
     "dependency_groups", "DependencyGroups", "Group", "Channel", "ParamSlice", "Plan",
-    "Pruner", "FilterPruner", "BlockPruner", "LevelPruner", "L1FilterPruner", "L2FilterPruner", "FPGMPruner",
+    "Pruner", "FilterPruner", "HeadPruner", "BlockPruner", "LevelPruner", "L1FilterPruner", "L2FilterPruner", "FPGMPruner",
     "ActivationAPoZRankFilterPruner", "ActivationMeanRankFilterPruner", "TaylorFOWeightFilterPruner", "SlimPruner", "ADMMPruner",
     "speedup", "SpeedupReport", "export_onnx", "prune_in_rounds", "RoundResult",
     "apply_masks", "current_masks", "make_permanent", "normalize_masks", "masked_state_dict",

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
+from ..channels.attention import head_roots
 from ..channels.verdict import PINNED, judge
 from ..errors import OnnxPruneError
 from ..graph import Graph, attrs
@@ -66,6 +67,7 @@ class Group:
     layers: list[str]                    # producer modules, graph order
     channels: list[Channel]
     unmovable: str = ""                  # why its channels cannot be permuted ("" if they can)
+    heads: bool = False                  # its channels are attention heads (q, k, v rows of each head)
 
     @property
     def size(self) -> int:
@@ -143,6 +145,7 @@ def dependency_groups(model, dummy_input) -> DependencyGroups:
     cg = g.channel_graph()
     roots = cg.roots()
     classes = cg.classes()
+    heads = head_roots(cg)
     slices_of: dict[int, list[ParamSlice]] = {}
     unmapped: dict[str, str] = {}
     for init, axis, slots in initializer_axes(g, cg):
@@ -174,7 +177,7 @@ def dependency_groups(model, dummy_input) -> DependencyGroups:
             pinned = reason or (judge(classes[root], cg).reason if judge(classes[root], cg).kind == PINNED else "")
             channels.append(Channel(producers, slices, pinned))
         why = immovable(b, g, cg, roots) or _unmapped_constant(b, g, cg, roots, owner)
-        groups.append(Group(modules, channels, why))
+        groups.append(Group(modules, channels, why, heads=bool(b.classes) and set(b.classes) <= heads))
     result = DependencyGroups(groups, unmapped)
     result._names = {id(m): n for n, m in model.named_modules()}
     return result

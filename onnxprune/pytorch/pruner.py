@@ -297,6 +297,35 @@ class FPGMPruner(WeightNormPruner):
     criterion = "fpgm"
 
 
+class HeadPruner(FilterPruner):
+    """Whole attention heads, found from the graph (no `num_heads` to declare): each head is scored
+    by the l1 / l2 norm of all its weights taken together — its q, k, v rows and its output
+    projection's columns — and the lowest go, in every group of heads at its configured sparsity
+    (in grouped-query attention a k / v head and its query heads are one unit). Other groups (MLP
+    neurons) are left to the filter pruners. The q, k, v rows are masked; biases stay, so a pruned
+    head outputs its v bias, which `speedup` folds into the output projection before removing it."""
+
+    def __init__(self, model, config_list, dummy_input=None, criterion: str = "l2", **kwargs):
+        if criterion not in ("l1", "l2"):
+            raise OnnxPruneError(f"HeadPruner: criterion must be l1 or l2, got {criterion!r}")
+        self.criterion = criterion
+        super().__init__(model, config_list, dummy_input, **kwargs)
+
+    def group_sparsity(self, group: Group) -> tuple[float | None, str]:
+        if not group.heads:
+            return None, "not attention heads"
+        return super().group_sparsity(group)
+
+    def channel_scores(self, group: Group) -> np.ndarray:
+        weights = {}
+        def part(s: ParamSlice):
+            if s.name not in weights:
+                weights[s.name] = self.weight(s.module)
+            return np.take(weights[s.name], list(s.indices), axis=s.axis)
+        return np.array([criteria.weight_set(self.criterion, [part(s) for s in ch.slices if s.param == "weight"])
+                         for ch in group.channels])
+
+
 class LevelPruner(Pruner):
     """Unstructured: the smallest-magnitude weights of every selected module (no groups needed)."""
 
@@ -319,5 +348,5 @@ class LevelPruner(Pruner):
         return masks
 
 
-__all__ = ["Pruner", "FilterPruner", "L1FilterPruner", "L2FilterPruner", "FPGMPruner", "LevelPruner",
+__all__ = ["Pruner", "FilterPruner", "HeadPruner", "L1FilterPruner", "L2FilterPruner", "FPGMPruner", "LevelPruner",
            "masked_state_dict", "PruneSummary"]
