@@ -353,18 +353,22 @@ def test_pruned_filters_keep_their_bias_unless_asked(prune_bias):
 
 
 @pytest.mark.parametrize("name", ["vit", "bert", "gpt", "llama"])
-def test_mlp_neurons_of_transformers_prune_in_pytorch_to_the_half_mlp_model(name):
-    """The MLP hidden width is a group (LLaMA's gate and up projections together): L1 at 0.5 on every
-    Linear leaves exactly the weights of the model built with half the MLP; heads and the residual
-    width stay (pinned)."""
-    from onnxprune.models.transformers import TRANSFORMERS
+def test_mlp_neurons_and_heads_of_transformers_prune_in_pytorch_to_the_half_model(name):
+    """The MLP hidden width is a group (LLaMA's gate and up projections together), and so are the
+    heads of each attention (the q, k, v projections together; a LLaMA k / v head with its query
+    heads): L1 at 0.5 on every Linear leaves exactly the weights of the model built with half the
+    MLP and half the heads; the residual width stays (pinned)."""
+    from onnxprune.models.transformers import HEADS, TRANSFORMERS
 
     spec = TRANSFORMERS[name]
     model, x = spec.build(), spec.example_input()
     pruner = L1FilterPruner(model, [{"sparsity": 0.5, "op_types": ["Linear"]}], dummy_input=x)
     pruner.compress()
+    mlp = ("gate", "up") if name == "llama" else ("fc1",)
+    attn = {"vit": ("qkv",), "gpt": ("qkv",), "bert": ("q", "k", "v"), "llama": ("q", "k", "v")}[name]
     assert {tuple(g.layers) for g in pruner.groups if g.free} == {
-        tuple(f"blocks.{i}.mlp.{p}" for p in (("gate", "up") if name == "llama" else ("fc1",))) for i in range(2)}
+        tuple(f"blocks.{i}.{part}.{p}" for p in layers) for i in range(2) for part, layers in (("mlp", mlp), ("attn", attn))}
+    assert {tuple(g.layers) for g in pruner.groups if g.heads} == {tuple(f"blocks.{i}.attn.{p}" for p in attn) for i in range(2)}
     small, report = speedup(model, x, exporter="torchscript", align=1)
     assert report.torch_parity.passed
-    assert layer_weight_count(small) == conv_linear_weight_count(spec.build(mlp=spec.mlp // 2))
+    assert layer_weight_count(small) == conv_linear_weight_count(spec.build(mlp=spec.mlp // 2, heads=HEADS // 2))
