@@ -398,11 +398,11 @@ def test_cli_prune_granularity_head_then_simplify(name, tmp_path):
 # --- the attention rules on hand-built blocks ---------------------------------------------------
 
 def attention_block(randn, *, heads=3, d=4, n=5, dim=6, normalize="Softmax", kv_heads=None, bias_table=False,
-                    mask_input=False, dead_values=(), softmax_axis=-1):
+                    mask_input=False, where_mask=False, dead_values=(), softmax_axis=-1):
     """x [1, n, dim] -> q, k, v projections -> [1, h, n, d] -> softmax(q·kᵀ/√d [+ bias]) · v -> out
     projection. `kv_heads=1`: one k / v head broadcast to every query head (multi-query attention);
     `bias_table`: a constant relative-position bias [1, h, n, n]; `mask_input`: a [1, 1, 1, n] mask
-    bias fed as a graph input; `dead_values`: heads whose v weight rows are zero (biases kept);
+    bias fed as a graph input; `where_mask`: a causal Where(mask, -1e4, scores); `dead_values`: heads whose v weight rows are zero (biases kept);
     `normalize`: the op that turns scores into weights (Sigmoid is not row-stochastic)."""
     kv = heads if kv_heads is None else kv_heads
     wv = randn(dim, kv * d)
@@ -425,6 +425,10 @@ def attention_block(randn, *, heads=3, d=4, n=5, dim=6, normalize="Softmax", kv_
         inits["table"] = randn(1, heads, n, n)
         nodes.append(node("Add", [last, "table"], "biased"))
         last = "biased"
+    if where_mask:
+        inits.update(causal=np.triu(np.ones((n, n), bool), 1), fill=np.array(-1e4, np.float32))
+        nodes.append(node("Where", ["causal", "fill", last], "filled"))
+        last = "filled"
     if mask_input:
         inputs["mask"] = (onnx.TensorProto.FLOAT, [1, 1, 1, n])
         nodes.append(node("Add", [last, "mask"], "masked"))
@@ -505,3 +509,59 @@ def test_head_pruner_masks_whole_heads_and_speedup_removes_them(name):
     small, _ = speedup(model, inputs, align=1)
     assert attention_heads(small) == [HEADS // 2] * len(mlps(model))
     assert linear_shapes(small) == torch_linear_shapes(spec.build(heads=HEADS // 2))
+
+
+# regressions found by the attention fuzz (tests/test_fuzz.py)
+
+def test_broadcast_kv_head_as_many_features_as_heads_keeps_v_constants_on_v(randn):
+    """Multi-query attention, v constant (its bias), h == d: the output of attn · v has only the
+    query heads as channels (v is broadcast); v's per-feature constants were put on the head axis
+    (a wrong result: parity failed)."""
+    m = attention_block(randn, heads=4, d=4, kv_heads=1, dead_values=(0,))
+    small, _ = simplify(m, align=1)
+    same_outputs(m, small, block_feeds(randn, m))
+
+
+def test_where_mask_passes_heads_through(randn):
+    """masked_fill as Where(causal, -1e4, scores): it pinned every head (op not understood)."""
+    m = attention_block(randn, where_mask=True, dead_values=(1,))
+    small, _ = simplify(m, align=1)
+    assert const_input(small, "y").shape == (8, 6)
+    same_outputs(m, small, block_feeds(randn, m))
+
+
+def test_per_head_table_sliced_to_a_symbolic_length_is_cut_with_its_heads(randn):
+    """ALiBi: a [1, h, M, M] table sliced to the sequence length at run time, added to the scores
+    twice (two readers of one Slice): a dead head goes, and each reader gets the table of the heads
+    kept (it pinned every head: the slice was not tracked)."""
+    h, d, dim, big = 2, 2, 4, 8
+    wv = randn(dim, h * d)
+    wv[:, d:] = 0
+    inits = {"wq": randn(dim, h * d), "wk": randn(dim, h * d), "wv": wv, "bv": randn(h * d), "wo": randn(h * d, dim),
+             "split": np.array([0, 0, h, d], np.int64), "merge": np.array([0, 0, h * d], np.int64),
+             "table": randn(1, h, big, big), "one": np.array([1], np.int64), "two": np.array([2], np.int64),
+             "zero": np.array([0], np.int64), "zeros": np.array([0, 0], np.int64), "axes": np.array([2, 3], np.int64)}
+    nodes = [node("Shape", ["x"], "shape"), node("Slice", ["shape", "one", "two", "zero"], "n"),
+             node("Concat", ["n", "n"], "ends", axis=0), node("Slice", ["table", "zeros", "ends", "axes"], "alibi")]
+    for p in "qkv":
+        nodes += [node("MatMul", ["x", f"w{p}"], f"{p}0")]
+        nodes += [node("Add", ["v0", "bv"], "v0b")] if p == "v" else []
+        nodes += [node("Reshape", ["v0b" if p == "v" else f"{p}0", "split"], f"{p}1"),
+                  node("Transpose", [f"{p}1"], f"{p}h", perm=[0, 2, 1, 3])]
+    nodes += [node("Transpose", ["kh"], "kt", perm=[0, 1, 3, 2]), node("MatMul", ["qh", "kt"], "scores"),
+              node("Add", ["scores", "alibi"], "biased"), node("Add", ["biased", "alibi"], "biased2"),
+              node("Softmax", ["biased2"], "attn", axis=-1), node("MatMul", ["attn", "vh"], "ctx"),
+              node("Transpose", ["ctx"], "ctx_t", perm=[0, 2, 1, 3]), node("Reshape", ["ctx_t", "merge"], "merged"),
+              node("MatMul", ["merged", "wo"], "y")]
+    graph = onnx.helper.make_graph(
+        nodes, "alibi", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, "N", dim])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, "N", dim])],
+        initializer=[onnx.numpy_helper.from_array(np.asarray(v), k) for k, v in inits.items()])
+    m = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)], ir_version=10)
+    inputs = [{"x": randn(1, n, dim)} for n in (5, 3)]
+    small, _ = simplify(m, align=1, inputs=inputs)
+    assert const_input(small, "y").shape == (d, dim)
+    tables = [onnx.numpy_helper.to_array(t).shape for t in small.graph.initializer if t.dims[:2] == [1, 1] and len(t.dims) == 4]
+    assert tables == [(1, 1, big, big)] * len(tables) and len(tables) >= 1
+    for feeds in inputs:
+        same_outputs(m, small, feeds)

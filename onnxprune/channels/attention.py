@@ -140,14 +140,17 @@ class ActivationProduct:
 
     @staticmethod
     def values(node, cg):
-        """attn·V: constant v channels stay constant (attn rows sum to one); zero stays zero."""
+        """attn·V: constant v channels stay constant (attn rows sum to one); zero stays zero. Only
+        where the output's channels are v's own (v has the heads and passes its columns; attn has
+        nothing but the heads)."""
         out = node.output[0]
         sp_out, sp_v = cg.space(out), cg.space(node.input[1])
         if sp_out is None or sp_v is None or sp_v.dims != sp_out.dims:
             return
         facs = ActivationProduct.factors(node, cg, 1)
-        if any(r in (CONTRACTED, ROW) for r, _, _ in facs) or cg.space(node.input[0]) is not None and any(
-                r != BATCH for r, _, _ in ActivationProduct.factors(node, cg, 0)):
+        shift = cg.rank(out) - cg.rank(node.input[1])
+        if (any(r in (CONTRACTED, ROW) for r, _, _ in facs) or tuple(a + shift if r == BATCH else a for r, a, _ in facs) != sp_out.axes
+                or cg.space(node.input[0]) is not None and any(r != BATCH for r, _, _ in ActivationProduct.factors(node, cg, 0))):
             return
         v = cg.values[node.input[1]]
         cg.values[out] = np.where(v == 0, 0.0, v) if row_stochastic(node.input[0], cg) else np.where(v == 0, 0.0, np.nan)

@@ -81,6 +81,35 @@ def per_factor(extents: tuple, dims: tuple) -> bool:
     return all(e in (1, d) for e, d in zip(extents, dims))
 
 
+def sliced_table(cg: ChannelGraph, name: str, out_axes: tuple[int, ...], out_rank: int):
+    """The Slice node if `name` is a constant table sliced at run time along axes that carry no
+    channel (a position or ALiBi table cut to the sequence length, cos[:n]), else None: along the
+    channel axes it is a per-channel constant, which the rewrite cuts in the table itself."""
+    node = cg.g.producer(name)
+    if node is None or node.op_type != "Slice" or not cg.g.is_const(node.input[0]) or len(node.input) < 4:
+        return None
+    axes = cg.g.const(node.input[3]) if node.input[3] else None
+    rank = cg.g.inits[node.input[0]].ndim
+    if axes is None or rank > out_rank:
+        return None
+    sliced = {int(a) % rank + out_rank - rank for a in axes.reshape(-1)}
+    return node if not sliced & set(out_axes) else None
+
+
+def cut_sliced_table(g: Graph, user: onnx.NodeProto, index: int, slice_node: onnx.NodeProto, table: np.ndarray) -> None:
+    """Give `user` input `index` the slice of `table` (the cut table) that `slice_node` took of the
+    old one: in place when nothing else reads that slice, else through a copy of the Slice."""
+    if table.shape == g.inits[slice_node.input[0]].shape:
+        return
+    if g.uses(slice_node.output[0]) > 1 or slice_node.output[0] in g.output_names:
+        out = g.fresh_name(f"{slice_node.output[0]}_cut")
+        copy = helper.make_node("Slice", list(slice_node.input), [out], name=out)
+        g.insert_after(slice_node, [copy])
+        g.set_input(user, index, out)
+        slice_node = copy
+    g.set_input_const(slice_node, 0, table)
+
+
 def unite_along(cg: ChannelGraph, space: Space, whole: list[bool]) -> None:
     """Unite the slots of `space` that differ only along the factors marked `whole`: those factors
     are then never cut, only the others. What an operand computed at run time asks that varies along
@@ -225,6 +254,8 @@ class Elementwise(Rule):
                 continue
             if sp is not None and sp.axes == axes and sp.dims == sp_out.dims:
                 cg.unite(sp.slots, sp_out.slots)
+            elif sp is None and extents is not None and per_factor(extents, sp_out.dims) and sliced_table(cg, n, ref, out_rank):
+                continue  # a constant table sliced to the sequence length: cut with the channels (rewrite)
             elif sp is None and extents is not None and per_factor(extents, sp_out.dims) and 1 in extents:
                 unite_along(cg, sp_out, [e != 1 for e in extents])
             else:
@@ -299,6 +330,10 @@ class Elementwise(Rule):
             cut = cut_operand(c, out_rank, sp, keep[out])
             if cut.shape != c.shape:
                 g.set_input_const(node, i, cut)
+        for i, n in enumerate(node.input[: self.data_inputs]):
+            table = sliced_table(cg, n, sp.axes, out_rank) if n and not g.is_const(n) and cg.space(n) is None else None
+            if table is not None:
+                cut_sliced_table(g, node, i, table, cut_operand(g.inits[table.input[0]], out_rank, sp, keep[out]))
 
 
 class BatchNorm(Rule):
@@ -368,6 +403,6 @@ Exp Log Abs Neg Sqrt Reciprocal Floor Ceil Round Sign Sin Cos Identity Cast Thre
 BINARY = "Add Sub Mul Div Max Min Sum Mean Pow PRelu".split()
 
 register_rule(UNARY + ["Clip", "Dropout"], Elementwise(data_inputs=1), permute=True)
-register_rule(BINARY, Elementwise(), permute=True)
+register_rule(BINARY + ["Where"], Elementwise(), permute=True)  # (Where: a mask broadcast along the channels)
 register_rule(["BatchNormalization", "InstanceNormalization"], BatchNorm(), permute=True)
 register_rule(["LayerNormalization", "RMSNormalization"], LayerNorm())
