@@ -14,8 +14,21 @@ three sizes.
 test_chain_zeroed_filter_is_removed / test_residual_class_zeroed_in_all_producers_is_removed —
 graphs where we know the answer: the dead channel must actually go.
 
-ONNXPRUNE_FUZZ_EXAMPLES sets the number of examples per test (default 200; derandomized for CI);
-ONNXPRUNE_FUZZ_RANDOM=1 searches afresh (not reproducible: use the printed blob).
+Attention blocks (tests/attention_builders.py; opset 17, batch 1, 1-2 layers, h 1..4, d 2..6; fused
+[B,N,3,h,d] + Gather / Split, [B,N,h,3d] (NeoX), Split of q|k|v, or separate projections; biases,
+scale by Mul / Div / on q and k, [N,N] / [1,1,N,N] causal, [1,1,1,N] key or Where masks, ALiBi and
+per-head scales, rotary (rotate_half by constant / negative / computed Slices or a Split, or
+interleaved), GQA by Unsqueeze + Expand + Reshape (interleaved or tiled, or 5-D without the repeat),
+multi-query broadcast, 3-D batched products, constant k / v prefixes, pre-LayerNorm, residual;
+random heads' v / output / q+k / partial weights zeroed):
+test_attention_keeps_the_function (and _at_any_length, symbolic N, three lengths) — simplify(align=1)
+refuses cleanly or keeps the function (same tolerances), and never removes more heads than are
+provably input-independent;
+test_attention_dead_heads_are_removed_exactly — exactly the heads whose v weights or output rows are
+zero go (GQA: whole groups), in every projection; heads with q and k zeroed alone stay.
+
+ONNXPRUNE_FUZZ_EXAMPLES sets the number of examples per test (default 200, attention 25;
+derandomized for CI); ONNXPRUNE_FUZZ_RANDOM=1 searches afresh (not reproducible: use the printed blob).
 Bugs found and not yet fixed go into KNOWN_BUGS (each with a strict-xfail regression test).
 """
 
@@ -29,7 +42,10 @@ import onnx
 from hypothesis import HealthCheck, event, given, reject, settings
 from hypothesis import strategies as st
 
-from onnxprune import OnnxPruneError, simplify
+from onnxprune import OnnxPruneError, ParityError, simplify
+from .attention_builders import (AttentionSpec, HeadZeros, LayerNames, build_attention, constant_attention,
+                                 constant_features, covered_heads, dead_heads, expected_widths, v_zeros)
+from .attention_builders import feeds as attention_inputs
 from .onnx_builders import GraphBuilder, assert_same_function, conv_out, exact_counts, ort_session, weight_count
 
 EXAMPLES = int(os.environ.get("ONNXPRUNE_FUZZ_EXAMPLES", 200))
@@ -517,6 +533,252 @@ def test_residual_class_zeroed_in_all_producers_is_removed(case):
     assert report.after.layers["reader"][0] == c - 1
 
 
+# --- attention blocks (tests/attention_builders.py) -------------------------------------------------
+
+# An attention example costs ~20-100 ms (simplify, its gate, two onnxruntime sessions): CI runs a
+# handful per test (about a second each); ONNXPRUNE_FUZZ_EXAMPLES sets it like the others', and
+# ONNXPRUNE_FUZZ_RANDOM=1 searches afresh.
+ATTN_FUZZ = settings(FUZZ, max_examples=int(os.environ.get("ONNXPRUNE_FUZZ_EXAMPLES", 25)))
+
+
+@st.composite
+def attention_specs(draw, symbolic: bool = False, known: bool = False) -> AttentionSpec:
+    """A random attention block as exporters write them (see AttentionSpec), with patterns where a
+    head whose v weights are zero is *not* dead (the traps: attention rows that do not sum to one, a
+    constant prefix of other values). `known`: only blocks whose dead heads `dead_heads` counts
+    exactly: no multi-query broadcast (its k / v head is pinned, its query heads go one by one), no
+    attention probabilities as a graph output (pinned), none of the patterns that pin the heads
+    (the missed removals named below)."""
+    h = draw(st.sampled_from([2, 4, 3, 1]))  # (one head alone never goes: the last class is kept)
+    ratios = [r for r in (2, 4) if h % r == 0]
+    ratio = draw(st.sampled_from(ratios)) if ratios and draw(st.integers(0, 2)) == 0 else 1
+    rotary = draw(st.booleans())
+    d = draw(st.sampled_from([2, 4, 6] if rotary else [2, 3, 4, 5, 6]))
+    qkv = draw(st.sampled_from(["separate", "fused", "split", "neox"] if ratio == 1 else ["separate", "split"]))
+    mask = draw(st.sampled_from([None, None, "causal", "causal4", "key", "where"]))
+    trap = draw(st.sampled_from([None, None, None, "post_softmax", "softmax_axis_2", "prefix"]))
+    reshape = draw(st.sampled_from(["zero", "minus1", "computed"] if symbolic else
+                                   ["explicit", "zero", "minus1", "computed"]))
+    mqa_broadcast = not known and h > 1 and ratio == h and draw(st.booleans())
+    k_direct = qkv in ("separate", "split") and not rotary and ratio == 1 and draw(st.integers(0, 2)) == 0
+    bmm3 = mask in (None, "causal", "where") and not mqa_broadcast and draw(st.integers(0, 3)) == 0
+    gqa_tile = ratio > 1 and draw(st.booleans())
+    # (grouped attention in 5-D: test_regression_grouped_attention_in_5d; at a symbolic length with
+    # one k / v head it crashed once: test_regression_one_kv_head_in_5d_at_a_symbolic_length)
+    gqa_5d = ratio > 1 and not gqa_tile and not bmm3 and not mqa_broadcast and draw(st.booleans())
+    return AttentionSpec(
+        tokens=draw(st.integers(3, 9)), hidden=draw(st.integers(2, 12)), heads=h, head_dim=d,
+        kv_heads=h // ratio if ratio > 1 else None, layers=draw(st.sampled_from([1, 1, 1, 2])), qkv=qkv,
+        q_bias=draw(st.booleans()), k_bias=draw(st.booleans()), v_bias=draw(st.booleans()),
+        o_bias=draw(st.booleans()),
+        scale=draw(st.sampled_from(["Mul", "Div", "qk", "q"])), scale_rank=draw(st.sampled_from([0, 1, 4])),
+        mask=mask, mask_value=draw(st.sampled_from([-1e4, -1e9, float(np.finfo(np.float32).min)])),
+        tables=draw(st.sampled_from(["exact", "sliced"])),
+        softmax_axis=2 if trap == "softmax_axis_2" else draw(st.sampled_from([-1, 3])),
+        post_softmax=trap == "post_softmax",
+        rotary=rotary, rotary_axis=draw(st.sampled_from([-1, 3])),
+        # (interleaved rotary — test_regression_interleaved_rotary — with d = 2 leaves a
+        # size-1 feature factor whose reshape is not followed: its heads stay, exactly)
+        rotary_halves=draw(st.sampled_from(["const", "negative", "computed", "split"]
+                                           + ([] if known and d == 2 else ["interleaved"]))),
+        residual=draw(st.booleans()), residual_first=draw(st.booleans()),
+        reshape=reshape,
+        gqa_expand="ones" if symbolic and reshape != "computed" else draw(st.sampled_from(["full", "ones"])),
+        mqa_broadcast=mqa_broadcast, k_direct=k_direct, gqa_tile=gqa_tile, gqa_5d=gqa_5d,
+        fused_parts=draw(st.sampled_from(["gather", "split"])),
+        merge_last=reshape in ("explicit", "zero") and draw(st.integers(0, 2)) == 0,
+        pre_norm=draw(st.integers(0, 3)) == 0,
+        prefix=draw(st.integers(1, 2)) if trap == "prefix" and not k_direct else 0,
+        head_bias=draw(st.integers(0, 3)) == 0, head_scale=draw(st.integers(0, 3)) == 0,
+        bmm3=bmm3, attn_output=not known and draw(st.integers(0, 5)) == 0,
+        identities=draw(st.integers(0, 3)) == 0,
+        symbolic=symbolic)
+
+
+def draw_head_zeros(draw, spec: AttentionSpec, strong: bool = False) -> HeadZeros:
+    """Per query head, one of: nothing; its v head's weights all zero; its output rows all zero; its
+    q and its k head's weights all zero (the trap: uniform attention, the mean of v, stays); random
+    subsets of its q / k / v / o features. `strong`: no head is left dead by a mix of partial v and
+    partial o zeros (every feature constant or unread) unless the whole-head rule kills it too."""
+    d, full = spec.head_dim, set(range(spec.head_dim))
+    z = HeadZeros()
+    some = st.sets(st.integers(0, d - 1), max_size=d)
+    for i in range(spec.heads):
+        g = spec.kv_of(i)
+        how = draw(st.sampled_from(["v", "o", "none", "qk", "partial", "v", "o"]))
+        if how == "v":
+            z.v[g] = set(full)
+        elif how == "o":
+            z.o[i] = set(full)
+        elif how == "qk":
+            z.q[i], z.k[g] = set(full), set(full)
+        elif how == "partial":
+            for part, head in ((z.q, i), (z.k, g), (z.v, g), (z.o, i)):
+                part[head] = part.get(head, set()) | draw(some)
+    if strong:
+        # v zeroed where the attention rows do not sum to one (the traps) and the attention is
+        # constant (q or k zeroed too): a constant head that simplify finds only where it folds the
+        # whole attention (fixed N), not a rule of its own: not counted here
+        for i in range(spec.heads):
+            if constant_attention(spec, z, i) and not v_zeros(spec, z):
+                z.v.pop(spec.kv_of(i), None)
+        whole = dead_heads(spec, z)
+        for i in sorted(covered_heads(spec, z) - whole):
+            const = constant_features(spec, z, i)
+            if z.o.get(i, set()) >= full or const >= full:
+                continue  # dead as a head, kept for its group (GQA): not a mix
+            z.o[i].discard(min(z.o[i] - const))
+    return z
+
+
+@st.composite
+def attention_cases(draw, symbolic: bool = False, strong: bool = False):
+    """(spec, per layer HeadZeros, model, per layer LayerNames)."""
+    spec = draw(attention_specs(symbolic=symbolic, known=strong))
+    zeros = [draw_head_zeros(draw, spec, strong) for _ in range(spec.layers)]
+    if strong and not spec.residual and spec.layers > 1:
+        # a layer whose every head is dead outputs a constant: the next layer's heads then all go, and
+        # the previous layer's outputs are read by nobody (exact, not what this test counts): keep one
+        # group of each layer alive
+        for z in zeros:
+            if len(dead_heads(spec, z)) == spec.heads:
+                z.v.pop(0, None)
+                for i in spec.group(0):
+                    z.o.pop(i, None)
+    model, names = build_attention(spec, zeros, seed=draw(st.integers(0, 2**32 - 1)))
+    return spec, zeros, model, names
+
+
+def attention_feeds(spec: AttentionSpec, sizes, seed: int) -> list[dict]:
+    return [attention_inputs(spec, n, seed + k) for k, n in enumerate(sizes)]
+
+
+def simplify_attention(model, spec: AttentionSpec, sizes, refusal_ok: bool = True):
+    """simplify(model, align=1) (on its own random inputs at a fixed N; at two sizes with a symbolic
+    N), then the result against the unmodified model on onnxruntime on fresh inputs at every size
+    in `sizes`. A clean refusal (OnnxPruneError, never ParityError) returns None."""
+    inputs = attention_feeds(spec, sizes[:2], seed=100) if spec.symbolic else None
+    ref = ort_session(model)
+    expected = [ref.run(None, f) for f in attention_feeds(spec, sizes, seed=7)]  # (the builder's graph runs)
+    try:
+        out, report = simplify(model, align=1, inputs=inputs)
+    except ParityError:
+        raise
+    except OnnxPruneError as e:
+        if not refusal_ok:
+            raise
+        event(f"refused: {str(e)[:60]}")
+        return None
+    cand = ort_session(out)
+    for f, want in zip(attention_feeds(spec, sizes, seed=7), expected):
+        for r, o in zip(want, cand.run(None, f)):
+            assert r.shape == o.shape
+            np.testing.assert_allclose(o, r, atol=ATOL, rtol=RTOL)
+    assert weight_count(out) <= weight_count(model)
+    return out, report
+
+
+def attention_sizes(draw, spec: AttentionSpec) -> list[int]:
+    if not spec.symbolic:
+        return [spec.tokens]
+    return [spec.tokens, draw(st.integers(1, spec.max_tokens)), spec.max_tokens]
+
+
+def o_rows(report, names: LayerNames) -> int:
+    return report.after.layers[names.o][0]
+
+
+def live_input(spec: AttentionSpec, zeros: list[HeadZeros], layer: int) -> bool:
+    """The layer's input depends on the block's input (a layer of dead heads outputs a constant)."""
+    return layer == 0 or spec.residual or len(covered_groups(spec, zeros[layer - 1])) < spec.kv
+
+
+def covered_groups(spec: AttentionSpec, z: HeadZeros) -> set[int]:
+    cov = covered_heads(spec, z)
+    return {g for g in range(spec.kv) if all(i in cov for i in spec.group(g))}
+
+
+def truly_dead_bound(spec: AttentionSpec, z: HeadZeros) -> int:
+    """The most query heads that are provably input-independent (each may go, as far as the
+    function goes, even where a grouped head cannot go without its group)."""
+    return len(covered_heads(spec, z))
+
+
+def check_attention(case, draw):
+    spec, zeros, model, names = case
+    done = simplify_attention(model, spec, attention_sizes(draw, spec))
+    if done is None:
+        return
+    out, report = done
+    for li, (z, n) in enumerate(zip(zeros, names)):
+        if live_input(spec, zeros, li):
+            bound = truly_dead_bound(spec, z)
+            assert o_rows(report, n) >= (spec.heads - bound) * spec.head_dim, (li, z)
+            groups = len(covered_groups(spec, z))
+            if groups > len(dead_heads(spec, z)) // spec.ratio and not spec.mqa_broadcast:
+                removed = o_rows(report, n) == max(spec.kv - groups, 1) * spec.ratio * spec.head_dim
+                event("mixed v/o cover: " + ("removed" if removed else "kept"))
+    event("weights shrunk" if weight_count(out) < weight_count(model) else "weights unchanged")
+
+
+@ATTN_FUZZ
+@given(attention_cases(), st.data())
+def test_attention_keeps_the_function(case, data):
+    """Random attention blocks with random heads' v / o / q+k / partial weights zeroed: simplify
+    refuses cleanly or keeps the function, and never removes a head that is not provably dead."""
+    check_attention(case, data.draw)
+
+
+@ATTN_FUZZ
+@given(attention_cases(symbolic=True), st.data())
+def test_attention_keeps_the_function_at_any_length(case, data):
+    """The same with the token axis symbolic: reshapes by 0 / -1, tables sliced to the length read
+    from the input's shape, the GQA repeat by a broadcasting Expand; exact at three lengths."""
+    check_attention(case, data.draw)
+
+
+@st.composite
+def attention_cases_known(draw):
+    return draw(attention_cases(symbolic=draw(st.integers(0, 3)) == 0, strong=True))
+
+
+@ATTN_FUZZ
+@given(attention_cases_known(), st.data())
+def test_attention_dead_heads_are_removed_exactly(case, data):
+    """Exactly the heads whose v weights (all d columns of its k / v head) or output rows are zero
+    go (GQA: whole groups only, every query head of the group dead), in every layer; heads with only
+    q and k zeroed stay. A layer of dead heads keeps one group at most, one query head at least."""
+    spec, zeros, model, names = case
+    out, report = simplify_attention(model, spec, attention_sizes(data.draw, spec), refusal_ok=False)
+    full = set(range(spec.head_dim))
+    for li, (z, n) in enumerate(zip(zeros, names)):
+        dead = dead_heads(spec, z)
+        if len(dead) == spec.heads:
+            # one group is spared (no tensor is left empty); once its k / v head is the only one left it
+            # broadcasts like a multi-query head, and the group's dead query heads may then go one by one
+            assert spec.head_dim <= o_rows(report, n) <= spec.ratio * spec.head_dim, f"layer {li}: all heads dead"
+            continue
+        if spec.ratio > 1 and (spec.heads - len(dead)) // spec.ratio == 1:
+            # the one k / v head left broadcasts like a multi-query head: a query head of its group whose
+            # output rows are zero may then go alone
+            alone = {i for i in range(spec.heads) if i not in dead and z.o.get(i, set()) >= full}
+            rows = o_rows(report, n)
+            assert (spec.heads - len(dead) - len(alone)) * spec.head_dim <= rows <= (spec.heads - len(dead)) * spec.head_dim
+            continue
+        want = expected_widths(spec, dead)
+        got = {part: report.after.layers[getattr(n, part)] for part in ("q", "k", "v", "qkv", "o")
+               if getattr(n, part)}
+        qk_only = [i for i in range(spec.heads) if i not in dead and z.q.get(i, set()) >= full
+                   and z.k.get(spec.kv_of(i), set()) >= full]
+        if qk_only:
+            event("a head with q and k zeroed")
+        assert o_rows(report, n) >= (spec.heads - len(dead)) * spec.head_dim, (
+            f"layer {li}: a live head went (q and k zeroed alone: heads {qk_only}); dead: {sorted(dead)}, zeros {z}")
+        assert got == {part: want[part] for part in got}, (
+            f"layer {li}: dead query heads {sorted(dead)} (q + k zeroed alone: {qk_only}), zeros {z}")
+    event(f"{sum(len(dead_heads(spec, z)) for z in zeros)} dead heads")
+
+
 # --- regressions found by the fuzzer ------------------------------------------------------------
 
 def _gap_flatten_gemm(c_out: int, zero_rows=()):
@@ -542,3 +804,32 @@ def test_regression_flatten_of_single_channel_map():
 def test_regression_removal_down_to_one_channel_before_flatten():
     out, report = check_simplify(_gap_flatten_gemm(2, zero_rows=[0]), **exact_counts())
     assert report.after.layers["fc"] == (1, 3)
+
+
+# Regressions (found by the attention fuzz, since fixed; channels/attention.py, channels/layout.py)
+
+# missed removal: grouped attention without the repeat, q [1, kv, r, N, d] against k / v
+# [1, kv, 1, N, d], pinned every head ("a head axis whose channels are not tracked")
+def test_regression_grouped_attention_in_5d():
+    spec = AttentionSpec(heads=4, kv_heads=2, head_dim=2, hidden=6, gqa_5d=True)
+    model, names = build_attention(spec, [HeadZeros(v={0: {0, 1}})])
+    out, report = simplify_attention(model, spec, [spec.tokens], refusal_ok=False)
+    assert o_rows(report, names[0]) == 2 * spec.head_dim  # k / v head 0 went with its 2 query heads
+
+
+# crash: the same at a symbolic length with one k / v head: the heads of q and of k lay on
+# different axes (k's is of size 1) and the product united slot sets of different sizes
+def test_regression_one_kv_head_in_5d_at_a_symbolic_length():
+    spec = AttentionSpec(heads=2, kv_heads=1, head_dim=2, hidden=2, gqa_5d=True, symbolic=True, reshape="minus1",
+                         gqa_expand="ones")
+    model, _ = build_attention(spec)
+    assert simplify_attention(model, spec, [spec.tokens, 3, spec.max_tokens], refusal_ok=False) is not None
+
+
+# missed removal: interleaved rotary (GPT-J: x[..., ::2], x[..., 1::2]) pinned every head: a Slice
+# with a step along the head features was not understood; that factor is now never cut
+def test_regression_interleaved_rotary():
+    spec = AttentionSpec(heads=2, head_dim=4, hidden=8, rotary=True, rotary_halves="interleaved")
+    model, names = build_attention(spec, [HeadZeros(v={0: {0, 1, 2, 3}})])
+    out, report = simplify_attention(model, spec, [spec.tokens], refusal_ok=False)
+    assert o_rows(report, names[0]) == spec.head_dim

@@ -63,29 +63,30 @@ class ActivationProduct:
 
     @classmethod
     def plan(cls, node, cg):
-        """(output axes, batch output axes, operands broadcast over the heads) of the product's
-        channels, or the reason it is pinned. A tracked operand with extent 1 on the head axes (the one
-        k / v head of multi-query attention) meets every head: its own channels stay (pinned), the
-        heads of the other still go whole."""
+        """(output axes, the batch axes that make one class, operands broadcast over the heads) of
+        the product's channels, or the reason it is pinned. A tracked operand with extent 1 on every
+        head axis (the one k / v head of multi-query attention) meets every head: its own channels
+        stay (pinned), the heads of the other still go whole. One with extent 1 on some head axes
+        only (k [B, kv, 1, N, d] against q [B, kv, r, N, d]: grouped-query attention without the
+        repeat) makes a class of all that share its heads (a k / v head with its r query heads)."""
         out_rank = cg.rank(node.output[0])
         ranks = [cg.rank(n) for n in node.input]
         if out_rank is None or None in ranks or min(ranks) < 2:
             return "unknown or 1-D operand shapes"
         facs = [cls.factors(node, cg, i) for i in (0, 1)]
-        batch = {}
+        batch = {}  # (a head axis of size 1 is no head axis: it broadcasts)
         for f in facs:
             for role, axis, d in f or ():
-                if role == BATCH and batch.setdefault(axis, d) != d:
+                if role == BATCH and d > 1 and batch.setdefault(axis, d) != d:
                     return "with different head counts"
         broadcast = []
         for i, f in enumerate(facs):
             shape = cg.shape(node.input[i])
             extents = [shape[a - out_rank + len(shape)] if a - out_rank + len(shape) >= 0 else 1 for a in batch]
-            if f is not None and sorted(a for r, a, _ in f if r == BATCH) == sorted(batch):
-                continue
-            if any(e != 1 for e in extents):
+            own = {a for r, a, d in f if r == BATCH and d > 1} if f is not None else set()
+            if any(e != 1 for a, e in zip(batch, extents) if a not in own):
                 return f"where {node.input[i]} has a head axis whose channels are not tracked"
-            if f is not None:
+            if f is not None and not own and batch:
                 broadcast.append(i)
         facs = [None if i in broadcast else f for i, f in enumerate(facs)]
         contracted = [[d for r, _, d in f if r == CONTRACTED] if f is not None else [] for f in facs]
@@ -96,7 +97,13 @@ class ActivationProduct:
         rows = [a for f in facs if f is not None for r, a, _ in f if r in (ROW, COL)]
         if not batch and len(rows) > 1:
             return "with channels on both the rows and the columns"
-        return tuple(sorted(set(batch) | set(rows))), tuple(sorted(batch)), broadcast
+        grouping = set(batch)
+        for f in facs:
+            if f is not None:
+                grouping &= {a for r, a, d in f if r == BATCH and d > 1}
+        if batch and not grouping:
+            return "with heads on different axes"
+        return tuple(sorted(set(batch) | set(rows))), tuple(sorted(grouping)), broadcast
 
     @classmethod
     def couple(cls, node, cg):
@@ -145,14 +152,16 @@ class ActivationProduct:
         nothing but the heads)."""
         out = node.output[0]
         sp_out, sp_v = cg.space(out), cg.space(node.input[1])
-        if sp_out is None or sp_v is None or sp_v.dims != sp_out.dims:
+        if sp_out is None or sp_v is None:
             return
         facs = ActivationProduct.factors(node, cg, 1)
-        shift = cg.rank(out) - cg.rank(node.input[1])
-        if (any(r in (CONTRACTED, ROW) for r, _, _ in facs) or tuple(a + shift if r == BATCH else a for r, a, _ in facs) != sp_out.axes
+        if (any(r in (CONTRACTED, ROW) for r, _, _ in facs) or not {a for _, a, _ in facs} <= set(sp_out.axes)
                 or cg.space(node.input[0]) is not None and any(r != BATCH for r, _, _ in ActivationProduct.factors(node, cg, 0))):
             return
-        v = cg.values[node.input[1]]
+        # each output slot reads the v slot with its indices on v's axes (v may broadcast over some heads)
+        idx = dict(zip(sp_out.axes, np.unravel_index(np.arange(sp_out.size), sp_out.dims)))
+        v_slot = np.ravel_multi_index(tuple(idx[a] for _, a, _ in facs), sp_v.dims)
+        v = cg.values[node.input[1]][v_slot]
         cg.values[out] = np.where(v == 0, 0.0, v) if row_stochastic(node.input[0], cg) else np.where(v == 0, 0.0, np.nan)
 
 

@@ -8,7 +8,7 @@ import numpy as np
 from ..graph import attrs, default_opset, set_attr
 from ..layers import all_zero
 from .registry import Rule, register_rule
-from .rules import contiguous, factor_slots, kept_box, new_dims, take_channels
+from .rules import contiguous, factor_slots, kept_box, new_dims, take_channels, unite_along
 
 
 def _axis(node, rank, default=0) -> int:
@@ -197,10 +197,10 @@ class Slice(Rule):
         hits = [i for i, a in enumerate(axes) if a in sp.axes]
         if not hits:
             return None, None
-        if len(hits) > 1 or steps[hits[0]] != 1:
+        if len(hits) > 1:
             return "unsupported", None
         i = hits[0]
-        return i, slice(starts[i], ends[i], 1)
+        return i, slice(starts[i], ends[i], steps[i])
 
     def factor(self, node, cg, i) -> int:
         """Which factor of the input's channel range the slice at params position i cuts."""
@@ -211,7 +211,7 @@ class Slice(Rule):
         """The input slots the slice keeps, in the output's order."""
         sp = cg.space(node.input[0])
         j = self.factor(node, cg, i)
-        return factor_slots(sp.dims, j, *s.indices(sp.dims[j])[:2])
+        return factor_slots(sp.dims, j, *s.indices(sp.dims[j]))
 
     def couple(self, node, cg):
         x = node.input[0]
@@ -229,6 +229,8 @@ class Slice(Rule):
         if sp_o is None or sp_o.size != len(idx):
             return self.pin_through(node, cg, f"Slice {node.name}: output size does not match")
         cg.unite(sp.slots[idx], sp_o.slots)
+        if s.step != 1:  # (GPT-J's interleaved rotary, x[..., ::2]): that factor is never cut, so the
+            unite_along(cg, sp, [k == self.factor(node, cg, i) for k in range(len(sp.dims))])  # slice stays
 
     def values(self, node, cg):
         sp, sp_o = cg.space(node.input[0]), cg.space(node.output[0])
@@ -245,7 +247,7 @@ class Slice(Rule):
         if x not in keep:
             return
         i, s = self.channel_slice(node, cg)
-        if s is None:
+        if s is None or s.step != 1:
             return
         j = self.factor(node, cg, i)
         start, stop, _ = s.indices(cg.space(x).dims[j])

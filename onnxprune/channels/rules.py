@@ -49,10 +49,11 @@ def new_dims(space: Space, keep: np.ndarray) -> tuple[int, ...]:
     return tuple(k.size for k in kept_box(space, keep))
 
 
-def factor_slots(dims: tuple[int, ...], j: int, start: int, stop: int) -> np.ndarray:
-    """The flat slots (row-major over `dims`) whose index along factor j lies in [start, stop), in
-    order: the part of a channel range that a slice, split or concat along that factor moves."""
-    return np.arange(int(np.prod(dims, dtype=np.int64))).reshape(dims).take(np.arange(start, stop), axis=j).ravel()
+def factor_slots(dims: tuple[int, ...], j: int, start: int, stop: int, step: int = 1) -> np.ndarray:
+    """The flat slots (row-major over `dims`) whose index along factor j is in range(start, stop,
+    step), in that order: the part of a channel range that a slice, split or concat along that factor
+    moves."""
+    return np.arange(int(np.prod(dims, dtype=np.int64))).reshape(dims).take(np.arange(start, stop, step), axis=j).ravel()
 
 
 def take_channels(arr: np.ndarray, axes: tuple[int, ...], space: Space, keep: np.ndarray) -> np.ndarray:
