@@ -1,0 +1,100 @@
+"""Pruning schedules that drive a pruner while the model trains (NNI's names and arguments).
+
+AGP (Zhu & Gupta 2017, "To prune, or not to prune"): the sparsity ramps from `initial_sparsity` to
+`final_sparsity` along a cubic,
+
+    s_t = s_f + (s_i − s_f) · (1 − (t − t0) / (n·Δt))³,
+
+with t the epoch, t0 = `start_epoch`, Δt = `frequency` and n·Δt = ((end_epoch − start_epoch − 1) // Δt)·Δt
+(the last update epoch, as NNI counts it); the masks change only at t0, t0 + Δt, … and stay at s_f
+from the last update on. `pruner.update_epoch(epoch)` sets t; a hook on `optimizer.step()` recomputes
+the masks when the sparsity due at t is not yet applied. What the schedule prunes stays pruned.
+
+    pruner = AGPPruner(model, config_list, optimizer, pruning_algorithm="l1", dummy_input=x)
+    pruner.compress()
+    for epoch in range(10):
+        pruner.update_epoch(epoch)
+        train_one_epoch(model, optimizer)   # the first optimizer.step() of the epoch updates the masks
+"""
+
+from __future__ import annotations
+
+from .. import checks
+from ..errors import OnnxPruneError
+from .pruner import FPGMPruner, L1FilterPruner, L2FilterPruner, LevelPruner, Pruner
+
+SCHEDULE_KEYS = ("initial_sparsity", "final_sparsity", "start_epoch", "end_epoch", "frequency")
+BASE_PRUNERS = {"level": LevelPruner, "l1": L1FilterPruner, "l2": L2FilterPruner, "fpgm": FPGMPruner}
+
+
+def agp_sparsity(epoch: int, initial: float, final: float, start_epoch: int = 0, end_epoch: int = 1,
+                 frequency: int = 1) -> float:
+    """The sparsity AGP asks at `epoch` (see the module docstring)."""
+    if end_epoch <= start_epoch or initial >= final:
+        return final
+    if epoch < start_epoch:
+        return 0.0
+    span = ((end_epoch - start_epoch - 1) // frequency) * frequency
+    if span <= 0:
+        return final
+    t = min(((epoch - start_epoch) // frequency) * frequency, span)  # the last update epoch so far
+    return final + (initial - final) * (1.0 - t / span) ** 3
+
+
+class AGPPruner:
+    """NNI's AGPPruner(model, config_list, optimizer, pruning_algorithm=...): the base pruner
+    (`level`, `l1`, `l2`, `fpgm`) on the same modules, its sparsity scheduled by AGP. The config
+    entries give `sparsity` or `final_sparsity` per module; `initial_sparsity`, `start_epoch`,
+    `end_epoch` and `frequency` (NNI's defaults 0, 0, 1, 1) are the first entry's that has them."""
+
+    def __init__(self, model, config_list, optimizer, pruning_algorithm: str = "level", dummy_input=None, **kwargs):
+        if pruning_algorithm not in BASE_PRUNERS:
+            raise OnnxPruneError(f"AGPPruner: pruning_algorithm must be one of {', '.join(BASE_PRUNERS)}, "
+                                 f"got {pruning_algorithm!r}")
+        self.schedule = {"initial_sparsity": 0.0, "start_epoch": 0, "end_epoch": 1, "frequency": 1}
+        for key in SCHEDULE_KEYS[:1] + SCHEDULE_KEYS[2:]:
+            value = next((e[key] for e in config_list if isinstance(e, dict) and key in e), None)
+            if value is not None:
+                self.schedule[key] = value
+        checks.sparsity(self.schedule["initial_sparsity"], "initial_sparsity")
+        self.schedule["frequency"] = checks.positive_int(self.schedule["frequency"], "frequency")
+        base_list = [{("sparsity" if k == "final_sparsity" else k): v for k, v in e.items() if k not in SCHEDULE_KEYS
+                      or k == "final_sparsity"} if isinstance(e, dict) else e for e in config_list]
+        cls = BASE_PRUNERS[pruning_algorithm]
+        self.base: Pruner = cls(model, base_list) if cls is LevelPruner else cls(model, base_list, dummy_input=dummy_input, **kwargs)
+        self.bound_model, self.optimizer, self.epoch, self.applied = model, optimizer, 0, None
+        self._hook = optimizer.register_step_post_hook(lambda *_: self.step())
+
+    def sparsity_now(self, final: float) -> float:
+        s = self.schedule
+        return agp_sparsity(self.epoch, s["initial_sparsity"], final, s["start_epoch"], s["end_epoch"], s["frequency"])
+
+    def update_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def step(self) -> None:
+        """After an optimizer step: apply the sparsity due now, if it is not applied yet."""
+        due = self.sparsity_now(1.0), self.epoch >= self.schedule["start_epoch"]
+        if due != self.applied:
+            self.base.update_mask(schedule=self.sparsity_now)
+            self.applied = due
+
+    def compress(self):
+        self.step()
+        return self.bound_model
+
+    @property
+    def summary(self):
+        return self.base.summary
+
+    def get_pruned_weights(self) -> dict[str, float]:
+        return self.base.get_pruned_weights()
+
+    def export_model(self, *args, **kwargs) -> None:
+        self.base.export_model(*args, **kwargs)
+
+    def remove_hook(self) -> None:
+        self._hook.remove()
+
+
+__all__ = ["AGPPruner", "agp_sparsity"]

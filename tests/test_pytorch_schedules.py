@@ -1,0 +1,94 @@
+"""Pruning schedules on PyTorch modules (onnxprune.pytorch.schedules): AGP's cubic ramp against
+hand-computed values, and the masks it makes while a model trains."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from onnxprune.errors import OnnxPruneError
+from onnxprune.pytorch import AGPPruner, agp_sparsity, speedup
+
+from .zoo_util import layer_weight_count
+
+
+@pytest.mark.parametrize("epoch,frequency,expected", [
+    (0, 1, 0.0),
+    (3, 1, 0.8 - 0.8 * (1 - 3 / 9) ** 3),   # span (10 - 0 - 1) // 1 · 1 = 9
+    (9, 1, 0.8), (12, 1, 0.8),
+    (3, 2, 0.8 - 0.8 * (1 - 2 / 8) ** 3),   # span (9 // 2) · 2 = 8; epoch 3 keeps epoch 2's sparsity
+    (8, 2, 0.8),
+])
+def test_agp_cubic_schedule_by_hand(epoch, frequency, expected):
+    assert agp_sparsity(epoch, 0.0, 0.8, start_epoch=0, end_epoch=10, frequency=frequency) == pytest.approx(expected, abs=1e-12)
+
+
+def test_agp_before_start_and_degenerate_spans():
+    assert agp_sparsity(1, 0.1, 0.5, start_epoch=2, end_epoch=6) == 0.0
+    assert agp_sparsity(2, 0.1, 0.5, start_epoch=2, end_epoch=6) == pytest.approx(0.1)
+    assert agp_sparsity(0, 0.0, 0.5, start_epoch=3, end_epoch=3) == 0.5   # end <= start: the final sparsity
+    assert agp_sparsity(0, 0.6, 0.5, start_epoch=0, end_epoch=5) == 0.5   # initial >= final
+
+
+def mlp(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+
+
+def train_epoch(model, optimizer, steps=3):
+    for _ in range(steps):
+        x = torch.randn(4, 8)
+        loss = model(x).pow(2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+
+def test_agp_level_masks_follow_the_schedule_through_optimizer_steps():
+    """Level pruning at final 0.75 over epochs 0..4: after each epoch's steps the fraction of masked
+    weights of every pruned layer is round(s_t · size) / size, and what was masked stays masked."""
+    model = mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    config = [{"initial_sparsity": 0.0, "final_sparsity": 0.75, "start_epoch": 0, "end_epoch": 5,
+               "frequency": 1, "op_types": ["Linear"]}]
+    pruner = AGPPruner(model, config, optimizer, pruning_algorithm="level")
+    pruner.compress()
+    previous = None
+    for epoch in range(6):
+        pruner.update_epoch(epoch)
+        train_epoch(model, optimizer)
+        target = agp_sparsity(epoch, 0.0, 0.75, 0, 5, 1)
+        masks = {n: b for n, b in model.named_buffers() if n.endswith("weight_mask")}
+        assert len(masks) == 3
+        for name, m in masks.items():
+            assert (~m.bool()).sum().item() == round(target * m.numel()), (epoch, name)
+        if previous is not None:
+            for name, m in masks.items():
+                assert not (m.bool() & ~previous[name]).any()  # nothing masked comes back
+        previous = {n: m.bool().clone() for n, m in masks.items()}
+
+
+def test_agp_l1_filters_then_speedup_removes_them():
+    """AGP over L1 filter pruning on the hidden layers: at the end half of each hidden layer's
+    filters are masked, and speedup removes them (parity with the masked PyTorch model)."""
+    model = mlp(1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    x = torch.randn(2, 8)
+    config = [{"final_sparsity": 0.5, "start_epoch": 0, "end_epoch": 4, "op_names": ["0", "2"]}]
+    pruner = AGPPruner(model, config, optimizer, pruning_algorithm="l1", dummy_input=x)
+    pruner.compress()
+    for epoch in range(5):
+        pruner.update_epoch(epoch)
+        train_epoch(model, optimizer)
+    assert [r.pruned for r in pruner.summary.rows if r.asked is not None] == [8, 8]
+    small, report = speedup(model.eval(), x, align=1)
+    assert report.torch_parity.passed
+    assert layer_weight_count(small) == 8 * 8 + 8 * 8 + 8 * 4  # the MLP with 8-wide hidden layers
+
+
+def test_agp_refuses_unknown_algorithms():
+    model = mlp()
+    with pytest.raises(OnnxPruneError, match="pruning_algorithm"):
+        AGPPruner(model, [{"sparsity": 0.5, "op_types": ["Linear"]}], torch.optim.SGD(model.parameters(), lr=0.1),
+                  pruning_algorithm="magic")
