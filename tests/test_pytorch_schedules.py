@@ -92,3 +92,40 @@ def test_agp_refuses_unknown_algorithms():
     with pytest.raises(OnnxPruneError, match="pruning_algorithm"):
         AGPPruner(model, [{"sparsity": 0.5, "op_types": ["Linear"]}], torch.optim.SGD(model.parameters(), lr=0.1),
                   pruning_algorithm="magic")
+
+
+def test_lottery_ticket_rounds_prune_the_survivors_and_reset_to_theta0_bit_exactly():
+    """P = 0.8 over n = 3 rounds: round k masks round((1 − 0.2^(k/3)) · size) weights of every layer
+    (each round 1 − 0.2^(1/3) of the survivors), never reviving one; after each round's start the
+    surviving weights, the biases, the optimizer's momentum and the lr schedule are those at
+    construction, bit for bit."""
+    from onnxprune.pytorch import LotteryTicketPruner, lottery_sparsity
+
+    assert lottery_sparsity(1, 0.8, 3) == pytest.approx(1 - 0.2 ** (1 / 3))
+    assert lottery_sparsity(3, 0.8, 3) == pytest.approx(0.8)
+    model = mlp(2)
+    theta0 = {k: v.clone() for k, v in model.state_dict().items()}
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+    pruner = LotteryTicketPruner(model, [{"prune_iterations": 3, "sparsity": 0.8, "op_types": ["Linear"]}],
+                                 optimizer, scheduler)
+    pruner.compress()
+    assert list(pruner.get_prune_iterations()) == [0, 1, 2, 3]
+    previous = None
+    for k in pruner.get_prune_iterations():
+        pruner.prune_iteration_start()
+        masks = {n: b.bool().clone() for n, b in model.named_buffers() if n.endswith("weight_mask")}
+        if k == 0:
+            assert not masks
+        else:
+            for name, m in masks.items():
+                assert (~m).sum().item() == round(lottery_sparsity(k, 0.8, 3) * m.numel()), (k, name)
+                assert torch.equal(getattr(model, name.split(".")[0]).weight_orig, theta0[name.replace("_mask", "")])
+                if previous:
+                    assert not (m & ~previous[name]).any()
+            for name in ("0.bias", "2.bias", "4.bias"):
+                assert torch.equal(model.state_dict()[name], theta0[name])
+            assert not optimizer.state and scheduler.last_epoch == 0 and optimizer.param_groups[0]["lr"] == 0.1
+            previous = masks
+        train_epoch(model, optimizer)
+        scheduler.step()

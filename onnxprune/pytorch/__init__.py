@@ -21,7 +21,7 @@ from .groups import Channel, DependencyGroups, Group, ParamSlice, Plan, dependen
 from .masks import apply_masks, current_masks, make_permanent, normalize_masks
 from .pruner import FilterPruner, FPGMPruner, HeadPruner, L1FilterPruner, L2FilterPruner, LevelPruner, Pruner, masked_state_dict
 from .rounds import RoundResult, prune_in_rounds
-from .schedules import AGPPruner, agp_sparsity
+from .schedules import AGPPruner, LotteryTicketPruner, agp_sparsity, lottery_sparsity
 from .speedup import SpeedupReport, speedup
 from .training import ADMMPruner, ActivationAPoZRankFilterPruner, ActivationMeanRankFilterPruner, SlimPruner, TaylorFOWeightFilterPruner
 
@@ -29,6 +29,6 @@ __all__ = [
     "dependency_groups", "DependencyGroups", "Group", "Channel", "ParamSlice", "Plan",
     "Pruner", "FilterPruner", "HeadPruner", "BlockPruner", "LevelPruner", "L1FilterPruner", "L2FilterPruner", "FPGMPruner",
     "ActivationAPoZRankFilterPruner", "ActivationMeanRankFilterPruner", "TaylorFOWeightFilterPruner", "SlimPruner", "ADMMPruner",
-    "AGPPruner", "agp_sparsity", "speedup", "SpeedupReport", "export_onnx", "prune_in_rounds", "RoundResult",
+    "AGPPruner", "LotteryTicketPruner", "agp_sparsity", "lottery_sparsity", "speedup", "SpeedupReport", "export_onnx", "prune_in_rounds", "RoundResult",
     "apply_masks", "current_masks", "make_permanent", "normalize_masks", "masked_state_dict",
 ]

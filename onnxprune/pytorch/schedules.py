@@ -97,4 +97,79 @@ class AGPPruner:
         self._hook.remove()
 
 
-__all__ = ["AGPPruner", "agp_sparsity"]
+def lottery_sparsity(iteration: int, final: float, iterations: int) -> float:
+    """Lottery Ticket's sparsity after `iteration` of `iterations` rounds: each round prunes
+    1 − (1 − P)^(1/n) of the weights that survived the round before, so 1 − (1 − P)^(k/n) in all."""
+    return 1.0 - (1.0 - final) ** (iteration / iterations)
+
+
+class LotteryTicketPruner:
+    """NNI's LotteryTicketPruner(model, config_list, optimizer, lr_scheduler=None, reset_weights=True)
+    (Frankle & Carbin 2019): `prune_iterations` (in the config) rounds of level pruning.
+    `get_prune_iterations()` is range(prune_iterations + 1): round 0 trains the dense model; each
+    `prune_iteration_start()` after it prunes `lottery_sparsity` of the weights and resets the surviving
+    weights to their values θ0 at construction (bit for bit), the optimizer's state and the lr
+    scheduler's. Train after each call."""
+
+    def __init__(self, model, config_list, optimizer=None, lr_scheduler=None, reset_weights: bool = True):
+        iterations = {e["prune_iterations"] for e in config_list if isinstance(e, dict) and "prune_iterations" in e}
+        if len(iterations) != 1:
+            raise OnnxPruneError("LotteryTicketPruner: give one prune_iterations in the config list")
+        self.prune_iterations = checks.positive_int(iterations.pop(), "prune_iterations")
+        base_list = [{k: v for k, v in e.items() if k != "prune_iterations"} if isinstance(e, dict) else e
+                     for e in config_list]
+        self.base = LevelPruner(model, base_list)
+        self.bound_model, self.optimizer, self.lr_scheduler, self.reset_weights = model, optimizer, lr_scheduler, reset_weights
+        self.theta0 = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        self.optimizer_state = _copy_state(optimizer.state_dict()) if optimizer is not None else None
+        self.scheduler_state = _copy_state(lr_scheduler.state_dict()) if lr_scheduler is not None else None
+        self.iteration = None
+
+    def compress(self):
+        return self.bound_model
+
+    def get_prune_iterations(self) -> range:
+        return range(self.prune_iterations + 1)
+
+    def prune_iteration_start(self) -> None:
+        self.iteration = 0 if self.iteration is None else self.iteration + 1
+        if self.iteration == 0:
+            return
+        if self.iteration > self.prune_iterations:
+            raise OnnxPruneError(f"LotteryTicketPruner: only {self.prune_iterations} prune iterations")
+        k, n = self.iteration, self.prune_iterations
+        self.base.update_mask(schedule=lambda final: lottery_sparsity(k, final, n))
+        if self.reset_weights:
+            self._reset()
+
+    def _reset(self) -> None:
+        import torch
+
+        with torch.no_grad():
+            for name, value in self.bound_model.state_dict(keep_vars=True).items():
+                key = name[: -len("_orig")] if name.endswith("_orig") else name
+                if not name.endswith("_mask") and key in self.theta0:
+                    value.copy_(self.theta0[key])
+        if self.optimizer is not None:
+            self.optimizer.load_state_dict(_copy_state(self.optimizer_state))
+        if self.lr_scheduler is not None:
+            self.lr_scheduler.load_state_dict(_copy_state(self.scheduler_state))
+
+    @property
+    def summary(self):
+        return self.base.summary
+
+    def get_pruned_weights(self) -> dict[str, float]:
+        return self.base.get_pruned_weights()
+
+    def export_model(self, *args, **kwargs) -> None:
+        self.base.export_model(*args, **kwargs)
+
+
+def _copy_state(state):
+    import copy
+
+    return copy.deepcopy(state)
+
+
+__all__ = ["AGPPruner", "LotteryTicketPruner", "agp_sparsity", "lottery_sparsity"]
