@@ -29,6 +29,7 @@ import numpy as np
 
 from ..graph import attrs, default_opset
 from .registry import Rule, register_rule
+from .rules import factor_keys, unite_along
 
 BATCH, CONTRACTED, ROW, COL = "batch", "contracted", "row", "col"
 
@@ -79,11 +80,11 @@ class ActivationProduct:
             for role, axis, d in f or ():
                 if role == BATCH and d > 1 and batch.setdefault(axis, d) != d:
                     return "with different head counts"
+        owns = [{a for r, a, d in f if r == BATCH and d > 1} if f is not None else set() for f in facs]
         broadcast = []
-        for i, f in enumerate(facs):
+        for i, (f, own) in enumerate(zip(facs, owns)):
             shape = cg.shape(node.input[i])
             extents = [shape[a - out_rank + len(shape)] if a - out_rank + len(shape) >= 0 else 1 for a in batch]
-            own = {a for r, a, d in f if r == BATCH and d > 1} if f is not None else set()
             if any(e != 1 for a, e in zip(batch, extents) if a not in own):
                 return f"where {node.input[i]} has a head axis whose channels are not tracked"
             if f is not None and not own and batch:
@@ -97,10 +98,7 @@ class ActivationProduct:
         rows = [a for f in facs if f is not None for r, a, _ in f if r in (ROW, COL)]
         if not batch and len(rows) > 1:
             return "with channels on both the rows and the columns"
-        grouping = set(batch)
-        for f in facs:
-            if f is not None:
-                grouping &= {a for r, a, d in f if r == BATCH and d > 1}
+        grouping = set(batch).intersection(*(own for f, own in zip(facs, owns) if f is not None))
         if batch and not grouping:
             return "with heads on different axes"
         return tuple(sorted(set(batch) | set(rows))), tuple(sorted(grouping)), broadcast
@@ -117,10 +115,7 @@ class ActivationProduct:
                 cg.pin_tensor(name, reason)
             return
         out_rank = cg.rank(node.output[0])
-        keys_out = cls.batch_keys(sp_out.axes, sp_out.dims, plan[1], lambda a: a)
-        head_slot = np.zeros(int(keys_out.max()) + 1, np.int64)
-        head_slot[keys_out] = sp_out.slots
-        cg.unite(sp_out.slots, head_slot[keys_out])
+        head_slot = unite_along(cg, sp_out, [a not in plan[1] for a in sp_out.axes])  # one class per head
         for i, name in enumerate(node.input):
             sp = cg.space(name)
             if sp is None:
@@ -129,21 +124,10 @@ class ActivationProduct:
                 cg.pin_space(sp, product_reason(node, f"where {name} is shared by every head (broadcast): its width stays"))
                 continue
             shift = out_rank - cg.rank(name)
-            if plan[1]:  # one class per head: unite every slot with an output slot of its head
-                keys = cls.batch_keys(sp.axes, sp.dims, plan[1], lambda a, s=shift: a + s)
-                cg.unite(sp.slots, head_slot[keys])
+            if plan[1]:  # every slot with an output slot of its head
+                cg.unite(sp.slots, head_slot[factor_keys(sp.dims, [a + shift in plan[1] for a in sp.axes])])
             else:  # a row (A) or column (B) factor alone: slot for slot
                 cg.unite(sp.slots, sp_out.slots)
-
-    @staticmethod
-    def batch_keys(axes, dims, batch_axes, to_out) -> np.ndarray:
-        """Per slot of a space, the index of its head (its entry over the batch axes)."""
-        idx = np.unravel_index(np.arange(int(np.prod(dims, dtype=np.int64))), dims)
-        key = np.zeros(idx[0].size, np.int64)
-        for a, i, d in zip(axes, idx, dims):
-            if to_out(a) in batch_axes:
-                key = key * d + i
-        return key
 
     @staticmethod
     def values(node, cg):

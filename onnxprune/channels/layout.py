@@ -229,8 +229,9 @@ class Slice(Rule):
         if sp_o is None or sp_o.size != len(idx):
             return self.pin_through(node, cg, f"Slice {node.name}: output size does not match")
         cg.unite(sp.slots[idx], sp_o.slots)
-        if s.step != 1:  # (GPT-J's interleaved rotary, x[..., ::2]): that factor is never cut, so the
-            unite_along(cg, sp, [k == self.factor(node, cg, i) for k in range(len(sp.dims))])  # slice stays
+        if s.step != 1:  # (GPT-J's interleaved rotary, x[..., ::2]): that factor is never cut, so the slice stays
+            j = self.factor(node, cg, i)
+            unite_along(cg, sp, [k == j for k in range(len(sp.dims))])
 
     def values(self, node, cg):
         sp, sp_o = cg.space(node.input[0]), cg.space(node.output[0])

@@ -111,19 +111,27 @@ def cut_sliced_table(g: Graph, user: onnx.NodeProto, index: int, slice_node: onn
     g.set_input_const(slice_node, 0, table)
 
 
-def unite_along(cg: ChannelGraph, space: Space, whole: list[bool]) -> None:
+def factor_keys(dims: tuple[int, ...], chosen: list[bool]) -> np.ndarray:
+    """Per slot (row-major over `dims`), its index over the `chosen` factors alone."""
+    idx = np.unravel_index(np.arange(int(np.prod(dims, dtype=np.int64))), dims)
+    key = np.zeros(idx[0].size, np.int64)
+    for i, d, c in zip(idx, dims, chosen):
+        if c:
+            key = key * d + i
+    return key
+
+
+def unite_along(cg: ChannelGraph, space: Space, whole: list[bool]) -> np.ndarray:
     """Unite the slots of `space` that differ only along the factors marked `whole`: those factors
     are then never cut, only the others. What an operand computed at run time asks that varies along
     some factors and broadcasts along the others (a rotary table [N, d] sliced to the sequence
-    length, against heads × d: it cannot be cut, so whole heads go or none)."""
-    idx = np.unravel_index(np.arange(space.size), space.dims)
-    key = np.zeros(space.size, np.int64)
-    for i, d, w in zip(idx, space.dims, whole):
-        if not w:
-            key = key * d + i
+    length, against heads × d: it cannot be cut, so whole heads go or none). Returns, per key over
+    the other factors, one slot of its class."""
+    key = factor_keys(space.dims, [not w for w in whole])
     first = np.zeros(int(key.max()) + 1, np.int64)
     first[key] = space.slots
     cg.unite(space.slots, first[key])
+    return first
 
 
 def contiguous(space: Space) -> bool:

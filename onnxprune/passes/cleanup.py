@@ -125,15 +125,15 @@ def copy_batch_dims(g: Graph, ctx: Context) -> bool:
     the GQA repeat). A Reshape may infer one dim that is none of D's (-1). The shape is then constant
     and the channels can be tracked."""
     producers = g.producers()
-    targets = [n for n in g.nodes if n.op_type in ("Reshape", "Expand") and not g.is_const(n.input[1])
-               and not int(attrs(n).get("allowzero", 0)) and _shape_pieces(g, producers, n.input[1]) is not None]
+    targets = [(n, _shape_pieces(g, producers, n.input[1])) for n in g.nodes if n.op_type in ("Reshape", "Expand")
+               and not g.is_const(n.input[1]) and not int(attrs(n).get("allowzero", 0))]
+    targets = [(n, parts) for n, parts in targets if parts is not None]
     if not targets:
         return False
     symbolic = static_shapes(g.weightless(), symbolic=True)
     changed = False
-    for node in targets:
+    for node, parts in targets:
         data, pieces = node.input[0], []
-        parts = _shape_pieces(g, producers, node.input[1])
         # an Expand's shape aligns with the data's trailing axes
         shift = len(parts) - len(symbolic.get(data, ())) if node.op_type == "Expand" else 0
         # a Reshape may leave one dim to be inferred (-1): the sequence length moved to another axis

@@ -27,6 +27,23 @@ SCHEDULE_KEYS = ("initial_sparsity", "final_sparsity", "start_epoch", "end_epoch
 BASE_PRUNERS = {"level": LevelPruner, "l1": L1FilterPruner, "l2": L2FilterPruner, "fpgm": FPGMPruner}
 
 
+class ScheduledPruner:
+    """What a schedule shares with the pruner it drives (`self.base`): its summary, the weights it
+    masked, NNI's export."""
+
+    base: Pruner
+
+    @property
+    def summary(self):
+        return self.base.summary
+
+    def get_pruned_weights(self) -> dict[str, float]:
+        return self.base.get_pruned_weights()
+
+    def export_model(self, *args, **kwargs) -> None:
+        self.base.export_model(*args, **kwargs)
+
+
 def agp_sparsity(epoch: int, initial: float, final: float, start_epoch: int = 0, end_epoch: int = 1,
                  frequency: int = 1) -> float:
     """The sparsity AGP asks at `epoch` (see the module docstring)."""
@@ -41,7 +58,7 @@ def agp_sparsity(epoch: int, initial: float, final: float, start_epoch: int = 0,
     return final + (initial - final) * (1.0 - t / span) ** 3
 
 
-class AGPPruner:
+class AGPPruner(ScheduledPruner):
     """NNI's AGPPruner(model, config_list, optimizer, pruning_algorithm=...): the base pruner
     (`level`, `l1`, `l2`, `fpgm`) on the same modules, its sparsity scheduled by AGP. The config
     entries give `sparsity` or `final_sparsity` per module; `initial_sparsity`, `start_epoch`,
@@ -83,16 +100,6 @@ class AGPPruner:
         self.step()
         return self.bound_model
 
-    @property
-    def summary(self):
-        return self.base.summary
-
-    def get_pruned_weights(self) -> dict[str, float]:
-        return self.base.get_pruned_weights()
-
-    def export_model(self, *args, **kwargs) -> None:
-        self.base.export_model(*args, **kwargs)
-
     def remove_hook(self) -> None:
         self._hook.remove()
 
@@ -103,7 +110,7 @@ def lottery_sparsity(iteration: int, final: float, iterations: int) -> float:
     return 1.0 - (1.0 - final) ** (iteration / iterations)
 
 
-class LotteryTicketPruner:
+class LotteryTicketPruner(ScheduledPruner):
     """NNI's LotteryTicketPruner(model, config_list, optimizer, lr_scheduler=None, reset_weights=True)
     (Frankle & Carbin 2019): `prune_iterations` (in the config) rounds of level pruning.
     `get_prune_iterations()` is range(prune_iterations + 1): round 0 trains the dense model; each
@@ -154,16 +161,6 @@ class LotteryTicketPruner:
             self.optimizer.load_state_dict(_copy_state(self.optimizer_state))
         if self.lr_scheduler is not None:
             self.lr_scheduler.load_state_dict(_copy_state(self.scheduler_state))
-
-    @property
-    def summary(self):
-        return self.base.summary
-
-    def get_pruned_weights(self) -> dict[str, float]:
-        return self.base.get_pruned_weights()
-
-    def export_model(self, *args, **kwargs) -> None:
-        self.base.export_model(*args, **kwargs)
 
 
 def _copy_state(state):
