@@ -87,6 +87,34 @@ def prune_file(src, dst, options: PruneOptions | None = None, *, calib=None, mas
     return report, simplified
 
 
+def sensitivity_file(src, calib, *, labels=None, csv=None, plot=None, progress=None, **options):
+    """`onnxprune sensitivity`: prune each channel group of the model at `src` alone at each
+    sparsity, take the metric over `calib` (and `labels`), write the CSV and the PNG plot (if given)
+    all or nothing. `options`: `sensitivity.analyze_model`'s (sparsities, criterion, macs, and the
+    PruneOptions fields prune_first, prune_last, group_reduce, seed). Returns the Analysis."""
+    from . import sensitivity
+
+    say = progress or (lambda msg: None)
+    plan = FilePlan().read_model(src).read(calib, "the --calib file").read(labels, "the --labels file")
+    plan.write(csv, "the CSV file (--csv)").write(plot, "the plot (--plot)").check()
+    if plot is not None:
+        sensitivity.require_matplotlib()  # before the work, not after it
+    model = load_model(src)
+    result = sensitivity.analyze_model(model, _inputs(calib, model, "calibration inputs"),
+                                       labels=sensitivity.read_labels(labels) if _is_path(labels) else labels,
+                                       **options)
+    say(f"analysed {len(result.rows)} candidate(s) in {result.seconds:.1f} s")
+    with Outputs() as out:
+        if csv is not None:
+            sensitivity.write_csv(result.rows, csv, outputs=out)
+        if plot is not None:
+            sensitivity.plot(result.rows, plot, result.metric_name, result.baseline, outputs=out)
+    for path in (csv, plot):
+        if path is not None:
+            say(f"wrote {path}")
+    return result
+
+
 def rearrange(model, *, check: bool = True, inputs=None, atol: float = DEFAULT_ATOL,
               rtol: float = DEFAULT_RTOL, seed: int = 0):
     """Permute channels so that filters of similar L1 norm are neighbours (any 1xN block then groups

@@ -10,6 +10,8 @@ from pathlib import Path
 from . import __version__, checks
 from .errors import OnnxPruneError
 from .options import PruneOptions, SimplifyOptions, flag
+from .pruning import criteria
+from .sensitivity import SPARSITIES, check_sparsities
 
 EXIT_CODES = ("exit codes: 0 ok; 1 the parity check failed (nothing written); 2 bad input or an impossible "
               "request (one line says which; nothing written); 3 internal error (a bug: please report it); "
@@ -99,6 +101,32 @@ def build_parser() -> argparse.ArgumentParser:
     SimplifyOptions.add_arguments(p.add_argument_group("with --simplify (as `onnxprune simplify` takes them; --seed "
                                                        "also seeds the parity inputs)"), skip={"seed"})
 
+    e = sub.add_parser("sensitivity", help="prune each channel group alone at 0.1..0.9 and measure top-1 on --calib inputs",
+                       description="Sensitivity analysis: for every prunable channel group (channels coupled by residual "
+                       "adds, depthwise convs or concats, as `prune` groups them) and every sparsity, prune that group "
+                       "alone (the same criterion and channels as `prune --sparsity`) and measure, on onnxruntime over "
+                       "the --calib inputs, the top-1 accuracy of the first output against --labels, or without labels "
+                       "its top-1 agreement with the dense model. Prints a groups x sparsities table; --csv and --plot "
+                       "write it. The first layer and the classifier are left alone unless --prune-first / --prune-last.",
+                       epilog=EPILOG)
+    e.add_argument("model", help="input .onnx (never modified)")
+    e.add_argument("--calib", metavar="NPZ", required=True, help="calibration inputs, like prune's --calib: an .npz keyed "
+                   "by input name (an extra leading axis = several batches) or an .npy for a single-input model")
+    e.add_argument("--labels", metavar="NPY", help="integer class labels, one per calibration item: every batch's items "
+                   "in order (shape [items] or [batches, batch size]); default: agreement with the dense model")
+    e.add_argument("--criterion", default="l1", choices=list(criteria.FOR_GRANULARITY["filter"]),
+                   help="channel importance, as prune's (default %(default)s)")
+    e.add_argument("--sparsities", type=flag(check_sparsities, "--sparsities"), default=SPARSITIES, metavar="LIST",
+                   help="comma-separated sparsities in [0, 1) (default 0.1,0.2,...,0.9)")
+    e.add_argument("--macs", action="store_true", help="also record each candidate's MACs once its dead channels are "
+                   "removed (simplify --align 1 per candidate: several times slower)")
+    e.add_argument("--csv", metavar="PATH", help="write one line per group and sparsity")
+    e.add_argument("--plot", metavar="PNG", help="write a PNG, one curve per group (needs matplotlib)")
+    PruneOptions.add_arguments(e, only={"group_reduce", "prune_first", "prune_last"})
+    e.add_argument("--seed", type=flag(checks.seed, "--seed"), default=0, help="seed of the random criterion "
+                   "(default %(default)s)")
+    e.add_argument("--json", action="store_true", help="print the analysis as JSON on stdout")
+
     r = sub.add_parser("rearrange", help="permute channels so 1xN blocks group similar filters; exact parity with the input",
                        description="Permute every layer's output channels (and every slot coupled to them) by descending "
                        "L1 norm: neighbouring filters are similar, so any 1xN block groups similar filters. The model "
@@ -159,6 +187,16 @@ def cmd_prune(args):
     return 0, report.table() + ("\n\n" + simplified.table() if simplified is not None else "")
 
 
+def cmd_sensitivity(args):
+    from .api import sensitivity_file
+
+    result = sensitivity_file(args.model, args.calib, labels=args.labels, csv=args.csv, plot=args.plot,
+                              sparsities=args.sparsities, criterion=args.criterion, macs=args.macs,
+                              group_reduce=args.group_reduce, prune_first=args.prune_first,
+                              prune_last=args.prune_last, seed=args.seed, progress=_progress)
+    return 0, _json(result.as_dict()) if args.json else result.table()
+
+
 def cmd_rearrange(args):
     from .api import rearrange_file
 
@@ -199,8 +237,8 @@ def cmd_demo(args):
                        progress=_progress, scale=args.scale)
 
 
-COMMANDS = {"demo": cmd_demo, "simplify": cmd_simplify, "prune": cmd_prune, "rearrange": cmd_rearrange,
-            "check": cmd_check, "inspect": cmd_inspect}
+COMMANDS = {"demo": cmd_demo, "simplify": cmd_simplify, "prune": cmd_prune, "sensitivity": cmd_sensitivity,
+            "rearrange": cmd_rearrange, "check": cmd_check, "inspect": cmd_inspect}
 
 
 def main(argv: list[str] | None = None) -> int:
