@@ -23,12 +23,19 @@ from .pruner import FilterPruner, FPGMPruner, HeadPruner, L1FilterPruner, L2Filt
 from .rounds import RoundResult, prune_in_rounds
 from .schedules import AGPPruner, LotteryTicketPruner, agp_sparsity, lottery_sparsity
 from .speedup import SpeedupReport, speedup
+from .annealing import AutoCompressPruner, SimulatedAnnealingPruner
+from .netadapt import NetAdaptPruner
+from .resources import LatencyCache, Resources, measure_latency
+from .search import ExperimentLog, SearchPruner, SearchSpace
+from .sensitivity import SensitivityAnalysis, SensitivityPruner, sensitivity_analysis
 from .training import ADMMPruner, ActivationAPoZRankFilterPruner, ActivationMeanRankFilterPruner, SlimPruner, TaylorFOWeightFilterPruner
 
 __all__ = [
     "dependency_groups", "DependencyGroups", "Group", "Channel", "ParamSlice", "Plan",
     "Pruner", "FilterPruner", "HeadPruner", "BlockPruner", "LevelPruner", "L1FilterPruner", "L2FilterPruner", "FPGMPruner",
     "ActivationAPoZRankFilterPruner", "ActivationMeanRankFilterPruner", "TaylorFOWeightFilterPruner", "SlimPruner", "ADMMPruner",
-    "AGPPruner", "LotteryTicketPruner", "agp_sparsity", "lottery_sparsity", "speedup", "SpeedupReport", "export_onnx", "prune_in_rounds", "RoundResult",
+    "AGPPruner", "LotteryTicketPruner", "agp_sparsity", "lottery_sparsity",
+    "SensitivityPruner", "SensitivityAnalysis", "sensitivity_analysis", "NetAdaptPruner", "SimulatedAnnealingPruner",
+    "AutoCompressPruner", "SearchPruner", "SearchSpace", "ExperimentLog", "Resources", "LatencyCache", "measure_latency", "speedup", "SpeedupReport", "export_onnx", "prune_in_rounds", "RoundResult",
     "apply_masks", "current_masks", "make_permanent", "normalize_masks", "masked_state_dict",
 ]
