@@ -129,3 +129,71 @@ def test_lottery_ticket_rounds_prune_the_survivors_and_reset_to_theta0_bit_exact
             previous = masks
         train_epoch(model, optimizer)
         scheduler.step()
+
+
+def independent_first_scores(algorithm, model, optimizer):
+    """What the first update ranks on, recorded by the test's own hooks (registered after the
+    pruner's: the deep copies it traces would carry them and run them on their probe values): the
+    first batch's activations read by layer 2 (apoz / mean), or (g·w)² of layer 0 before step 1."""
+    seen = {}
+
+    def reads(_m, args):
+        if "x" not in seen and model.training:
+            seen["x"] = args[0].detach().clone()
+
+    def grads(*_):
+        if "g" not in seen:
+            w = model[0].weight_orig if hasattr(model[0], "weight_orig") else model[0].weight
+            seen["g"] = ((w.grad * model[0].weight) ** 2).sum(1).detach().clone()
+
+    handles = [model[2].register_forward_pre_hook(reads), optimizer.register_step_pre_hook(grads)]
+
+    def scores():
+        for h in handles:
+            h.remove()
+        if algorithm == "taylorfo":
+            return seen["g"]
+        x = seen["x"]
+        return (x > 0).float().mean(0) if algorithm == "apoz" else x.mean(0)   # 1 - APoZ, mean
+    return scores
+
+
+@pytest.mark.parametrize("algorithm", ["taylorfo", "apoz", "mean_activation"])
+def test_agp_ranks_on_the_users_own_training_for_data_driven_algorithms(algorithm):
+    """The first update (at the first optimizer step) prunes the channels the statistics of that
+    first batch rank lowest; later epochs follow the cubic ramp and never revive a channel."""
+    torch.manual_seed(3)
+    model = mlp(2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    config = [{"initial_sparsity": 0.25, "final_sparsity": 0.5, "start_epoch": 0, "end_epoch": 4, "op_names": ["0", "2"]}]
+    pruner = AGPPruner(model, config, optimizer, pruning_algorithm=algorithm, dummy_input=torch.randn(2, 8),
+                       criterion=nn.MSELoss())
+    scores = independent_first_scores(algorithm, model, optimizer)
+    pruner.compress()
+    assert not any(n.endswith("_mask") for n, _ in model.named_buffers())     # nothing ranked yet
+    model.train()
+    previous = None
+    for epoch in range(5):
+        pruner.update_epoch(epoch)
+        train_epoch(model, optimizer)
+        rows = (~model[0].weight_mask.bool()).all(1)
+        assert int(rows.sum()) == int(agp_sparsity(epoch, 0.25, 0.5, 0, 4, 1) * 16 + 1e-9)
+        if epoch == 0:   # the 4 pruned rank lowest (ties either way)
+            first = scores()
+            assert first[rows].max() <= first[~rows].min()
+            assert first[rows].max() < first[~rows].max()
+        if previous is not None:
+            assert not (previous & ~rows).any()
+        previous = rows.clone()
+    pruner.remove_hook()
+
+
+def test_agp_slim_prunes_the_smallest_batchnorm_scales():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3))
+    with torch.no_grad():
+        model[1].weight.copy_(torch.tensor([0.9, -0.1, 0.5, 0.05, -0.7, 0.3, 0.2, 1.0]))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    config = [{"final_sparsity": 0.5, "start_epoch": 0, "end_epoch": 1, "op_types": ["BatchNorm2d"]}]
+    AGPPruner(model, config, optimizer, pruning_algorithm="slim", dummy_input=torch.randn(1, 3, 8, 8)).compress()
+    assert torch.nonzero(~model[1].weight_mask.bool()).flatten().tolist() == [1, 3, 5, 6]   # |γ| 0.1 0.05 0.3 0.2

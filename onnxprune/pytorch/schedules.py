@@ -12,6 +12,13 @@ the masks when the sparsity due at t is not yet applied. What the schedule prune
 
     pruner = AGPPruner(model, config_list, optimizer, pruning_algorithm="l1", dummy_input=x)
     pruner.compress()
+
+The data-driven algorithms rank on the user's own training: `taylorfo` on Σ (g·w)² over every
+optimizer step since the last update, `apoz` / `mean_activation` on the activations of every
+training-mode forward since then (their hooks stay on while the pruner lives; the statistics
+restart after each update, so the first update waits for the first step of training), `slim` on
+|γ| of the BatchNorm layers the config selects (no sparsity training: train with an L1 penalty on γ
+yourself, or use SlimPruner first).
     for epoch in range(10):
         pruner.update_epoch(epoch)
         train_one_epoch(model, optimizer)   # the first optimizer.step() of the epoch updates the masks
@@ -19,12 +26,19 @@ the masks when the sparsity due at t is not yet applied. What the schedule prune
 
 from __future__ import annotations
 
+import math
+
 from .. import checks
 from ..errors import OnnxPruneError
 from .pruner import FPGMPruner, L1FilterPruner, L2FilterPruner, LevelPruner, Pruner
+from .training import ActivationAPoZRankFilterPruner, ActivationMeanRankFilterPruner, SlimPruner, TaylorFOWeightFilterPruner
 
 SCHEDULE_KEYS = ("initial_sparsity", "final_sparsity", "start_epoch", "end_epoch", "frequency")
-BASE_PRUNERS = {"level": LevelPruner, "l1": L1FilterPruner, "l2": L2FilterPruner, "fpgm": FPGMPruner}
+BASE_PRUNERS = {"level": LevelPruner, "l1": L1FilterPruner, "l2": L2FilterPruner, "fpgm": FPGMPruner,
+                "slim": SlimPruner, "taylorfo": TaylorFOWeightFilterPruner, "apoz": ActivationAPoZRankFilterPruner,
+                "mean_activation": ActivationMeanRankFilterPruner}
+# ranked on what the user's own training does between two updates (the hooks stay on)
+FROM_TRAINING = {"taylorfo", "apoz", "mean_activation"}
 
 
 class ScheduledPruner:
@@ -60,11 +74,12 @@ def agp_sparsity(epoch: int, initial: float, final: float, start_epoch: int = 0,
 
 class AGPPruner(ScheduledPruner):
     """NNI's AGPPruner(model, config_list, optimizer, pruning_algorithm=...): the base pruner
-    (`level`, `l1`, `l2`, `fpgm`) on the same modules, its sparsity scheduled by AGP. The config
+    (`level`, `l1`, `l2`, `fpgm`, `slim`, `taylorfo`, `apoz`, `mean_activation`) on the same modules, its sparsity scheduled by AGP. The config
     entries give `sparsity` or `final_sparsity` per module; `initial_sparsity`, `start_epoch`,
     `end_epoch` and `frequency` (NNI's defaults 0, 0, 1, 1) are the first entry's that has them."""
 
-    def __init__(self, model, config_list, optimizer, pruning_algorithm: str = "level", dummy_input=None, **kwargs):
+    def __init__(self, model, config_list, optimizer, pruning_algorithm: str = "level", dummy_input=None,
+                 criterion=None, **kwargs):
         if pruning_algorithm not in BASE_PRUNERS:
             raise OnnxPruneError(f"AGPPruner: pruning_algorithm must be one of {', '.join(BASE_PRUNERS)}, "
                                  f"got {pruning_algorithm!r}")
@@ -77,10 +92,27 @@ class AGPPruner(ScheduledPruner):
         self.schedule["frequency"] = checks.positive_int(self.schedule["frequency"], "frequency")
         base_list = [{("sparsity" if k == "final_sparsity" else k): v for k, v in e.items() if k not in SCHEDULE_KEYS
                       or k == "final_sparsity"} if isinstance(e, dict) else e for e in config_list]
-        cls = BASE_PRUNERS[pruning_algorithm]
-        self.base: Pruner = cls(model, base_list) if cls is LevelPruner else cls(model, base_list, dummy_input=dummy_input, **kwargs)
+        self.algorithm = pruning_algorithm
+        self.base: Pruner = _base_pruner(pruning_algorithm, model, base_list, optimizer, criterion, dummy_input, kwargs)
         self.bound_model, self.optimizer, self.epoch, self.applied = model, optimizer, 0, None
-        self._hook = optimizer.register_step_post_hook(lambda *_: self.step())
+        self._hooks = self._collecting_hooks() + [optimizer.register_step_post_hook(lambda *_: self.step())]
+
+    def _collecting_hooks(self) -> list:
+        """The data-driven base pruners' statistics hooks, on for good (never stopping the training)."""
+        if self.algorithm not in FROM_TRAINING:
+            return []
+        self.base.batches = math.inf
+        if self.algorithm == "taylorfo":
+            return [self.optimizer.register_step_pre_hook(self.base._before_step)]
+        return self.base._install_hooks()
+
+    def _restart_statistics(self) -> None:
+        if self.algorithm == "taylorfo":
+            self.base.contributions, self.base.steps_seen = {}, 0
+        elif self.algorithm in FROM_TRAINING:
+            self.base.batches_seen = 0
+            for tap in self.base.taps.values():
+                tap.reset()
 
     def sparsity_now(self, final: float) -> float:
         s = self.schedule
@@ -94,14 +126,35 @@ class AGPPruner(ScheduledPruner):
         due = self.sparsity_now(1.0), self.epoch >= self.schedule["start_epoch"]
         if due != self.applied:
             self.base.update_mask(schedule=self.sparsity_now)
+            self._restart_statistics()
             self.applied = due
 
     def compress(self):
-        self.step()
+        """The first masks now — after the first optimizer step for the algorithms that rank on training."""
+        if self.algorithm not in FROM_TRAINING:
+            self.step()
         return self.bound_model
 
     def remove_hook(self) -> None:
-        self._hook.remove()
+        for h in self._hooks:
+            h.remove()
+
+
+def _base_pruner(algorithm, model, config_list, optimizer, criterion, dummy_input, kwargs) -> Pruner:
+    cls = BASE_PRUNERS[algorithm]
+    if cls is LevelPruner:
+        return cls(model, config_list)
+    if algorithm == "slim":
+        return cls(model, config_list, optimizer, _no_trainer, criterion, sparsifying_training_epochs=0,
+                   dummy_input=dummy_input, **kwargs)
+    if algorithm in FROM_TRAINING:
+        return cls(model, config_list, optimizer, trainer=_no_trainer, criterion=criterion, dummy_input=dummy_input, **kwargs)
+    return cls(model, config_list, dummy_input=dummy_input, **kwargs)
+
+
+def _no_trainer(*_args):
+    """AGP's base pruners never train themselves: the statistics come from the user's training."""
+    raise OnnxPruneError("AGPPruner's base pruner was asked to train; train the model yourself between update_epoch calls")
 
 
 def lottery_sparsity(iteration: int, final: float, iterations: int) -> float:
