@@ -15,6 +15,7 @@ import torch
 
 import onnxprune.pytorch as op
 from onnxprune import OnnxPruneError
+from onnxprune.channels.linear import border_convs
 from onnxprune.models import build, example_input
 from onnxprune.pytorch.annealing import by_size, rescale
 from onnxprune.pytorch.netadapt import fewest_channels
@@ -46,6 +47,21 @@ def test_counted_macs_equal_those_of_the_simplified_model(name):
     _, report = op.speedup(model, x, exporter="torchscript", batches=1, align=1)
     assert resources.dense_macs == report.simplify.before.macs
     assert resources.of_model(model)[0] == report.simplify.after.macs < report.simplify.before.macs
+
+
+@pytest.mark.parametrize("name", ["resnet18", "googlenet"])
+def test_counted_macs_include_border_maps_so_a_budget_is_never_undercounted(name):
+    """Pruned constants meeting zero-padded convs: simplify adds border maps; the count includes
+    one per such conv (an upper bound: a constant that is 0 needs none)."""
+    model, x = build(name).eval(), example_input(name)
+    groups = op.dependency_groups(model, x)
+    rng = np.random.default_rng(1)
+    pruner = op.L1FilterPruner(model, [{"sparsity": 0.5, "op_types": ["Conv2d", "Linear"]}], groups=groups)
+    pruner.update_mask(sparsities={gi: float(rng.uniform(0.1, 0.8)) for gi in range(len(groups))})
+    small, report = op.speedup(model, x, exporter="torchscript", batches=1, align=1)
+    assert border_convs(small)                                  # the case this is about
+    counted = Resources.of(model, x, groups).of_model(model)[0]
+    assert report.simplify.after.macs <= counted <= 1.05 * report.simplify.after.macs
 
 
 def test_fewest_channels_bisects_to_the_smallest_count_meeting_the_target():

@@ -23,6 +23,7 @@ from .pruner import FilterPruner, FPGMPruner, HeadPruner, L1FilterPruner, L2Filt
 from .rounds import RoundResult, prune_in_rounds
 from .schedules import AGPPruner, LotteryTicketPruner, agp_sparsity, lottery_sparsity
 from .speedup import SpeedupReport, speedup
+from .amc import AMCPruner
 from .annealing import AutoCompressPruner, SimulatedAnnealingPruner
 from .netadapt import NetAdaptPruner
 from .resources import LatencyCache, Resources, measure_latency
@@ -36,6 +37,6 @@ __all__ = [
     "ActivationAPoZRankFilterPruner", "ActivationMeanRankFilterPruner", "TaylorFOWeightFilterPruner", "SlimPruner", "ADMMPruner",
     "AGPPruner", "LotteryTicketPruner", "agp_sparsity", "lottery_sparsity",
     "SensitivityPruner", "SensitivityAnalysis", "sensitivity_analysis", "NetAdaptPruner", "SimulatedAnnealingPruner",
-    "AutoCompressPruner", "SearchPruner", "SearchSpace", "ExperimentLog", "Resources", "LatencyCache", "measure_latency", "speedup", "SpeedupReport", "export_onnx", "prune_in_rounds", "RoundResult",
+    "AutoCompressPruner", "AMCPruner", "SearchPruner", "SearchSpace", "ExperimentLog", "Resources", "LatencyCache", "measure_latency", "speedup", "SpeedupReport", "export_onnx", "prune_in_rounds", "RoundResult",
     "apply_masks", "current_masks", "make_permanent", "normalize_masks", "masked_state_dict",
 ]

@@ -8,12 +8,14 @@ Removing it deletes every slice of its class — producer rows, consumer columns
 the mapped columns of a flatten → Linear. Each Conv / ConvTranspose / Linear then costs
 (weight entries left) × (positions it is applied at): output positions for Conv and Linear, input
 positions for ConvTranspose, summed over every call (a module called twice counts twice) — the
-count `onnxprune inspect` makes of the simplified model (tests compare the two). Two things make
-the simplified model cost a little more than this count: a pruned channel's constant read by a
-zero-padded conv needs a border map (one-channel convs over a ones image), and channels a shuffle
-reshape ties to a channel of another group go only together. Searches use the count to steer and
-`speedup` (`final_macs`) for what they report. Unstructured zeros (LevelPruner) change neither
-count: a dense runtime computes them.
+count `onnxprune inspect` makes of the simplified model (tests compare the two). A full conv with
+zero padding that reads a pruned channel's constant also pays its *border map* — the constant's
+contribution is missing where the padding replaces it, which simplify computes as a one-channel
+conv over a ones image: (kept output channels) × (kernel) × (positions) more (counted even when the
+constant happens to be 0, which needs no map). Not counted: channels a shuffle reshape ties to a
+channel of another group go only together, so pruning one of them alone saves nothing. Searches
+steer by the count and report what `speedup` leaves (`best["simplified_macs"]`). Unstructured zeros
+(LevelPruner) change neither count: a dense runtime computes them.
 
 Latency. `measure_latency` exports the masked model, simplifies it (parity-checked against PyTorch,
 see speedup.py) and times it on onnxruntime; results are cached by *architecture* — the number of
@@ -35,6 +37,7 @@ class _Layer:
     shape: tuple[int, ...]       # weight shape
     positions: int               # per call, summed over calls
     transposed: bool             # ConvTranspose: weight [in, out / groups, k...]
+    padded: bool = False         # a full (groups = 1) Conv with zero padding: pruned inputs leave a border map
 
 
 @dataclass
@@ -73,6 +76,8 @@ class Resources:
             entries = kept_rows * kept_cols * int(np.prod(layer.shape[2:], dtype=np.int64))
             macs += entries * layer.positions
             params += entries
+            if layer.padded and cols and kept_rows:   # the border map: one input channel, the same kernel
+                macs += kept_rows * int(np.prod(layer.shape[2:], dtype=np.int64)) * layer.positions
         return macs, params
 
     def macs(self, pruned) -> int:
@@ -128,7 +133,9 @@ def _layer_positions(model, dummy_input) -> dict[str, _Layer]:
             # Linear: every leading position; Conv: the batch and the spatial positions
             dims = x.shape[:-1] if isinstance(module, torch.nn.Linear) else (x.shape[0],) + tuple(x.shape[2:])
             w = module.weight
-            layer = layers.setdefault(name, _Layer(tuple(w.shape), 0, transposed))
+            padded = (isinstance(module, torch.nn.modules.conv._ConvNd) and not transposed and module.groups == 1
+                      and (module.padding == "same" or any(p > 0 for p in module.padding)))
+            layer = layers.setdefault(name, _Layer(tuple(w.shape), 0, transposed, padded))
             layer.positions += int(np.prod(dims, dtype=np.int64))
         return record
 
