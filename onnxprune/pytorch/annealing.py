@@ -27,7 +27,7 @@ import numpy as np
 
 from .. import checks
 from ..errors import OnnxPruneError
-from .search import Candidate, SearchPruner, seed_everything, task_seed
+from .search import Candidate, SearchPruner, seed_everything, state_of, task_seed
 from .training import ADMMPruner
 
 
@@ -205,7 +205,7 @@ class AutoCompressPruner(SimulatedAnnealingPruner):
                       **space.counted(chosen), "simplified_macs": report.simplify.after.macs,
                       "group_sparsities": {str(k): v for k, v in chosen.items()}}
             self.log.put(key, record | {"key": key, "rng": int(self.rng.integers(2**63))},
-                         {k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
+                         state_of(model))
             self.rng = np.random.default_rng(self.log.records[key]["rng"])
             self.rounds.append(record)
             floors = chosen

@@ -143,10 +143,12 @@ def _layer_positions(model, dummy_input) -> dict[str, _Layer]:
         if type(m).__name__ in WEIGHTED:
             transposed = isinstance(m, torch.nn.modules.conv._ConvTransposeNd)
             handles.append(m.register_forward_hook(hook(name, transposed)))
+    training = model.training
     try:
         with torch.no_grad():
-            model(*as_args(dummy_input))
+            model.eval()(*as_args(dummy_input))   # eval: BatchNorm takes a batch of one, and its statistics stay
     finally:
+        model.train(training)
         for h in handles:
             h.remove()
     return layers

@@ -171,10 +171,15 @@ def evaluate_task(task: Task) -> dict:
         if task.finetuner is not None:
             task.finetuner(model)
         metric = float(task.evaluator(model))
-        state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()} if task.keep_state else None
+        state = state_of(model) if task.keep_state else None
     finally:
         torch.set_num_threads(before)
     return {"metric": metric, "seconds": time.perf_counter() - start, "state": state}
+
+
+def state_of(model) -> dict:
+    """A CPU copy of the state dict (masks included): what a log stores and a resumed search loads."""
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
 
 def task_seed(seed: int, key: str) -> int:

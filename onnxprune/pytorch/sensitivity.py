@@ -18,7 +18,7 @@ from .. import checks
 from ..errors import OnnxPruneError
 from ..sensitivity import SensitivityRow
 from .annealing import rescale
-from .search import Candidate, SearchPruner, seed_everything, task_seed
+from .search import Candidate, SearchPruner, seed_everything, state_of, task_seed
 
 SPARSITIES = tuple(round(0.1 * k, 1) for k in range(1, 10))
 
@@ -150,7 +150,7 @@ class SensitivityPruner(SensitivityAnalysis):
                     self.finetuner(model)
                 self.log.put(key, {"key": key, "group_sparsities": {str(k): v for k, v in chosen.items()},
                                    "baseline": baseline},
-                             {k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
+                             state_of(model))
             current = space.current(model)
             self.iterations.append({"iteration": iteration, "sparsities": space.named(current), **space.counted(current)})
             iteration += 1
