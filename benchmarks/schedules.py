@@ -159,6 +159,9 @@ def run_method(name, ctx, budget):
     tr.run(model, steps - trained, r.finetune_lr, desc="fine-tune", progress=False)
     if trained:
         note = f"{trained} of the fine-tuning steps inside the search"
+    kept = len(getattr(p, "iterations", ())) * short.steps if name.startswith(("netadapt", "sensitivity")) else 0
+    if kept:   # the accepted candidates' short-term fine-tuning stays on the model: training beyond the budget
+        note = f"+{kept} short-term steps on the kept candidates"
     return model.eval(), search, note
 
 

@@ -162,6 +162,22 @@ def test_netadapt_sheds_one_step_per_iteration_and_keeps_the_best_candidate():
         assert it["metric"] == max(by_stage[it["stage"].split(":")[0]])
 
 
+def test_netadapt_halves_a_step_no_group_can_shed_alone():
+    """c4 and c5 only, 12 % of the MACs in one step: neither group holds that much alone; the
+    search halves the step and still reaches the budget (both groups pruned)."""
+    dense = tiny_net()
+    config = [{"sparsity": 0.12, "op_names": ["c4", "c5"]}]
+    pruner = op.NetAdaptPruner(copy.deepcopy(dense), config, None, OutputMatch(dense), dummy_input=X,
+                               sparsity_per_iteration=0.12, **quiet())
+    space = pruner.space
+    dense_macs = space.counted({})["macs"]
+    alone = [space.counted({gi: space.clip(1.0, gi)})["macs"] for gi in space.searched]
+    assert min(alone) > 0.88 * dense_macs                       # the premise: no group sheds 12 % alone
+    pruner.compress()
+    assert pruner.iterations[-1]["cost"] <= 0.88 * dense_macs
+    assert all(n > 0 for n in pruner.iterations[-1]["channels"].values())
+
+
 def test_sensitivity_rows_equal_an_independent_prune_of_each_group(tmp_path):
     dense = tiny_net()
     evaluator = OutputMatch(dense)

@@ -2,7 +2,7 @@
 al. 2020) and AutoCompress itself (rounds of annealing + ADMM), with NNI's names and arguments.
 
 A candidate is a sparsity per searched group. The search keeps them *guided*: the values are
-sorted and handed out by size, so larger groups (more weight entries) prune more, and then scaled
+sorted and handed out by size, so larger groups (more weight entries per layer) prune more, and then scaled
 by one factor — found by bisection on the counted MACs / weights — so that the candidate just
 meets the budget. At temperature T each step perturbs the current candidate by
 uniform(−m, m)·T/T0 per group (m = `perturbation_magnitude`), re-sorts, re-scales and evaluates it;
@@ -57,6 +57,15 @@ def rescale(cost, relative: dict[int, float], clip, budget: float, steps: int = 
     return at(hi)
 
 
+def layer_size(space, gi: int) -> float:
+    """A group's size for "larger layers prune more": the mean weight count of its producer layers.
+    (Not the sum: a residual stream's group couples many layers and would always prune hardest,
+    though it is the most sensitive group of a ResNet.)"""
+    layers = space.resources.layers
+    sizes = [int(np.prod(layers[name].shape)) for name in space.groups.groups[gi].layers if name in layers]
+    return float(np.mean(sizes)) if sizes else 0.0
+
+
 class SimulatedAnnealingPruner(SearchPruner):
     """NNI's SimulatedAnnealingPruner(model, config_list, evaluator, optimize_mode, base_algo,
     start_temperature, stop_temperature, cool_down_rate, perturbation_magnitude, experiment_data_dir),
@@ -86,9 +95,7 @@ class SimulatedAnnealingPruner(SearchPruner):
                          executor=executor, seed=seed, threads=threads, max_sparsity=max_sparsity, progress=progress,
                          args=sa_args | (args or {}))
         self.rng = np.random.default_rng(self.seed)
-        self.sizes = np.array([sum(int(np.prod(self.space.resources.layers[layer].shape))
-                                   for layer in self.space.groups.groups[gi].layers if layer in self.space.resources.layers)
-                               for gi in self.space.searched], dtype=np.float64)
+        self.sizes = np.array([layer_size(self.space, gi) for gi in self.space.searched], dtype=np.float64)
 
     def search(self) -> None:
         best = self.anneal(self.space.budget(self.bound_model), self.space.current(self.bound_model), "")

@@ -6,7 +6,9 @@ over the channel count: counted MACs / weights, or *measured onnxruntime latency
 candidate* with `resource="latency"` — export → simplify → time, cached by architecture), makes
 that candidate with the base algorithm, fine-tunes it briefly (`short_term_fine_tuner(model)`) and
 evaluates it. The best candidate — its masks and its fine-tuned weights — becomes the model of the
-next iteration, until the budget `(1 − sparsity) × dense resource` is met. The candidates of one
+next iteration, until the budget `(1 − sparsity) × dense resource` is met. When no group alone can
+shed the step (latency often falls in steps: a width reaching a multiple of onnxruntime's block),
+the step is halved, up to 4 times, and stays smaller for the rest of the search. The candidates of one
 iteration are independent: they run through `executor`.
 
     pruner = NetAdaptPruner(model, [{"sparsity": 0.5, "op_types": ["Conv2d"]}], short_term_fine_tuner=finetune,
@@ -21,6 +23,8 @@ import warnings
 from .. import checks
 from ..errors import OnnxPruneError
 from .search import Candidate, SearchPruner
+
+HALVINGS = 4   # the step may shrink to 1/16 before a search stops short of its budget
 
 
 def fewest_channels(cost, size: int, start: int, stop: int, target: float) -> int | None:
@@ -72,6 +76,12 @@ class NetAdaptPruner(SearchPruner):
         while now > budget * (1 + 1e-9):
             target = max(now - step, budget)
             candidates = self.candidates(iteration, current, target)
+            for _ in range(HALVINGS):       # no group can shed the step alone: a smaller step, from now on
+                if candidates:
+                    break
+                step /= 2
+                target = max(now - step, budget)
+                candidates = self.candidates(iteration, current, target)
             if not candidates:
                 warnings.warn(f"NetAdapt: no group can meet {space.resource} {target:.6g} "
                               f"(now {now:.6g}, budget {budget:.6g}); stopping", stacklevel=2)
