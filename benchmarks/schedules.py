@@ -162,6 +162,10 @@ def run_method(name, ctx, budget):
     kept = len(getattr(p, "iterations", ())) * short.steps if name.startswith(("netadapt", "sensitivity")) else 0
     if kept:   # the accepted candidates' short-term fine-tuning stays on the model: training beyond the budget
         note = f"+{kept} short-term steps on the kept candidates"
+    short_of = getattr(p, "stopped_short", None)
+    if short_of:
+        note += (f"; stopped at {short_of['cost'] / short_of['dense']:.2f} of the dense {p.space.resource} "
+                 f"(budget {short_of['budget'] / short_of['dense']:.2f}): no group could shed a step")
     return model.eval(), search, note
 
 

@@ -62,6 +62,7 @@ class NetAdaptPruner(SearchPruner):
                          max_sparsity=max_sparsity, progress=progress, latency_threads=latency_threads,
                          args={"sparsity_per_iteration": self.step})
         self.iterations: list[dict] = []
+        self.stopped_short: dict | None = None     # cost, budget, dense: when no step could be met
 
     def search(self) -> None:
         from tqdm.auto import tqdm
@@ -85,6 +86,7 @@ class NetAdaptPruner(SearchPruner):
             if not candidates:
                 warnings.warn(f"NetAdapt: no group can meet {space.resource} {target:.6g} "
                               f"(now {now:.6g}, budget {budget:.6g}); stopping", stacklevel=2)
+                self.stopped_short = {"cost": now, "budget": budget, "dense": dense}
                 break
             records = self.evaluation.run(model, candidates, keep_state=True, desc=f"iteration {iteration}",
                                           extra=self.measured)

@@ -155,27 +155,48 @@ def _layer_positions(model, dummy_input) -> dict[str, _Layer]:
 
 
 class LatencyCache:
-    """Measured onnxruntime latency (ms, median) of simplified candidates, by architecture."""
+    """Measured onnxruntime latency (ms) of simplified candidates, by architecture. The first model
+    measured (a search's dense model) is the reference; every later candidate is timed interleaved
+    with it, run by run, and costs reference_ms × the median per-run ratio — machine drift during a
+    long search hits both alike and cancels (medians of separate runs wandered by more than a
+    search step on a shared machine)."""
 
     def __init__(self, dummy_input, groups: DependencyGroups, threads: int = 1, runs: int = 20,
                  exporter: str = "torchscript"):
         self.dummy_input, self.groups, self.threads, self.runs, self.exporter = dummy_input, groups, threads, runs, exporter
         self.measured: dict[tuple[int, ...], float] = {}
+        self.reference = None
 
     def __call__(self, model) -> float:
+        from ..timing import time_models
+
         key = architecture(model, self.groups)
         if key not in self.measured:
-            self.measured[key] = measure_latency(model, self.dummy_input, self.threads, self.runs, self.exporter)
+            small = simplified(model, self.dummy_input, self.exporter)
+            if self.reference is None:
+                self.reference = small
+                self.measured[key] = time_models({"reference": small}, threads=self.threads, runs=self.runs)["reference"]
+                self.reference_ms = self.measured[key]
+            else:
+                t = time_models({"reference": self.reference, "candidate": small}, threads=self.threads,
+                                runs=self.runs, samples=True)
+                ratio = float(np.median(np.array(t["candidate"]) / np.array(t["reference"])))
+                self.measured[key] = self.reference_ms * ratio
         return self.measured[key]
+
+
+def simplified(model, dummy_input, exporter: str = "torchscript"):
+    """The masked model exported, simplified and checked against PyTorch (`speedup`)."""
+    from .speedup import speedup
+
+    return speedup(model, dummy_input, exporter=exporter, batches=1)[0]
 
 
 def measure_latency(model, dummy_input, threads: int = 1, runs: int = 20, exporter: str = "torchscript") -> float:
     """Median onnxruntime latency (ms) of `model` exported, simplified and checked by `speedup`."""
     from ..timing import time_models
-    from .speedup import speedup
 
-    small, _ = speedup(model, dummy_input, exporter=exporter, batches=1)
-    return time_models({"candidate": small}, threads=threads, runs=runs)["candidate"]
+    return time_models({"candidate": simplified(model, dummy_input, exporter)}, threads=threads, runs=runs)["candidate"]
 
 
 __all__ = ["Resources", "LatencyCache", "measure_latency", "pruned_channels", "architecture", "count_of"]
