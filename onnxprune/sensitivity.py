@@ -176,21 +176,17 @@ class Group:
                 "skipped": self.skipped}
 
 
-def _label(layers: tuple[str, ...]) -> str:
-    return layers[0] + (f"+{len(layers) - 1}" if len(layers) > 1 else "")
-
-
 def _groups_of(g, prune_first: bool, prune_last: bool) -> list[Group]:
     from .channels.core import build_channel_graph
     from .pruning.config import default_config, resolve
-    from .pruning.groups import buckets, layers
+    from .pruning.groups import buckets, group_label, layers
 
     # the layers `prune --sparsity` would select, and why the others stay (first layer, classifier)
     wanted, skipped = resolve(default_config(0.5), layers(g), prune_first, prune_last)
     out, seen = [], {}
     for b in buckets(g, build_channel_graph(g)):
         free = sum(root not in b.pinned for root in b.classes)
-        label = _label(b.layers)
+        label = group_label(b.layers)
         seen[label] = seen.get(label, 0) + 1
         if seen[label] > 1:  # two groups led by one layer with as many others: keep labels unique
             label += f"#{seen[label]}"

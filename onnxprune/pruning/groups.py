@@ -20,6 +20,11 @@ from ..graph import Graph
 from ..layers import filters as layer_filters
 from ..layers import is_linear
 
+def group_label(layers, sep: str = "") -> str:
+    """A group's first layer, "+k" when k more layers are coupled with it (the reports' label)."""
+    return layers[0] + (f"{sep}+{len(layers) - 1}" if len(layers) > 1 else "")
+
+
 def filters(g: Graph, node: onnx.NodeProto) -> np.ndarray:
     """The layer's weights with one output channel per row: [C_out, ...] (a view, not a copy)."""
     return layer_filters(g.inits[node.input[1]], node)

@@ -138,7 +138,7 @@ class AMCEnvironment:
         return self.space.clip(1.0 - preserve, gi)
 
     def cost(self, sparsities: dict[int, float]) -> float:
-        return float(self.space.counted(sparsities)[self.space.resource])
+        return self.space.counted_cost(sparsities)
 
     def reset(self) -> np.ndarray:
         self.t, self.sparsities, self.actions = 0, {}, []
@@ -318,15 +318,13 @@ class AMCPruner(SearchPruner):
     `proposals` the agent's actions before clipping."""
 
     name = "amc"
+    counted_only = True    # the clipping counts the resource of every action
 
     def __init__(self, model, config_list, evaluator, val_loader=None, dummy_input=None, flops_ratio=0.5, lbound=0.2,
                  rbound=1.0, reward="acc_reward", hidden1=300, hidden2=300, lr_c=1e-3, lr_a=1e-4, warmup=100, discount=1.0,
                  bsize=64, rmsize=100, tau=0.01, init_delta=0.5, delta_decay=0.99, train_episode=800, seed=0,
                  experiment_data_dir=None, executor=None, base_algo="l1", finetuner=None, progress=True, *,
                  resource="macs", threads=None):
-        if resource not in ("macs", "params"):
-            raise OnnxPruneError(f"AMCPruner: resource must be macs or params (flops_ratio is a fraction of a counted "
-                                 f"resource the clipping can compute for every action), got {resource!r}")
         if reward not in REWARDS:
             raise OnnxPruneError(f"AMCPruner: reward must be one of {', '.join(REWARDS)}, got {reward!r}")
         flops_ratio = float(flops_ratio)

@@ -73,14 +73,12 @@ class SimulatedAnnealingPruner(SearchPruner):
     `candidates_per_temperature` and `finetuner` (run on every candidate before `evaluator`)."""
 
     name = "simulated_annealing"
+    counted_only = True    # every candidate is scaled to the budget by bisection
 
     def __init__(self, model, config_list, evaluator, optimize_mode="maximize", base_algo="l1", start_temperature=100,
                  stop_temperature=20, cool_down_rate=0.9, perturbation_magnitude=0.35, experiment_data_dir=None, *,
                  dummy_input=None, resource="macs", executor=None, seed=0, candidates_per_temperature=1,
                  finetuner=None, max_sparsity=0.9, progress=True, threads=None, args=None):
-        if resource == "latency":
-            raise OnnxPruneError(f"{type(self).__name__}: every candidate is scaled to the budget by bisection, which "
-                                 "needs a counted resource (macs or params); NetAdaptPruner measures latency")
         self.t0 = checks.positive_number(start_temperature, "start_temperature")
         self.t_stop = checks.positive_number(stop_temperature, "stop_temperature")
         self.cool = float(cool_down_rate)
@@ -105,7 +103,7 @@ class SimulatedAnnealingPruner(SearchPruner):
     def guided(self, values: np.ndarray, floors: dict[int, float], budget: float) -> dict[int, float] | None:
         """Sorted by size, scaled to just meet the budget, never below what is already pruned."""
         relative = dict(zip(self.space.searched, by_size(np.clip(values, 0, None), self.sizes).tolist()))
-        return rescale(lambda s: float(self.space.counted(s)[self.space.resource]), relative,
+        return rescale(self.space.counted_cost, relative,
                        lambda v, gi: self.space.clip(v, gi, floors.get(gi, 0.0)), budget)
 
     def anneal(self, budget: float, floors: dict[int, float], prefix: str) -> dict[int, float]:
@@ -134,7 +132,7 @@ class SimulatedAnnealingPruner(SearchPruner):
                 continue
             records = self.evaluation.run(self.bound_model, [Candidate(f"{prefix}T={t:.4g} #{k}", p)
                                                              for k, p in enumerate(proposals)], desc=f"T={t:.3g}")
-            k = max(range(len(records)), key=lambda i: (records[i]["metric"] if maximize else -records[i]["metric"], -i))
+            k = self.evaluation.best_index(records)
             record, sparsities = records[k], proposals[k]
             delta = record["metric"] - current["metric"]
             accept = (delta > 0 if maximize else delta < 0) or self.rng.uniform(0, 1) < math.exp(-abs(delta) / t)
@@ -189,7 +187,7 @@ class AutoCompressPruner(SimulatedAnnealingPruner):
         from .speedup import speedup
 
         space, model = self.space, self.bound_model
-        dense = float(space.counted({})[space.resource])
+        dense = space.counted_cost({})
         floors = space.current(model)
         for i in range(self.num_iterations):
             budget = dense * (1.0 - space.sparsity) ** ((i + 1) / self.num_iterations)

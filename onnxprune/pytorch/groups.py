@@ -78,6 +78,14 @@ class Group:
         """Indices of the channels that may be pruned."""
         return [i for i, c in enumerate(self.channels) if not c.pinned]
 
+    def asked(self, sparsity: float) -> int:
+        """How many channels `sparsity` asks of the group."""
+        return int(sparsity * self.size + 1e-9)
+
+    def pruned_count(self, sparsity: float) -> int:
+        """How many it loses: what is asked, as far as the free channels allow."""
+        return min(self.asked(sparsity), len(self.free))
+
 
 @dataclass
 class Plan:

@@ -90,8 +90,7 @@ class NetAdaptPruner(SearchPruner):
                 break
             records = self.evaluation.run(model, candidates, keep_state=True, desc=f"iteration {iteration}",
                                           extra=self.measured)
-            chosen = max(range(len(records)), key=lambda i: (records[i]["metric"] if self.evaluation.maximize
-                                                             else -records[i]["metric"], -i))
+            chosen = self.evaluation.best_index(records)
             current = candidates[chosen].sparsities
             self.apply(current, records[chosen]["state"])
             cost = space.cost(current, model)

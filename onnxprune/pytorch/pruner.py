@@ -28,6 +28,7 @@ import numpy as np
 from .. import checks
 from ..errors import OnnxPruneError
 from ..pruning import criteria
+from ..pruning.groups import group_label
 from .config import resolve
 from .groups import Channel, DependencyGroups, Group, ParamSlice, dependency_groups
 from .masks import apply_masks, current_masks, dense_weight, effective_weight, to_nni
@@ -54,7 +55,7 @@ class PruneSummary:
         lines = [f"{self.pruner}: {sum(1 for r in self.rows if r.pruned)} of {len(self.rows)} channel group(s) pruned",
                  f"{'group (first layer, +coupled)':44}{'channels':>9}{'pinned':>7}{'asked':>7}{'pruned':>8}  note"]
         for r in self.rows:
-            label = r.layers[0] + (f" +{len(r.layers) - 1}" if len(r.layers) > 1 else "")
+            label = group_label(r.layers, " ")
             asked = f"{r.asked:.2f}" if r.asked is not None else "-"
             lines.append(f"{label[-44:]:44}{r.channels:>9}{r.pinned:>7}{asked:>7}{r.pruned:>8}  {r.note}")
         return "\n".join(lines)
@@ -198,8 +199,8 @@ class FilterPruner(Pruner):
                 row.note = row.note or (group.channels[0].pinned if group.channels else "")
                 continue
             target = checks.sparsity(schedule(asked) if schedule else asked, "scheduled sparsity")
-            count = min(int(target * group.size + 1e-9), len(free))
-            if count < int(target * group.size + 1e-9):
+            count = group.pruned_count(target)
+            if count < group.asked(target):
                 row.note = f"{group.size - len(free)} channel(s) pinned"
             if count == 0:
                 continue

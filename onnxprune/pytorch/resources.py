@@ -86,17 +86,12 @@ class Resources:
     def at(self, sparsities: dict[int, float]) -> tuple[int, int]:
         """(MACs, params) when group gi loses `sparsities[gi]` of its channels (the free ones first;
         which channels does not change the count within a group of uniform channels)."""
-        return self.count({gi: self.groups.groups[gi].free[:count_of(self.groups.groups[gi], s)]
+        return self.count({gi: self.groups.groups[gi].free[:self.groups.groups[gi].pruned_count(s)]
                            for gi, s in sparsities.items()})
 
     def of_model(self, model) -> tuple[int, int]:
         """(MACs, params) of `model` as its current masks prune it."""
         return self.count(pruned_channels(model, self.groups))
-
-
-def count_of(group, sparsity: float) -> int:
-    """How many channels a group loses at `sparsity` (as FilterPruner counts them, capped by the free ones)."""
-    return min(int(sparsity * group.size + 1e-9), len(group.free))
 
 
 def pruned_channels(model, groups: DependencyGroups) -> dict[int, list[int]]:
@@ -199,4 +194,4 @@ def measure_latency(model, dummy_input, threads: int = 1, runs: int = 20, export
     return time_models({"candidate": simplified(model, dummy_input, exporter)}, threads=threads, runs=runs)["candidate"]
 
 
-__all__ = ["Resources", "LatencyCache", "measure_latency", "pruned_channels", "architecture", "count_of"]
+__all__ = ["Resources", "LatencyCache", "measure_latency", "pruned_channels", "architecture"]

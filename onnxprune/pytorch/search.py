@@ -30,9 +30,10 @@ from pathlib import Path
 from .. import checks
 from ..errors import OnnxPruneError
 from .config import resolve
+from ..pruning.groups import group_label
 from .groups import DependencyGroups, dependency_groups
 from .pruner import WEIGHTED, FPGMPruner, L1FilterPruner, L2FilterPruner
-from .resources import LatencyCache, Resources, count_of
+from .resources import LatencyCache, Resources
 
 BASE_ALGOS = {"l1": L1FilterPruner, "l2": L2FilterPruner, "fpgm": FPGMPruner}
 RESOURCES = ("macs", "params", "latency")
@@ -53,7 +54,7 @@ class SearchSpace:
             raise OnnxPruneError(f"resource must be one of {', '.join(RESOURCES)}, got {resource!r}")
         if dummy_input is None:
             raise OnnxPruneError("a search needs dummy_input to trace the channel groups and count MACs")
-        self.base_algo, self.resource, self.dummy_input = base_algo, resource, dummy_input
+        self.base_algo, self.resource = base_algo, resource
         self.max_sparsity = checks.sparsity(max_sparsity, "max_sparsity")
         selected = resolve(model, config_list, (), WEIGHTED)
         values = {s for s in selected.values()}
@@ -76,12 +77,16 @@ class SearchSpace:
         macs, params = self.resources.at(sparsities)
         return {"macs": macs, "params": params}
 
+    def counted_cost(self, sparsities: dict[int, float]) -> float:
+        """The counted resource (macs or params) of a candidate: what bisections steer by."""
+        return float(self.counted(sparsities)[self.resource])
+
     def cost(self, sparsities: dict[int, float], model) -> float:
         """The resource of `model` pruned (further) to `sparsities`: counted, or measured on the
         simplified model (latency, cached by architecture)."""
         if self.resource == "latency":
             return self.latency(self.masked(model, sparsities))
-        return float(self.counted(sparsities)[self.resource])
+        return self.counted_cost(sparsities)
 
     def budget(self, model) -> float:
         """The most the result may cost: (1 − sparsity) × the dense model's resource."""
@@ -96,8 +101,7 @@ class SearchSpace:
 
     # --- candidates -----------------------------------------------------------------------
     def label(self, gi: int) -> str:
-        g = self.groups.groups[gi]
-        return g.layers[0] + (f" +{len(g.layers) - 1}" if len(g.layers) > 1 else "")
+        return group_label(self.groups.groups[gi].layers, " ")
 
     def size(self, gi: int) -> int:
         return self.groups.groups[gi].size
@@ -108,8 +112,7 @@ class SearchSpace:
         return float(max(min(sparsity, self.max_sparsity, len(g.free) / g.size), floor))
 
     def pruner(self, model):
-        """The base pruner on `model`, every searched layer selected (sparsities come per call)."""
-        return BASE_ALGOS[self.base_algo](model, [{"sparsity": 0.0, "op_names": self.layers}], groups=self.groups)
+        return base_pruner(self.base_algo, model, self.layers, self.groups)
 
     def masked(self, model, sparsities: dict[int, float]):
         """A copy of `model` with the base pruner's masks at `sparsities` (adding to its own)."""
@@ -120,10 +123,15 @@ class SearchSpace:
         return clone
 
     def channels(self, sparsities: dict[int, float]) -> dict[int, int]:
-        return {gi: count_of(self.groups.groups[gi], s) for gi, s in sparsities.items()}
+        return {gi: self.groups.groups[gi].pruned_count(s) for gi, s in sparsities.items()}
 
     def named(self, sparsities: dict[int, float]) -> dict[str, float]:
         return {self.label(gi): round(float(s), 6) for gi, s in sorted(sparsities.items())}
+
+
+def base_pruner(base_algo: str, model, layers: list[str], groups: DependencyGroups):
+    """The base pruner on `model` with every searched layer selected (the sparsities come per call)."""
+    return BASE_ALGOS[base_algo](model, [{"sparsity": 0.0, "op_names": layers}], groups=groups)
 
 
 # --- evaluation ---------------------------------------------------------------------------
@@ -166,8 +174,7 @@ def evaluate_task(task: Task) -> dict:
     try:
         seed_everything(task.seed)
         model = task.model
-        pruner = BASE_ALGOS[task.base_algo](model, [{"sparsity": 0.0, "op_names": task.layers}], groups=task.space_groups)
-        pruner.update_mask(sparsities=dict(task.sparsities))
+        base_pruner(task.base_algo, model, task.layers, task.space_groups).update_mask(sparsities=dict(task.sparsities))
         if task.finetuner is not None:
             task.finetuner(model)
         metric = float(task.evaluator(model))
@@ -296,6 +303,10 @@ class Evaluation:
     def better(self, a: float, b: float) -> bool:
         return a > b if self.maximize else a < b
 
+    def best_index(self, records: list[dict]) -> int:
+        """The record with the best metric (the first of equals)."""
+        return max(range(len(records)), key=lambda i: (records[i]["metric"] if self.maximize else -records[i]["metric"], -i))
+
     def run(self, model, candidates: list[Candidate], keep_state: bool = False, desc: str = "candidates",
             extra=None) -> list[dict]:
         """Evaluate `candidates` on copies of `model`; results in candidate order. `extra(candidate)`
@@ -321,18 +332,17 @@ class Evaluation:
                 self.log.put(c.key, record, out["state"])
                 results[i] = record | {"state": out["state"]}
                 bar.update(1)
-                self._note(results[i], bar)
+                done = [r for r in results if r is not None]
+                bar.set_postfix(best=f"{done[self.best_index(done)]['metric']:.4g}")
         finally:
             bar.close()
-        for r in results:
-            self._note(r, None)
+        for r in results:   # in candidate order, not completion order: the same best whatever the executor
+            self._note(r)
         return results
 
-    def _note(self, record: dict, bar) -> None:
+    def _note(self, record: dict) -> None:
         if self.best is None or self.better(record["metric"], self.best["metric"]):
             self.best = {k: v for k, v in record.items() if k != "state"}
-        if bar is not None:
-            bar.set_postfix(best=f"{self.best['metric']:.4g}")
 
     def _map(self, tasks: dict[int, Task]):
         """(index, result) as they finish; serial without an executor."""
@@ -340,7 +350,7 @@ class Evaluation:
             for i, t in tasks.items():
                 yield i, evaluate_task(t)
             return
-        futures = {_submit(self.executor, t): i for i, t in tasks.items()}
+        futures = {self.executor.submit(evaluate_task, t): i for i, t in tasks.items()}
         for f in _completed(futures):
             yield futures[f], f.result()
 
@@ -351,11 +361,15 @@ class SearchPruner:
     `export_model` / `get_pruned_weights` as every pruner has them. Subclasses implement `search()`."""
 
     name = "search"
+    counted_only = False   # True: steers by a resource counted for every candidate (not measured latency)
 
     def __init__(self, model, config_list, evaluator, dummy_input, *, base_algo: str = "l1", resource: str = "macs",
                  finetuner=None, optimize_mode: str = "maximize", experiment_data_dir=None, executor=None, seed: int = 0,
                  threads: int | None = None, max_sparsity: float = 0.9, progress: bool = True, latency_threads: int = 1,
                  args: dict | None = None):
+        if self.counted_only and resource == "latency":
+            raise OnnxPruneError(f"{type(self).__name__}: resource must be macs or params (it steers by a resource "
+                                 f"counted for every candidate; NetAdaptPruner measures latency), got {resource!r}")
         if optimize_mode not in ("maximize", "minimize"):
             raise OnnxPruneError(f"optimize_mode must be maximize or minimize, got {optimize_mode!r}")
         if not callable(evaluator):
@@ -414,10 +428,6 @@ def refuse_forking_pool(executor) -> None:
     if isinstance(executor, ProcessPoolExecutor) and context is not None and context.get_start_method() == "fork":
         raise OnnxPruneError("a ProcessPoolExecutor that forks deadlocks in torch's thread pool: use "
                              "ProcessPoolExecutor(mp_context=multiprocessing.get_context('spawn'))")
-
-
-def _submit(executor, task: Task):
-    return executor.submit(evaluate_task, task)
 
 
 def _completed(futures: dict):

@@ -83,11 +83,11 @@ def sensitivity_analysis(model, evaluator, dummy_input, config_list=None, sparsi
     return rows, baseline
 
 
-def threshold_sparsities(rows: list[SensitivityRow], baseline: float, drop: float, labels) -> dict[str, float]:
+def threshold_sparsities(rows: list[SensitivityRow], baseline: float, drop: float) -> dict[str, float]:
     """Per group: the largest analysed sparsity whose metric is within `drop` of the baseline (0: none)."""
-    out = {label: 0.0 for label in labels}
+    out = {r.group: 0.0 for r in rows}
     for r in rows:
-        if r.metric >= baseline - drop and r.sparsity > out.get(r.group, 0.0):
+        if r.metric >= baseline - drop and r.sparsity > out[r.group]:
             out[r.group] = r.sparsity
     return out
 
@@ -100,17 +100,15 @@ class SensitivityPruner(SensitivityAnalysis):
     thresholds (group label -> proportion). `self.iterations`: per iteration the sparsities, metric, cost."""
 
     name = "sensitivity_pruner"
+    counted_only = True    # the thresholds are scaled to the budget by bisection
 
     def __init__(self, model, config_list, evaluator, finetuner=None, base_algo="l1", sparsity_proportion_calc=None,
                  sparsity_per_iteration=0.1, acc_drop_threshold=0.05, checkpoint_dir=None, *, dummy_input=None,
                  sparsities=SPARSITIES, experiment_data_dir=None, executor=None, seed=0, progress=True, threads=None,
                  resource="macs"):
-        if resource == "latency":
-            raise OnnxPruneError("SensitivityPruner scales its thresholds to the budget by bisection, which needs a "
-                                 "counted resource (macs or params); NetAdaptPruner measures latency")
         self.step = checks.sparsity(sparsity_per_iteration, "sparsity_per_iteration")
         self.drop = checks.tolerance(acc_drop_threshold, "acc_drop_threshold")
-        self.proportion = sparsity_proportion_calc or threshold_sparsities_of
+        self.proportion = sparsity_proportion_calc or threshold_sparsities
         SearchPruner.__init__(self, model, config_list, evaluator, dummy_input, base_algo=base_algo, resource=resource,
                               experiment_data_dir=experiment_data_dir or checkpoint_dir, executor=executor, seed=seed,
                               threads=threads, progress=progress,
@@ -122,7 +120,7 @@ class SensitivityPruner(SensitivityAnalysis):
 
     def search(self) -> None:
         space, model = self.space, self.bound_model
-        cost = lambda s: float(space.counted(s)[space.resource])  # noqa: E731
+        cost = space.counted_cost
         dense = cost({})
         budget = (1.0 - space.sparsity) * dense
         current = space.current(model)
@@ -156,10 +154,6 @@ class SensitivityPruner(SensitivityAnalysis):
             iteration += 1
         final = float(self.evaluation.evaluator(model))
         self.evaluation.best = {"sparsities": space.named(current), **space.counted(current), "metric": final}
-
-
-def threshold_sparsities_of(rows, baseline, drop):
-    return threshold_sparsities(rows, baseline, drop, {r.group for r in rows})
 
 
 __all__ = ["sensitivity_analysis", "SensitivityAnalysis", "SensitivityPruner", "threshold_sparsities", "with_sparsity"]
