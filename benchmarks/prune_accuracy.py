@@ -4,7 +4,9 @@ A small CNN is trained (seeded, CPU, a few seconds) on scikit-learn's bundled di
 (`sklearn.datasets.load_digits`: 1797 8x8 grayscale digits that ship with the package; nothing is
 downloaded), exported to ONNX (BN folded), then pruned one-shot (no fine-tuning) at sparsity
 0.5 / 0.7 / 0.9 with: weight (level) pruning, dependency-aware filter pruning (L1, FPGM) and 1xN
-blocks for N = 2, 4, 8, 16, 32 without and with channel rearrangement - the shape of Table 1 of the
+blocks for N = 2, 4, 8, 16, 32 without and with channel rearrangement, and row-balanced (`--balanced`:
+the same number of blocks pruned in every block row, what model_tune's static-bound BSR kernel
+wants) - the shape of Table 1 of the
 1xN paper (Lin et al., "1xN Pattern for Pruning Convolutional Neural Networks"). Top-1 accuracy is
 measured with onnxruntime on the held-out split (stratified, `random_state=0`).
 
@@ -163,6 +165,7 @@ def methods(prune_first: bool):
     for n in BLOCK_NS:
         rows.append((f"1x{n}", "1xN", dict(criterion="l1", granularity="1xN", n=n)))
         rows.append((f"1x{n} + rearrange", "1xN", dict(criterion="l1", granularity="1xN", n=n, rearrange=True)))
+        rows.append((f"1x{n} balanced", "1xN", dict(criterion="l1", granularity="1xN", n=n, balanced=True)))
     if prune_first:
         rows += [(f"{label} [all layers]", group, kw | dict(prune_first=True, prune_last=True))
                  for label, group, kw in list(rows)]
@@ -183,7 +186,7 @@ def measure(dense, x_te, y_te, label, group, kw, sparsity, runs, references) -> 
     if group == "1xN":
         n, rearranged = kw["n"], kw.get("rearrange", False)
         if rearranged not in references.setdefault(n, {}):
-            references[n][rearranged] = rearrange_model(dense, n=n)[0] if rearranged else dense
+            references[n][rearranged] = rearrange_model(dense)[0] if rearranged else dense
         row["mass_kept"] = mass_kept(pruned, references[n][rearranged], report)
     try:
         small, sreport = simplify(pruned)

@@ -138,6 +138,8 @@ class PruneOptions(Options):
                                      choices=lambda: tuple(criteria.FOR_GRANULARITY))
     n: int = option(4, "--n", "block height N of 1xN blocks", check=checks.positive_int)
     rearrange: bool = option(False, "--rearrange", "permute channels first so that 1xN blocks group similar filters")
+    balanced: bool = option(False, "--balanced", "1xN: prune the same number of blocks in every block row (its weakest), "
+                            "for block-sparse kernels with static loop bounds and an even thread split")
     config: object = option(None, "--config", "NNI-style config list: sparsity, op_types, op_names, exclude",
                             metavar="YAML")
     group_reduce: str = option("sum", "--group-reduce", "how coupled layers' scores combine",

@@ -103,3 +103,31 @@ def test_1xn_never_zeroes_a_whole_layer():
     """A layer with a single block keeps it: an all-zero layer is a constant, not a pruned layer."""
     w = np.random.default_rng(0).standard_normal((4, 1, 3, 3))
     assert block_prune_weights(w, 4, 0.9).any()
+
+
+@pytest.mark.parametrize("n, sparsity", [(1, 0.5), (4, 0.3), (4, 0.7), (8, 0.9)])
+def test_row_balanced_blocks_prune_each_row_alike_and_its_weakest(n, sparsity):
+    """Every block row loses ceil(sparsity * C_in) blocks, its own lowest L1 norms (rows scaled
+    10x apart, so a layer-wide ranking would empty the weak rows instead)."""
+    rng = np.random.default_rng(7)
+    w = rng.standard_normal((32, 12, 3, 3)).astype(np.float32)
+    w *= (10.0 ** (np.arange(32) // n % 3)).reshape(-1, 1, 1, 1).astype(np.float32)
+    mask = block_prune_weights(w, n, sparsity, balanced=True)
+    kept = mask.reshape(32 // n, n, 12, 9).any(axis=(1, 3))  # (block rows, C_in)
+    per_row = kept.sum(axis=1)
+    assert per_row.tolist() == [12 - int(np.ceil(sparsity * 12 - 1e-9))] * (32 // n)
+    norms = np.abs(w.reshape(32 // n, n, 12, 9)).sum(axis=(1, 3))
+    for row in range(32 // n):
+        assert norms[row][~kept[row]].max() <= norms[row][kept[row]].min()
+    unbalanced = block_prune_weights(w, n, sparsity).reshape(32 // n, n, 12, 9).any(axis=(1, 3))
+    assert len(set(unbalanced.sum(axis=1).tolist())) > 1  # the global ranking is not balanced here
+
+
+def test_balanced_model_pruning_and_its_refusal_outside_1xn():
+    from onnxprune.errors import OnnxPruneError
+
+    pruned, _ = prune(_model(), granularity="1xN", n=4, sparsity=0.5, balanced=True)
+    w2 = {t.name: numpy_helper.to_array(t) for t in pruned.graph.initializer}["w2"]
+    assert (w2.reshape(4, 4, 8) != 0).any(axis=1).sum(axis=1).tolist() == [4, 4, 4, 4]
+    with pytest.raises(OnnxPruneError, match="--balanced applies to 1xN"):
+        prune(_model(), sparsity=0.5, granularity="filter", balanced=True)

@@ -5,6 +5,7 @@ epilogue (bias, residual add, ReLU / ReLU6 / Clip) found in ONNX graphs."""
 import math
 
 import numpy as np
+import onnx
 import pytest
 
 from onnxprune.tvm_kernels.bsr import bsr_to_dense, block_sparsity, conv_weight_as_matrix, dense_to_bsr
@@ -200,7 +201,9 @@ def _onnx(nodes, inits, x_shape, outputs):
         nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x_shape))],
         [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outputs],
         [numpy_helper.from_array(np.asarray(v, np.float32), k) for k, v in inits.items()])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+    # typed outputs (shapes inferred): a valid model for onnxprune's passes too
+    return onnx.shape_inference.infer_shapes(model)
 
 
 def _called(mod) -> list[str]:
@@ -355,3 +358,165 @@ def test_relax_clip_with_prim_bounds_after_a_conv():
     (layer,) = report.converted
     assert layer.spec.epilogue == kernels.Epilogue() and layer.arrays.bias.any()
     _matches_onnxruntime(model, mod, rng.standard_normal((1, 4, 6, 6)).astype(np.float32))
+
+
+# ------------------------------------------------------------------ constant and unread planes
+
+def _inverted_residual(we, wp, rng, residual_of_depthwise=False):
+    """x (8 ch) -> 1x1 expand we (+ bias, ReLU6) -> depthwise 3x3 pad 1 (+ bias, ReLU6) -> 1x1
+    project wp (+ bias) + x, or + the depthwise output itself (wp square) when
+    `residual_of_depthwise`: then every depthwise plane has a second reader."""
+    from onnx import helper
+
+    c = we.shape[0]
+    inits = {"we": we, "be": rng.uniform(0.5, 2.0, c),  # constant channels carry a non-zero value
+             "wd": rng.standard_normal((c, 1, 3, 3)), "bd": rng.standard_normal(c),
+             "wp": wp, "bp": rng.standard_normal(wp.shape[0]),
+             "lo": np.array(0.0), "hi": np.array(6.0)}
+    nodes = [
+        helper.make_node("Conv", ["x", "we", "be"], ["e"]),
+        helper.make_node("Clip", ["e", "lo", "hi"], ["e6"]),
+        helper.make_node("Conv", ["e6", "wd", "bd"], ["d"], group=c, pads=[1, 1, 1, 1]),
+        helper.make_node("Clip", ["d", "lo", "hi"], ["d6"]),
+        helper.make_node("Conv", ["d6", "wp", "bp"], ["p"]),
+        helper.make_node("Add", ["p", "d6" if residual_of_depthwise else "x"], ["y"]),
+    ]
+    return _onnx(nodes, inits, (1, we.shape[1], 10, 10), ["y"])
+
+
+def _run_alone(layer, args):
+    """Call one converted kernel by itself; the output buffer starts as NaN, so a plane the
+    kernel does not write stays NaN."""
+    func = layer.prim_func()
+    lib = tvm.compile(tvm.IRModule({layer.kernel_name: func}), target=tvm.target.Target(TARGET))
+    out_shape = (getattr(layer, "depthwise", None) or layer).spec.out_shape
+    y = tvm.runtime.tensor(np.full(out_shape, np.nan, np.float32))
+    lib[layer.kernel_name](*[tvm.runtime.tensor(np.asarray(a)) for a in args], y)
+    return y.numpy()
+
+
+def test_constant_and_unread_planes_of_the_fused_kernel():
+    """Expand rows all zero (a whole block row, channels 4-7, and row 9 alone) carry the constant
+    ReLU6(bias): their depthwise planes are copied from maps made at conversion time, zero padding
+    included; the projection never reads channels 0-2, 5 and 20: those planes are not computed,
+    and block row 1 (all constant or unread) skips its sparse conv. Exact against onnxruntime."""
+    rng = np.random.default_rng(21)
+    we = rng.standard_normal((32, 8, 1, 1))  # dense but for the zero rows: 1/8 block sparse
+    we[4:8] = 0
+    we[9] = 0
+    wp = rng.standard_normal((8, 32, 1, 1))
+    wp[:, [0, 1, 2, 5, 20]] = 0
+    model = _inverted_residual(we, wp, rng)
+    mod, report = convert.convert_to_bsr(convert.import_onnx(model), 4, 1, 0.1)
+    expand, _project = report.converted
+    dw = expand.depthwise
+    unread, constant = [0, 1, 2, 5, 20], [4, 6, 7, 9]
+    assert list(np.flatnonzero(dw.mode == kernels.UNREAD)) == unread
+    assert list(np.flatnonzero(dw.mode >= 0)) == constant
+    assert dw.counts == {"computed": 32 - 9, "unread": 5, "constant": 4}
+    x = rng.standard_normal((1, 8, 10, 10)).astype(np.float32)
+    _matches_onnxruntime(model, mod, x)
+
+    # the kernel alone: unread planes untouched, constant planes the maps of numpy's conv
+    a = expand.arrays
+    live_rows = np.any((dw.mode == kernels.COMPUTE).reshape(-1, 4), axis=1).astype(np.int32)
+    assert list(live_rows) == [1, 0, 1, 1, 1, 1, 1, 1]
+    y = _run_alone(expand, [x, a.indptr, a.indices, a.data, a.bias, dw.weight, dw.bias,
+                            dw.mode, dw.consts, live_rows])
+    e6 = kernels.reference_conv2d(x, we.astype(np.float32), expand.spec, a.bias)
+    ref = kernels.reference_conv2d(e6, dw.weight[:, None], dw.spec, dw.bias, groups=32)
+    assert np.isnan(y[:, unread]).all()
+    written = [c for c in range(32) if c not in unread]
+    np.testing.assert_allclose(y[:, written], ref[:, written], rtol=RTOL, atol=ATOL)
+    border, inside = y[0, 4, 0, 0], y[0, 4, 5, 5]
+    assert border != inside  # the constant plane really is a map (padding), not one value
+
+
+def test_every_expand_row_zero_and_an_unread_lone_depthwise():
+    """An all-zero expand (no block at all): every plane a constant map; and a lone depthwise
+    conv whose projection skips channels: those planes are not computed. Both exact."""
+    from onnx import helper
+
+    rng = np.random.default_rng(22)
+    wp = _sparse(rng, (8, 16, 1, 1), 0.3)
+    model = _inverted_residual(np.zeros((16, 8, 1, 1)), wp, rng)
+    mod, report = convert.convert_to_bsr(convert.import_onnx(model), 4, 1, 0.2)
+    dw = report.converted[0].depthwise
+    assert report.converted[0].weight.nnzb == 0
+    read = np.any(wp != 0, axis=(0, 2, 3))
+    assert dw.counts == {"computed": 0, "unread": int((~read).sum()), "constant": int(read.sum())}
+    _matches_onnxruntime(model, mod, rng.standard_normal((1, 8, 10, 10)).astype(np.float32))
+
+    wp = rng.standard_normal((8, 12, 1, 1))
+    wp[:, [1, 7]] = 0
+    inits = {"wd": rng.standard_normal((12, 1, 3, 3)), "wp": wp}
+    nodes = [helper.make_node("Conv", ["x", "wd"], ["d"], group=12, pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["d"], ["r"]),
+             helper.make_node("Conv", ["r", "wp"], ["y"])]
+    lone = _onnx(nodes, inits, (1, 12, 7, 7), ["y"])
+    mod, report = convert.convert_to_bsr(convert.import_onnx(lone), 4, 1, 0.1)
+    (dw,) = report.depthwise
+    assert list(np.flatnonzero(dw.mode == kernels.UNREAD)) == [1, 7]
+    x = rng.standard_normal((1, 12, 7, 7)).astype(np.float32)
+    _matches_onnxruntime(lone, mod, x)
+    y = _run_alone(dw, [x, dw.weight, dw.bias, dw.mode, dw.consts])
+    assert np.isnan(y[:, [1, 7]]).all() and not np.isnan(np.delete(y, [1, 7], axis=1)).any()
+
+
+def test_a_residual_reading_channels_the_projection_skips():
+    """The depthwise output is also the residual of the projection: the channels the projection's
+    matrix does not read are read by the add, so every plane is computed (or copied), none left."""
+    rng = np.random.default_rng(23)
+    we = rng.standard_normal((16, 8, 1, 1))
+    we[12:16] = 0  # constant block row: copied, still written
+    wp = rng.standard_normal((16, 16, 1, 1))
+    wp[:, [2, 3, 13]] = 0  # the projection skips these, the residual reads them
+    model = _inverted_residual(we, wp, rng, residual_of_depthwise=True)
+    mod, report = convert.convert_to_bsr(convert.import_onnx(model), 4, 1, 0.1)
+    dw = report.depthwise[0]
+    assert dw.counts == {"computed": 12, "unread": 0, "constant": 4}
+    _matches_onnxruntime(model, mod, rng.standard_normal((1, 8, 10, 10)).astype(np.float32))
+
+
+def test_exact_simplify_first_turns_constant_planes_into_unread_ones():
+    """model_tune runs onnxprune's simplify (channels kept) before converting: the constant
+    channels fold into the projection's bias plus a border map (their ReLU6(bias) > 0 meets the
+    depthwise conv's zero padding), the map rides in the projection kernel as a constant residual
+    next to the real one, and the depthwise planes become unread. Exact against the model as given."""
+    from onnxprune.tvm_kernels.api import Progress, exact_simplify
+
+    rng = np.random.default_rng(21)
+    we = rng.standard_normal((32, 8, 1, 1))
+    we[4:8] = 0
+    we[9] = 0
+    wp = rng.standard_normal((8, 32, 1, 1))
+    wp[:, [0, 1, 2, 5, 20]] = 0
+    model = _inverted_residual(we, wp, rng)
+    simplified = exact_simplify(model, Progress(enabled=False))
+    assert "Add" in [n.op_type for n in simplified.graph.node[5:]]  # the border map and the residual
+    mod, report = convert.convert_to_bsr(convert.import_onnx(simplified), 4, 1, 0.1)
+    assert report.depthwise[0].counts == {"computed": 23, "unread": 9, "constant": 0}
+    assert _called(mod) == ["expand_depthwise_0", "bsr_matmul_2"]
+    _matches_onnxruntime(model, mod, rng.standard_normal((1, 8, 10, 10)).astype(np.float32))
+
+
+@pytest.mark.parametrize("epilogue", ["bias_relu", "bias_res_relu6"])
+def test_row_balanced_weights_take_the_static_bound_kernel(epilogue):
+    """Row-balanced 1x4 pruning leaves every block row the same block count: the kernel's block
+    loop then has static bounds. Exact against numpy for every tile; an unbalanced matrix keeps
+    the indptr loop."""
+    from onnxprune.pruning import block_prune_weights
+
+    rng = np.random.default_rng(31)
+    has_bias, ep = EPILOGUES[epilogue]
+    spec = kernels.ConvSpec(1, 24, 9, 9, 16, (3, 3), padding=(1, 1, 1, 1), bsr=4, epilogue=ep)
+    w = rng.standard_normal((16, 24, 3, 3)).astype(np.float32)
+    w = np.where(block_prune_weights(w, 4, 0.7, balanced=True), w, 0)
+    arrays = kernels.kernel_arrays(dense_to_bsr(conv_weight_as_matrix(w), 4, 1), None)
+    assert arrays.row_blocks == (24 - int(np.ceil(0.7 * 24 - 1e-9))) * 9  # a pruned block spans k x k columns
+    for tile in kernels.tile_candidates(spec):
+        check_against_numpy(spec, w, has_bias, rng, tile=tile)
+    w[0:4, arrays.indices[0] // 9] = 0.0  # block row 0 loses one kept channel: unbalanced
+    unbalanced = kernels.kernel_arrays(dense_to_bsr(conv_weight_as_matrix(w), 4, 1), None)
+    assert unbalanced.row_blocks is None
+    check_against_numpy(spec, w, has_bias, rng)

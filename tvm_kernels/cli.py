@@ -32,6 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sparsity", type=flag(checks.sparsity, "--sparsity"), default=0.7,
                    help="convert convs with at least this block sparsity (and prune to it)")
     p.add_argument("--prune", action="store_true", help="apply 1xN block pruning first")
+    p.add_argument("--balanced", action="store_true",
+                   help="with --prune: the same number of blocks in every block row (static loop bounds in the "
+                        "BSR kernel, an even split across threads; ranks blocks within rows, not the layer)")
     p.add_argument("--trials", type=flag(checks.non_negative_int, "--trials"), default=256,
                    help="meta_schedule trial budget (0: reuse the database in --work-dir only)")
     p.add_argument("--target", default=None,
@@ -56,7 +59,7 @@ def main(argv=None) -> int:
         return int(e.code or 0)
     try:
         result = model_tune(
-            args.onnx_path, args.bsr, args.bsc, args.sparsity, prune=args.prune,
+            args.onnx_path, args.bsr, args.bsc, args.sparsity, prune=args.prune, balanced=args.balanced,
             trials=args.trials, target=args.target, work_dir=args.work_dir, output=args.output,
             rpc_tracker=args.rpc_tracker, rpc_key=args.rpc_key,
             dense_baseline=not args.no_dense_baseline, rounds=args.rounds, verbose=not args.quiet)

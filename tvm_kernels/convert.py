@@ -39,15 +39,50 @@ class DepthwiseLayer:
     weight: np.ndarray  # (C, kh, kw)
     bias: np.ndarray  # (C,)
     kernel_name: str
+    mode: np.ndarray  # int32 (C,): kernels.COMPUTE, kernels.UNREAD, or the index of its constant plane
+    consts: np.ndarray  # float32 (max(1, K), OH, OW): the constant planes
+
+    def prim_func(self) -> tvm.tirx.PrimFunc:
+        return kernels.depthwise_prim_func(self.spec, self.kernel_name, len(self.consts))
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return {"computed": int(np.sum(self.mode == kernels.COMPUTE)),
+                "unread": int(np.sum(self.mode == kernels.UNREAD)),
+                "constant": int(np.sum(self.mode >= 0))}
 
 
-def depthwise_layer(spec: kernels.ConvSpec, weight, bias, name: str) -> DepthwiseLayer:
-    """A depthwise layer with its weight as (C, kh, kw) and a zero bias when there is none (the
-    kernel always adds one, as kernel_arrays does for BSR)."""
+def depthwise_layer(spec: kernels.ConvSpec, weight, bias, name: str, unread=None,
+                    constant_inputs=None) -> DepthwiseLayer:
+    """A depthwise layer with its weight as (C, kh, kw), a zero bias when there is none (the
+    kernel always adds one, as kernel_arrays does for BSR) and a mode per plane: `unread`
+    (bool per channel) planes are not computed, a plane whose input is the constant
+    `constant_inputs[c]` is copied from its precomputed output map."""
     c = spec.c_out
     bias = np.zeros(c, np.float32) if bias is None else np.asarray(bias, np.float32).reshape(c)
-    return DepthwiseLayer(spec, np.asarray(weight, np.float32).reshape(c, *spec.kernel), bias,
-                          name)
+    weight = np.asarray(weight, np.float32).reshape(c, *spec.kernel)
+    mode = np.full(c, kernels.COMPUTE, np.int32)
+    if unread is not None:
+        mode[np.asarray(unread, bool)] = kernels.UNREAD
+    constant = {ch: v for ch, v in (constant_inputs or {}).items() if mode[ch] == kernels.COMPUTE}
+    consts = constant_planes(spec, weight, bias, constant)
+    mode[sorted(constant)] = np.arange(len(constant), dtype=np.int32)
+    return DepthwiseLayer(spec, weight, bias, name, mode, consts)
+
+
+def constant_planes(spec: kernels.ConvSpec, weight, bias, constant: dict) -> np.ndarray:
+    """(K, OH, OW): the output plane of each channel c of `constant` (in channel order) whose
+    input plane is the constant constant[c], zero padding and epilogue included (no residual:
+    a residual is not constant). One zero plane when there is none."""
+    if not constant:
+        return np.zeros((1, spec.out_h, spec.out_w), np.float32)
+    assert not spec.epilogue.residual, "a plane with a residual is not constant"
+    channels = sorted(constant)
+    k = len(channels)
+    values = np.asarray([constant[ch] for ch in channels], np.float32)
+    x = np.broadcast_to(values[None, :, None, None], (1, k, spec.height, spec.width))
+    sub = kernels.ConvSpec(**{**spec.__dict__, "batch": 1, "c_in": k, "c_out": k})
+    return kernels.reference_conv2d(x, weight[channels][:, None], sub, bias[channels], groups=k)[0]
 
 
 @dataclass
@@ -62,11 +97,13 @@ class SparseConvLayer:
     depthwise: DepthwiseLayer | None = None  # the depthwise conv computed in the same kernel
 
     def prim_func(self) -> tvm.tirx.PrimFunc:
+        a = self.arrays
         if self.depthwise is None:
-            return kernels.bsr_matmul_prim_func(self.spec, self.arrays.nnzb, self.tile,
-                                                self.kernel_name)
-        return kernels.expand_depthwise_prim_func(self.spec, self.depthwise.spec,
-                                                  self.arrays.nnzb, self.tile, self.kernel_name)
+            return kernels.bsr_matmul_prim_func(self.spec, a.nnzb, self.tile, self.kernel_name,
+                                                a.row_blocks)
+        return kernels.expand_depthwise_prim_func(self.spec, self.depthwise.spec, a.nnzb,
+                                                  self.tile, self.kernel_name,
+                                                  len(self.depthwise.consts), a.row_blocks)
 
 
 @dataclass
@@ -88,6 +125,7 @@ class FusedConv:
     residual: relax.Expr | None = None
     swallowed: list = field(default_factory=list)  # intermediate vars the kernel replaces
     expand: FusedConv | None = None  # depthwise only: the 1x1 BSR conv feeding it, fused in
+    unread: np.ndarray | None = None  # depthwise only: bool per channel its one BSR reader never reads
 
 
 def import_onnx(model: onnx.ModelProto) -> tvm.IRModule:
@@ -171,17 +209,19 @@ def emit_sparse_conv(bb: relax.BlockBuilder, x, layer: SparseConvLayer, residual
                                            arrays.bias)]
     out_shape = spec.out_shape
     if layer.depthwise is not None:
-        args += [relax.const(layer.depthwise.weight), relax.const(layer.depthwise.bias)]
-        out_shape = layer.depthwise.spec.out_shape
+        dw = layer.depthwise
+        live_rows = np.any((dw.mode == kernels.COMPUTE).reshape(-1, spec.bsr), axis=1)
+        args += [relax.const(a) for a in (dw.weight, dw.bias, dw.mode, dw.consts,
+                                          live_rows.astype(np.int32))]
+        out_shape = dw.spec.out_shape
     if residual is not None:
         args.append(residual)
     return relax.call_tir(kernel, args, relax.TensorType(out_shape, "float32"))
 
 
 def emit_depthwise_conv(bb: relax.BlockBuilder, x, layer: DepthwiseLayer, residual=None):
-    func = bb.add_func(kernels.depthwise_prim_func(layer.spec, layer.kernel_name),
-                       layer.kernel_name)
-    args = [x, relax.const(layer.weight), relax.const(layer.bias)]
+    func = bb.add_func(layer.prim_func(), layer.kernel_name)
+    args = [x] + [relax.const(a) for a in (layer.weight, layer.bias, layer.mode, layer.consts)]
     if residual is not None:
         args.append(residual)
     return relax.call_tir(func, args, relax.TensorType(layer.spec.out_shape, "float32"))
@@ -261,7 +301,21 @@ class FusionPlanner:
             if expand is not None:
                 del tops[fused.conv.args[0]]
                 fused.expand = expand
+        self._mark_unread(tops)
         return {self.values[var]: fused for var, fused in tops.items()}
+
+    def _mark_unread(self, tops: dict) -> None:
+        """A depthwise output whose one reader is a BSR conv: the channels that conv's matrix
+        has no non-zero entry for are never read, so their planes need not be computed."""
+        chains = list(tops.values()) + [f.expand for f in tops.values() if f.expand is not None]
+        for var, fused in tops.items():
+            if fused.kind != "depthwise" or not self._single_use(var):
+                continue
+            reader = next((r for r in chains if r.kind == "bsr" and r.conv.args[0].same_as(var)),
+                          None)
+            if reader is not None:
+                cols = reader.weight.reshape(reader.weight.shape[0], fused.spec.c_out, -1)
+                fused.unread = ~np.any(cols != 0, axis=(0, 2))
 
     def _fusable_expand(self, fused: FusedConv, tops: dict) -> FusedConv | None:
         """The BSR chain whose result only this depthwise conv reads, if one kernel can do both."""
@@ -340,9 +394,8 @@ class FusionPlanner:
         residual = None
         found = self._conv_bias(node, swallowed)
         if found is None and isinstance(node, relax.Call) and node.op == ADD:
-            for a, b in (node.args, node.args[::-1]):
-                if self._single_use(a) and static_shape(a) == static_shape(b) \
-                        and constant_value(b) is None:
+            for a, b in (node.args, node.args[::-1]):  # b may be a constant: a border map
+                if self._single_use(a) and static_shape(a) == static_shape(b):
                     found = self._conv_bias(a, swallowed)
                     if found:
                         swallowed.append(a)
@@ -357,6 +410,17 @@ class FusionPlanner:
         epilogue = kernels.Epilogue(low, high, residual is not None)
         spec = kernels.ConvSpec(**{**spec.__dict__, "epilogue": epilogue})
         return FusedConv(conv, kind, spec, weight, bias, residual, swallowed)
+
+
+def expand_constants(expand: FusedConv | None) -> dict[int, float]:
+    """{channel: value}: the expanded channels whose weight row is all zero carry the constant
+    epilogue(bias) (a fused expand has no residual)."""
+    if expand is None:
+        return {}
+    bias = np.zeros(expand.spec.c_out) if expand.bias is None else expand.bias
+    ep = expand.spec.epilogue
+    return {int(c): float(np.clip(bias[c], ep.low, ep.high))
+            for c in np.flatnonzero(~np.any(expand.weight != 0, axis=1))}
 
 
 @mutator
@@ -375,7 +439,8 @@ class _FuseConvs(PyExprMutator):
             layer = self._sparse_layer(fused, f"bsr_matmul_{index}")
             return emit_sparse_conv(self.builder_, self.visit_expr(fused.conv.args[0]), layer,
                                     residual)
-        depthwise = depthwise_layer(fused.spec, fused.weight, fused.bias, f"depthwise_{index}")
+        depthwise = depthwise_layer(fused.spec, fused.weight, fused.bias, f"depthwise_{index}",
+                                    fused.unread, expand_constants(fused.expand))
         self.report.depthwise.append(depthwise)
         if fused.expand is None:
             return emit_depthwise_conv(self.builder_, self.visit_expr(fused.conv.args[0]),

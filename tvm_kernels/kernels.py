@@ -154,6 +154,12 @@ class KernelArrays:
     def nnzb(self) -> int:
         return int(self.indices.shape[0])
 
+    @property
+    def row_blocks(self) -> int | None:
+        """Blocks per block row when every row holds the same number (> 0), else None."""
+        counts = np.diff(self.indptr)
+        return int(counts[0]) if counts.size and counts[0] > 0 and np.all(counts == counts[0]) else None
+
 
 def kernel_arrays(m: BSRMatrix, bias: np.ndarray | None) -> KernelArrays:
     indices, data = m.indices, m.data
@@ -198,12 +204,23 @@ def im2col_prim_func(spec: ConvSpec, name: str = "im2col") -> tvm.tirx.PrimFunc:
     return _scheduled(im2col, name)
 
 
-def _bsr_tile_macro(spec: ConvSpec):
+def _bsr_tile_macro(spec: ConvSpec, row_blocks: int | None = None):
     """The register tile of bsr_matmul: `width` pixels from t_p0 of the `bsr` output channels of
-    block row t_br, stored (through the epilogue) at yb[y_n, y_c0 + r, t_p0 + v]."""
+    block row t_br, stored (through the epilogue) at yb[y_n, y_c0 + r, t_p0 + v]. With
+    `row_blocks` (every block row holds that many blocks: row-balanced pruning) the block loop
+    has static bounds and indptr is not read."""
     BSR, BSC = spec.bsr, spec.bsc
     ep = spec.epilogue
     RES = ep.residual
+    STATIC = row_blocks is not None
+    RB = row_blocks or 0
+
+    @T.macro
+    def accumulate(xb, ind, wd, acc, t_n, t_p0, width, b):
+        for j in T.unroll(BSC):
+            for r in T.unroll(BSR):
+                for v in T.vectorized(width):
+                    acc[r, v] = acc[r, v] + wd[b, r, j] * xb[t_n, ind[b] * BSC + j, t_p0 + v]
 
     @T.macro
     def pixel_tile(xb, ip, ind, wd, bb, rb, yb, t_n, t_br, t_p0, width, y_n, y_c0):
@@ -211,11 +228,12 @@ def _bsr_tile_macro(spec: ConvSpec):
         for r in T.unroll(BSR):
             for v in T.vectorized(width):
                 acc[r, v] = T.float32(0)
-        for b in range(ip[t_br], ip[t_br + 1]):
-            for j in T.unroll(BSC):
-                for r in T.unroll(BSR):
-                    for v in T.vectorized(width):
-                        acc[r, v] = acc[r, v] + wd[b, r, j] * xb[t_n, ind[b] * BSC + j, t_p0 + v]
+        if STATIC:
+            for k in range(RB):
+                accumulate(xb, ind, wd, acc, t_n, t_p0, width, t_br * RB + k)
+        else:
+            for b in range(ip[t_br], ip[t_br + 1]):
+                accumulate(xb, ind, wd, acc, t_n, t_p0, width, b)
         for r in T.unroll(BSR):
             for v in T.vectorized(width):
                 if RES:
@@ -237,7 +255,8 @@ def _pixel_tiles(spec: ConvSpec, tile: BSRTile) -> tuple[int, int, int]:
 
 
 def bsr_matmul_prim_func(
-    spec: ConvSpec, nnzb: int, tile: BSRTile, name: str = "bsr_matmul"
+    spec: ConvSpec, nnzb: int, tile: BSRTile, name: str = "bsr_matmul",
+    row_blocks: int | None = None,
 ) -> tvm.tirx.PrimFunc:
     """y[n, co, p] = epilogue(sum_b data[b, co % bsr, j] * col[n, indices[b]*bsc + j, p], bias[co]).
     Its tensors are NCHW (x or im2col's output in, y and the residual out), viewed flat as
@@ -249,7 +268,7 @@ def bsr_matmul_prim_func(
     NT, NTILES, TAIL = _pixel_tiles(spec, tile)
     ROWS_INNER = tile.rows_inner
     RES = spec.epilogue.residual
-    pixel_tile = _bsr_tile_macro(spec)
+    pixel_tile = _bsr_tile_macro(spec, row_blocks)
 
     @T.macro
     def all_tiles(col, indptr, indices, data, bias, res, y):
@@ -384,33 +403,61 @@ def _depthwise_plane_macro(spec: ConvSpec):
     return plane, (HP, S, MW)
 
 
-def depthwise_prim_func(spec: ConvSpec, name: str = "depthwise") -> tvm.tirx.PrimFunc:
-    """y[n, c] = epilogue(conv2d(x[n, c], w[c]) + bias[c]) for every plane (n, c)."""
+# What a depthwise kernel does with each channel plane (its int32 `mode` array): compute it, leave
+# it unwritten (its only reader, a BSR conv, has no non-zero block in that channel), or, for
+# k >= 0, copy constant plane k (its input is a constant, so its output is an input-independent
+# map, computed at conversion time with the zero padding included).
+COMPUTE, UNREAD = -1, -2
+
+
+def _plane_by_mode_macro(spec: ConvSpec):
+    """(macro, scratch shape): plane(...) of _depthwise_plane_macro dispatched on mode[c]."""
+    plane, scratch = _depthwise_plane_macro(spec)
+    OH, OW = spec.out_h, spec.out_w
+
+    @T.macro
+    def plane_by_mode(x, xs, w, bias, mode, consts, res, y, x_n, x_c, n, c):
+        if mode[c] == COMPUTE:
+            plane(x, xs, w, bias, res, y, x_n, x_c, n, c)
+        elif mode[c] >= 0:
+            for oh in range(OH):
+                for v in T.vectorized(OW):
+                    y[n, c, oh, v] = consts[mode[c], oh, v]
+
+    return plane_by_mode, scratch
+
+
+def depthwise_prim_func(spec: ConvSpec, name: str = "depthwise", n_consts: int = 1) -> tvm.tirx.PrimFunc:
+    """y[n, c] = epilogue(conv2d(x[n, c], w[c]) + bias[c]) for every plane (n, c) whose mode
+    asks for it (see COMPUTE); `n_consts` constant planes (at least one: TIR dislikes 0-size)."""
     N, C, H, W = spec.batch, spec.c_in, spec.height, spec.width
     KH, KW = spec.kernel
     OH, OW = spec.out_h, spec.out_w
+    K = max(1, n_consts)
     RES = spec.epilogue.residual
-    plane, scratch = _depthwise_plane_macro(spec)
+    plane, scratch = _plane_by_mode_macro(spec)
 
     @T.macro
-    def planes(x, w, bias, res, y):
+    def planes(x, w, bias, mode, consts, res, y):
         with T.sblock("root"):
             for it in T.parallel(N * C):
                 xs = T.decl_buffer(scratch, "float32")
-                plane(x, xs, w, bias, res, y, it // C, it % C, it // C, it % C)
+                plane(x, xs, w, bias, mode, consts, res, y, it // C, it % C, it // C, it % C)
 
     @T.prim_func(s_tir=True)
     def depthwise(x: T.Buffer((N, C, H, W), "float32"), w: T.Buffer((C, KH, KW), "float32"),
-                  bias: T.Buffer((C,), "float32"), y: T.Buffer((N, C, OH, OW), "float32")):
-        planes(x, w, bias, y, y)
+                  bias: T.Buffer((C,), "float32"), mode: T.Buffer((C,), "int32"),
+                  consts: T.Buffer((K, OH, OW), "float32"), y: T.Buffer((N, C, OH, OW), "float32")):
+        planes(x, w, bias, mode, consts, y, y)
 
     @T.prim_func(s_tir=True)
     def depthwise_residual(
         x: T.Buffer((N, C, H, W), "float32"), w: T.Buffer((C, KH, KW), "float32"),
-        bias: T.Buffer((C,), "float32"), res: T.Buffer((N, C, OH, OW), "float32"),
+        bias: T.Buffer((C,), "float32"), mode: T.Buffer((C,), "int32"),
+        consts: T.Buffer((K, OH, OW), "float32"), res: T.Buffer((N, C, OH, OW), "float32"),
         y: T.Buffer((N, C, OH, OW), "float32"),
     ):
-        planes(x, w, bias, res, y)
+        planes(x, w, bias, mode, consts, res, y)
 
     return _scheduled(depthwise_residual if RES else depthwise, name)
 
@@ -423,19 +470,23 @@ def can_fuse_expand_depthwise(expand: ConvSpec, depthwise: ConvSpec) -> bool:
 
 
 def expand_depthwise_prim_func(expand: ConvSpec, depthwise: ConvSpec, nnzb: int, tile: BSRTile,
-                               name: str = "expand_depthwise") -> tvm.tirx.PrimFunc:
+                               name: str = "expand_depthwise", n_consts: int = 1,
+                               row_blocks: int | None = None) -> tvm.tirx.PrimFunc:
     """depthwise(epilogue(W_bsr @ x)) without the expanded tensor ever reaching memory: per
     block row (bsr expanded channels), its planes are computed into an L2-sized buffer and
     the depthwise conv of each is taken from there (MobileNetV2's expanded tensors are its
-    largest; writing and re-reading them cost more than the sparse conv itself)."""
+    largest; writing and re-reading them cost more than the sparse conv itself).  Planes go by
+    `mode` as in depthwise_prim_func; a block row whose `live_rows` entry is 0 (no plane of it
+    computed) skips its sparse conv too."""
     N, CIN, H, W = expand.batch, expand.c_in, expand.height, expand.width
     P, CMID, BSR, BSC = expand.num_pixels, expand.c_out, expand.bsr, expand.bsc
     NBR, NNZ = CMID // BSR, max(1, nnzb)
     KH, KW = depthwise.kernel
     OH, OW = depthwise.out_h, depthwise.out_w
+    K = max(1, n_consts)
     NT, NTILES, TAIL = _pixel_tiles(expand, tile)
-    pixel_tile = _bsr_tile_macro(expand)
-    plane, scratch = _depthwise_plane_macro(depthwise)
+    pixel_tile = _bsr_tile_macro(expand, row_blocks)
+    plane, scratch = _plane_by_mode_macro(depthwise)
 
     @T.prim_func(s_tir=True)
     def expand_depthwise(
@@ -446,6 +497,9 @@ def expand_depthwise_prim_func(expand: ConvSpec, depthwise: ConvSpec, nnzb: int,
         bias: T.Buffer((CMID,), "float32"),
         w: T.Buffer((CMID, KH, KW), "float32"),
         dw_bias: T.Buffer((CMID,), "float32"),
+        mode: T.Buffer((CMID,), "int32"),
+        consts: T.Buffer((K, OH, OW), "float32"),
+        live_rows: T.Buffer((NBR,), "int32"),
         y: T.Buffer((N, CMID, OH, OW), "float32"),
     ):
         with T.sblock("root"):
@@ -454,14 +508,16 @@ def expand_depthwise_prim_func(expand: ConvSpec, depthwise: ConvSpec, nnzb: int,
                 mid = T.decl_buffer((1, BSR, P), "float32")
                 mid_planes = T.decl_buffer((1, BSR, H, W), "float32", data=mid.data)
                 xs = T.decl_buffer(scratch, "float32")
-                for t in range(NTILES):
-                    pixel_tile(col, indptr, indices, data, bias, mid, mid, it // NBR, it % NBR,
-                               t * NT, NT, 0, 0)
-                if TAIL > 0:
-                    pixel_tile(col, indptr, indices, data, bias, mid, mid, it // NBR, it % NBR,
-                               P - NT, NT, 0, 0)
+                if live_rows[it % NBR] != 0:
+                    for t in range(NTILES):
+                        pixel_tile(col, indptr, indices, data, bias, mid, mid, it // NBR, it % NBR,
+                                   t * NT, NT, 0, 0)
+                    if TAIL > 0:
+                        pixel_tile(col, indptr, indices, data, bias, mid, mid, it // NBR, it % NBR,
+                                   P - NT, NT, 0, 0)
                 for r in range(BSR):
-                    plane(mid_planes, xs, w, dw_bias, y, y, 0, r, it // NBR, it % NBR * BSR + r)
+                    plane(mid_planes, xs, w, dw_bias, mode, consts, y, y, 0, r, it // NBR,
+                          it % NBR * BSR + r)
 
     return _scheduled(expand_depthwise, name)
 

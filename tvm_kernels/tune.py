@@ -291,7 +291,8 @@ def _save_json(path: str, data: dict) -> None:
 def measure_tile(layer: SparseConvLayer, tile: kernels.BSRTile, target, session: Session,
                  number: int = 5) -> float:
     """Median seconds of the layer's bsr_matmul with `tile`, on its real index arrays."""
-    func = kernels.bsr_matmul_prim_func(layer.spec, layer.arrays.nnzb, tile, "bsr_matmul")
+    func = kernels.bsr_matmul_prim_func(layer.spec, layer.arrays.nnzb, tile, "bsr_matmul",
+                                        layer.arrays.row_blocks)
     # a unique name per upload: a remote dlopen of a reused path returns the stale library
     lib = session.load(tvm.compile(func, target=target),
                        f"{layer.kernel_name}_{tile.label.replace('/', '_')}_{os.getpid()}")

@@ -3,6 +3,12 @@
 A 1xN block is N consecutive output channels x 1 input channel x the whole
 kh x kw kernel.  Zeroing whole blocks lets a block-sparse (BSR) kernel keep the N
 output channels of a block in registers and skip the zero blocks entirely.
+
+Row-balanced (`balanced=True`): every block row (N output channels) loses the same number of
+blocks, its own weakest, so every row keeps the same count: a BSR kernel can then use static loop
+bounds and split its rows evenly across threads. The price is the global ranking: a row of strong
+filters loses as many blocks as a row of weak ones (its accuracy cost is measured in
+benchmarks/prune_accuracy.py).
 """
 
 from __future__ import annotations
@@ -41,11 +47,13 @@ def block_prune_weights(
     *,
     criterion: str = "l1",
     rng: np.random.Generator | None = None,
+    balanced: bool = False,
 ) -> np.ndarray:
     """Boolean keep-mask (same shape as `w`) that zeroes a `sparsity` fraction of 1xN blocks.
 
     `w` is a conv weight (C_out, C_in, kh, kw) or a matrix (C_out, C_in); C_out % n must be 0.
-    criterion "l1" drops the blocks with the lowest L1 norm, "random" drops random blocks.
+    criterion "l1" drops the blocks with the lowest L1 norm, "random" drops random blocks; ranked
+    over the whole layer, or with `balanced` within each block row, the same number per row.
     """
     _check_args(n, sparsity, criterion)
     if w.ndim < 2:
@@ -56,11 +64,15 @@ def block_prune_weights(
     if criterion == "random":
         rng = rng if rng is not None else np.random.default_rng()
         scores = rng.random(scores.shape)
-    num_pruned = blocks_to_prune(scores.size, sparsity)
-    keep_blocks = np.ones(scores.size, dtype=bool)
-    # stable sort: ties broken by position, so the result is deterministic
-    keep_blocks[np.argsort(scores, axis=None, kind="stable")[:num_pruned]] = False
-    keep_blocks = keep_blocks.reshape(scores.shape)
+    # stable sorts: ties broken by position, so the result is deterministic
+    if balanced:
+        keep_blocks = np.ones(scores.shape, dtype=bool)
+        weakest = np.argsort(scores, axis=1, kind="stable")[:, :blocks_to_prune(scores.shape[1], sparsity)]
+        np.put_along_axis(keep_blocks, weakest, False, axis=1)
+    else:
+        keep_blocks = np.ones(scores.size, dtype=bool)
+        keep_blocks[np.argsort(scores, axis=None, kind="stable")[:blocks_to_prune(scores.size, sparsity)]] = False
+        keep_blocks = keep_blocks.reshape(scores.shape)
     mask = np.repeat(keep_blocks, n, axis=0)  # (C_out, C_in)
     return np.broadcast_to(mask.reshape(mask.shape + (1,) * (w.ndim - 2)), w.shape).copy()
 

@@ -84,6 +84,8 @@ def prune(model, options: PruneOptions | None = None, *, calib: list[dict] | Non
     o = PruneOptions.of(options, **kwargs)
     if masks is None and o.config is None and o.sparsity is None:
         raise OnnxPruneError("give --sparsity, --config or --masks")
+    if o.balanced and o.chosen_granularity != "1xN":
+        raise OnnxPruneError("--balanced applies to 1xN blocks (--granularity 1xN)")
     g = cleaned_graph(model)
     report = PruneReport(o.criterion, o.chosen_granularity, o.n)
     if masks is not None:
@@ -102,7 +104,8 @@ def prune(model, options: PruneOptions | None = None, *, calib: list[dict] | Non
             _prune_filters(g, wanted, skipped, o.criterion, o.group_reduce, calib, rng, report,
                            heads=o.chosen_granularity == "head")
         else:
-            _prune_weights(g, nodes, wanted, skipped, o.criterion, o.chosen_granularity, o.n, rng, report)
+            _prune_weights(g, nodes, wanted, skipped, o.criterion, o.chosen_granularity, o.n, rng, report,
+                           o.balanced)
     report.seconds = time.perf_counter() - start
     return g.to_model(), report
 
@@ -263,7 +266,7 @@ def _activation_stats(g: Graph, cg, calib: list[dict] | None) -> dict[str, dict[
 
 # --- weights and 1xN blocks --------------------------------------------------------------------
 
-def _prune_weights(g, nodes, wanted, skipped, criterion, granularity, n, rng, report) -> None:
+def _prune_weights(g, nodes, wanted, skipped, criterion, granularity, n, rng, report, balanced=False) -> None:
     if granularity == "1xN" and wanted and all(_block_skip_reason(node, g.inits[node.input[1]], n)
                                                for node in nodes if node.name in wanted):
         raise OnnxPruneError(f"1xN with N={n}: no selected layer is a group-1 Conv whose output channels N divides")
@@ -279,7 +282,7 @@ def _prune_weights(g, nodes, wanted, skipped, criterion, granularity, n, rng, re
             if granularity == "weight":
                 mask = criteria.level_mask(w, ratio)
             else:
-                mask = block_prune_weights(w, n, ratio, criterion=criterion, rng=rng)
+                mask = block_prune_weights(w, n, ratio, criterion=criterion, rng=rng, balanced=balanced)
             w = np.where(mask, w, np.zeros_like(w))
             g.inits[node.input[1]] = w
             report.masks[node.input[1]] = mask
