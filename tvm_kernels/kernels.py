@@ -13,7 +13,9 @@ Kernels:
     every block row reads it: better where the input outgrows L2).
   * depthwise: one channel plane per parallel iteration, copied into a zero-margined scratch
     buffer (columns de-interleaved by stride phase with a vector shuffle, so strided taps are
-    contiguous loads), then K*K vector FMAs per output row.  No knob.
+    contiguous loads), then K*K vector FMAs per output row; small stride-1 planes (rows under
+    16 wide: 14x14, 7x7) are computed flat on the scratch's row pitch instead, in full vectors.
+    A plane nobody reads is skipped, a plane of a constant input copied (`COMPUTE`).  No knob.
   * expand_depthwise: a 1x1 bsr_matmul whose only reader is a depthwise conv, both in one
     kernel; per block row the expanded planes stay in an L2-sized buffer.
 All end in the same fused epilogue (`Epilogue`): + bias, + residual tensor, clamp (ReLU,
@@ -354,6 +356,7 @@ def _depthwise_plane_macro(spec: ConvSpec):
     # of LANES columns (a whole 112-wide row in one vector would spill the registers; 16 measured
     # a little faster than 32 over MobileNetV2's shapes)
     LANES = 16
+    FLAT_LANES = 32  # four AVX2 accumulators: independent FMA chains
     NCOPY, COPY_TAIL = WQ // LANES, WQ % LANES
     SEG_WIDTH = min(LANES, OW)
     NSEG, SEG_TAIL = OW // SEG_WIDTH, OW % SEG_WIDTH
@@ -383,24 +386,67 @@ def _depthwise_plane_macro(spec: ConvSpec):
                 y[n, c, oh, v0 + v] = ep.apply(acc[v], bias[c])
 
     @T.macro
-    def plane(x, xs, w, bias, res, y, x_n, x_c, n, c):
-        for i in range(HP):
-            for q in range(S):
-                for j in T.vectorized(MW):
-                    xs[i, q, j] = T.float32(0)
+    def copy_plane(x, xs, x_n, x_c):
         for i in range(H):
             for q in T.unroll(S):
                 for chunk in range(NCOPY):
                     copy_columns(x, xs, x_n, x_c, i, q, chunk * LANES, LANES)
                 if COPY_TAIL > 0:
                     copy_columns(x, xs, x_n, x_c, i, q, NCOPY * LANES, COPY_TAIL)
+
+    @T.macro
+    def plane(x, xs, w, bias, res, y, x_n, x_c, n, c):
+        for i in range(HP):
+            for q in range(S):
+                for j in T.vectorized(MW):
+                    xs[i, q, j] = T.float32(0)
+        copy_plane(x, xs, x_n, x_c)
         for oh in range(OH):
             for seg in range(NSEG):
                 row_segment(w, xs, bias, res, y, n, c, oh, seg * SEG_WIDTH, SEG_WIDTH)
             if SEG_TAIL > 0:  # overlapping the previous segment, as bsr_matmul's tail
                 row_segment(w, xs, bias, res, y, n, c, oh, OW - SEG_WIDTH, SEG_WIDTH)
 
-    return plane, (HP, S, MW)
+    # Small stride-1 planes (7x7, 14x14): rows shorter than a vector waste lanes (a 7-wide row is
+    # a 4 + 2 + 1 split of every operation). There the output is computed on the scratch's row
+    # pitch MW, flat: output p = oh * MW + ow reads scratch p + kh * MW + kw + (ML - PL), one
+    # contiguous run per tap, in full vectors; the MW - OW extra columns per row are computed
+    # and dropped.
+    if not (S == 1 and SH == 1 and DH == 1 and OW < LANES):
+        return plane, (HP, S, MW)
+    FLAT_OUT = OH * MW
+    NFLAT = (FLAT_OUT + FLAT_LANES - 1) // FLAT_LANES
+    SHIFT = ML - PL
+    # the last vector reads past the last scratch row by up to FLAT_LANES + KW: zeros
+    FLAT_LEN = (HP * MW + FLAT_LANES + KW + LANES - 1) // LANES * LANES
+
+    @T.macro
+    def flat_plane(x, xs, w, bias, res, y, x_n, x_c, n, c):
+        for j in range(FLAT_LEN // LANES):
+            for v in T.vectorized(LANES):
+                xs[j * LANES + v] = T.float32(0)
+        rows = T.decl_buffer((HP, 1, MW), "float32", data=xs.data)
+        copy_plane(x, rows, x_n, x_c)
+        flat = T.decl_buffer((NFLAT * FLAT_LANES,), "float32")
+        for seg in range(NFLAT):
+            acc = T.decl_buffer((FLAT_LANES,), "float32", scope="local")
+            for v in T.vectorized(FLAT_LANES):
+                acc[v] = T.float32(0)
+            for kh in T.unroll(KH):
+                for kw in T.unroll(KW):
+                    for v in T.vectorized(FLAT_LANES):
+                        acc[v] = acc[v] + w[c, kh, kw] * xs[
+                            seg * FLAT_LANES + v + kh * MW + kw + SHIFT]
+            for v in T.vectorized(FLAT_LANES):
+                flat[seg * FLAT_LANES + v] = acc[v]
+        for oh in range(OH):
+            for v in T.vectorized(OW):
+                if RES:
+                    y[n, c, oh, v] = ep.apply(flat[oh * MW + v], bias[c], res[n, c, oh, v])
+                else:
+                    y[n, c, oh, v] = ep.apply(flat[oh * MW + v], bias[c])
+
+    return flat_plane, (FLAT_LEN,)
 
 
 # What a depthwise kernel does with each channel plane (its int32 `mode` array): compute it, leave
