@@ -88,6 +88,28 @@ def test_model_tune_prunes_converts_checks_times_and_exports(small_onnx, tmp_pat
     np.testing.assert_allclose(out, ref, rtol=1e-3, atol=1e-4)
 
 
+def test_row_balanced_pruning_gives_every_block_row_the_same_count(small_onnx, tmp_path):
+    """--prune --balanced: in every pruned conv each block row keeps the same number of 1x4
+    blocks (ceil-pruned per row), and the compiled model still matches onnxruntime."""
+    from onnx import numpy_helper
+
+    work = str(tmp_path / "tuned")
+    result = model_tune(small_onnx, 4, 1, 0.7, prune=True, balanced=True, trials=0, target=TARGET,
+                        work_dir=work, rounds=1, dense_baseline=False, verbose=False)
+    assert len(result.converted) == 4 and result.parity_max_abs_err < 1e-3
+    pruned = onnx.load(os.path.join(work, "pruned.onnx"))
+    weights = {t.name: numpy_helper.to_array(t) for t in pruned.graph.initializer}
+    checked = 0
+    for node in pruned.graph.node:
+        w = weights.get(node.input[1]) if node.op_type == "Conv" and len(node.input) > 1 else None
+        if w is None or w.shape[1] == 1 or w.shape[0] % 4 or not (w == 0).any():
+            continue
+        kept = (w.reshape(w.shape[0] // 4, 4, w.shape[1], -1) != 0).any(axis=(1, 3)).sum(axis=1)
+        assert kept.tolist() == [w.shape[1] - int(np.ceil(0.7 * w.shape[1] - 1e-9))] * len(kept)
+        checked += 1
+    assert checked == 4
+
+
 @pytest.mark.slow
 def test_cli_tiny_budget_tunes_into_work_dir_and_reuses_it(small_onnx, tmp_path, capsys):
     work = str(tmp_path / "tuned")
@@ -114,6 +136,7 @@ BAD_INPUTS = {
     "unknown_target": lambda m, tmp: ["--onnx_path", m, "--target", '{"kind": "nokind"}'],
     "sparsity_1": lambda m, tmp: ["--onnx_path", m, "--sparsity", "1.0"],
     "bad_rpc": lambda m, tmp: ["--onnx_path", m, "--rpc-tracker", "nohost", "--rpc-key", "k"],
+    "balanced_without_prune": lambda m, tmp: ["--onnx_path", m, "--balanced"],
 }
 
 
