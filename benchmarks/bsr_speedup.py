@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -302,7 +303,8 @@ def run_e2e(args) -> None:
     torch.manual_seed(0)
     model = MobileNetV2(args.width, 1000, V2_REAL_REPEATS).eval()
     torch.onnx.export(model, (torch.randn(shape),), onnx_path, dynamo=False, opset_version=17)
-    results_path = os.path.join(RESULTS, "e2e.json")
+    suffix = f"_{threads()}t" + ("_balanced" if args.balanced else "")
+    results_path = os.path.join(RESULTS, f"e2e{suffix}.json")
     rows = []
     if os.path.exists(results_path):  # keep the rows this run does not re-measure
         with open(results_path) as f:
@@ -310,33 +312,41 @@ def run_e2e(args) -> None:
     for i, s in enumerate(args.sparsities):
         # the dense remainder (stem, pooling, classifier) is the same at every sparsity: tune it
         # once, the later runs reuse the database of work_dir
-        result = model_tune(onnx_path, 4, 1, s, prune=True, trials=args.trials if i == 0 else 0,
+        result = model_tune(onnx_path, 4, 1, s, prune=True, balanced=args.balanced,
+                            trials=args.trials if i == 0 else 0,
                             target={**target_dict(), "num-cores": threads()}, work_dir=work_dir,
-                            output=os.path.join(work_dir, f"mbv2_1x4_{s}.so"), rounds=args.rounds)
+                            output=os.path.join(work_dir, f"mbv2_1x4_{s}.so"), rounds=args.rounds,
+                            dense_baseline=not args.no_dense_baseline)
         print(result.table, flush=True)
         t = result.timings
+        planes = {k: sum(int(re.search(rf"(\d+) {k}", line).group(1)) if f" {k}" in line else 0
+                         for line in result.depthwise) for k in ("unread", "constant")}
         rows.append(dict(sparsity=s, converted=len(result.converted),
-                         depthwise=len(result.depthwise),
+                         depthwise=len(result.depthwise), threads=threads(), balanced=args.balanced,
+                         unread_planes=planes["unread"], constant_planes=planes["constant"],
                          sparse_tvm_ms=t["sparse TVM"].median_ms,
-                         dense_tvm_ms=t["dense TVM"].median_ms,
+                         dense_tvm_ms=t["dense TVM"].median_ms if "dense TVM" in t else None,
                          ort_ms=t["onnxruntime"].median_ms, max_abs_err=result.parity_max_abs_err))
         rows.sort(key=lambda r: r["sparsity"])
         _save(results_path, rows)
     with open(os.path.join(work_dir, "database_tuning_record.json")) as f:
         records = sum(1 for _ in f)
-    lines = [f"MobileNetV2 (real depth, 1000 classes) width {args.width}, {shape}, 1x4, "
+    lines = [f"MobileNetV2 (real depth, 1000 classes) width {args.width}, {shape}, 1x4"
+             + (" row-balanced" if args.balanced else "") + ", "
              f"{threads()} threads; meta_schedule: {records} measured records in the work dir's "
              "database, shared by the dense remainder of every row and the dense-TVM baseline",
-             "| sparsity | convs in BSR / depthwise kernel | sparse TVM ms | dense TVM ms | ORT ms "
-             "| vs ORT | vs dense TVM |",
-             "|---|---|---|---|---|---|---|"]
+             "| sparsity | convs in BSR / depthwise kernel | planes unread / constant | sparse TVM ms "
+             "| dense TVM ms | ORT ms | vs ORT | vs dense TVM |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        dense = r.get("dense_tvm_ms")
         lines.append(f"| {r['sparsity']} | {r['converted']} / {r['depthwise']} | "
+                     f"{r.get('unread_planes', '-')} / {r.get('constant_planes', '-')} | "
                      f"{r['sparse_tvm_ms']:.3f} | "
-                     f"{r['dense_tvm_ms']:.3f} | {r['ort_ms']:.3f} | "
+                     + (f"{dense:.3f}" if dense else "-") + f" | {r['ort_ms']:.3f} | "
                      f"{r['ort_ms'] / r['sparse_tvm_ms']:.2f}x | "
-                     f"{r['dense_tvm_ms'] / r['sparse_tvm_ms']:.2f}x |")
-    with open(os.path.join(RESULTS, "e2e.md"), "w") as f:
+                     + (f"{dense / r['sparse_tvm_ms']:.2f}x" if dense else "-") + " |")
+    with open(os.path.join(RESULTS, f"e2e{suffix}.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
 
@@ -392,10 +402,12 @@ def plot(_args) -> None:
 
     with open(os.path.join(RESULTS, "kernels.json")) as f:
         rows = json.load(f)
-    e2e = []
-    if os.path.exists(os.path.join(RESULTS, "e2e.json")):
-        with open(os.path.join(RESULTS, "e2e.json")) as f:
-            e2e = json.load(f)
+    import glob
+
+    e2e = {}  # e2e_<threads>t[_balanced].json: one curve each
+    for path in sorted(glob.glob(os.path.join(RESULTS, "e2e_*.json"))):
+        with open(path) as f:
+            e2e[os.path.basename(path)[4:-5]] = json.load(f)
     shapes = list(dict.fromkeys(r["shape"] for r in rows))
     panels = len(shapes) + (1 if e2e else 0)
     cols = 3
@@ -416,10 +428,9 @@ def plot(_args) -> None:
     axes.flat[0].legend(fontsize=7)
     if e2e:
         ax = axes.flat[len(shapes)]
-        s = [r["sparsity"] for r in e2e]
-        ax.plot(s, [r["ort_ms"] / r["sparse_tvm_ms"] for r in e2e], marker="o", label="vs ORT")
-        ax.plot(s, [r["dense_tvm_ms"] / r["sparse_tvm_ms"] for r in e2e], marker="s",
-                label="vs dense TVM")
+        for label, runs in e2e.items():
+            ax.plot([r["sparsity"] for r in runs], [r["ort_ms"] / r["sparse_tvm_ms"] for r in runs],
+                    marker="o", label=f"vs ORT, {label.replace('_', ' ')}")
         ax.plot(ideal_s, 1 / (1 - ideal_s), "k--", label="ideal")
         ax.set_title("MobileNetV2 1x4 end to end", fontsize=9)
         ax.set_xlabel("sparsity")
@@ -441,13 +452,16 @@ def main(argv=None) -> int:
                                     "_tune-dense"])
     p.add_argument("--sparsity", type=float, default=0.7, help="profile: which e2e model")
     p.add_argument("--sparsities", type=float, nargs="+", default=[0.5, 0.7, 0.9],
-                   help="e2e: rows to (re)measure; other rows of e2e.json are kept")
+                   help="e2e: rows to (re)measure; other rows of e2e_<threads>t.json are kept")
     p.add_argument("--dense-trials", type=int, default=48, help="meta_schedule trials per dense conv")
     p.add_argument("--trials", type=int, default=300, help="e2e meta_schedule trials")
     p.add_argument("--rounds", type=int, default=9)
     p.add_argument("--width", type=float, default=1.0)
     p.add_argument("--resolution", type=int, default=224)
     p.add_argument("--work-dir", default=None)
+    p.add_argument("--balanced", action="store_true", help="e2e: row-balanced 1x4 pruning")
+    p.add_argument("--no-dense-baseline", action="store_true",
+                   help="e2e: skip tuning and timing the dense TVM model")
     args = p.parse_args(argv)
     os.makedirs(RESULTS, exist_ok=True)
     if args.what == "_tune-dense":

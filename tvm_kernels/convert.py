@@ -5,8 +5,10 @@ into (bsr x bsc) blocks and has at least `sparsity` block sparsity.
 Depthwise: groups = C_in = C_out, constant float32 weight (any sparsity: it is the dense
 remainder that meta_schedule tunes worst).
 Each kernel swallows the chain that follows its conv when every intermediate result has no
-other user: + constant bias, + a residual tensor of the same shape, then any run of
-ReLU / Clip / max / min with constants (ReLU6 = max 0, min 6).
+other user: + constant bias, + a residual tensor of the same shape (a constant one too: a border
+map from simplify), then any run of ReLU / Clip / max / min with constants (ReLU6 = max 0, min 6).
+Depthwise planes get a mode (kernels.COMPUTE): unread where the output's one reader is a BSR conv
+with no non-zero weight for that channel, a constant map where a fused expand row is all zero.
 """
 
 from __future__ import annotations
