@@ -229,6 +229,7 @@ METHODS = [
     Method("rounds", "L1 in 3 rounds (prune_in_rounds)", "rounds", "L1FilterPruner"),
     Method("1x4", "1x4 blocks", "block", "BlockPruner", {"n": 4, "rearrange": False}),
     Method("1x4r", "1x4 blocks + rearrange", "block", "BlockPruner", {"n": 4, "rearrange": True}),
+    Method("1x4b", "1x4 blocks, row-balanced", "block", "BlockPruner", {"n": 4, "rearrange": False, "balanced": True}),
     Method("1x16", "1x16 blocks", "block", "BlockPruner", {"n": 16, "rearrange": False}),
     Method("1x16r", "1x16 blocks + rearrange", "block", "BlockPruner", {"n": 16, "rearrange": True}),
 ]
@@ -483,7 +484,8 @@ def markdown(name: str, dense_row: dict, rows: list[dict], sparsities, skipped: 
                    + " / ".join(cell(key, s, "extra_consts", ".1f", 1e-3) for s in sparsities) + " | "
                    + " / ".join(cell(key, s, "speedup", ".2f") for s in sparsities) + "x | "
                    + " / ".join(cell(key, s, "wall_s", ".0f") for s in sparsities) + " |")
-    blocks = [k for k in keys if BY_KEY[k].kind == "block" and not BY_KEY[k].extra["rearrange"]]
+    blocks = [k for k in keys if BY_KEY[k].kind == "block" and not BY_KEY[k].extra["rearrange"]
+              and not BY_KEY[k].extra.get("balanced")]
     if blocks:
         out.append(f"\n1xN (the 1xN paper's comparison): top-1 plain / rearranged, and block sparsity of the pruned "
                    f"convs (fraction of all-zero 1xN blocks) plain / rearranged, sparsity {sp}. 1xN pruning leaves MACs "

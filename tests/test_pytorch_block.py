@@ -105,6 +105,24 @@ def test_exact_block_counts_and_training_keeps_zeros(name):
     assert any(not torch.equal(modules[layer].weight_orig, before[layer]) for layer in pruned)  # it trained
 
 
+def test_row_balanced_blocks_while_training():
+    """balanced=True: every block row of every pruned layer keeps the same block count, also after
+    update_epoch re-selects from the dense weights."""
+    torch.manual_seed(0)
+    model = build("resnet18")
+    pruner = BlockPruner(model, [{"sparsity": 0.7, "op_types": ["Conv2d"]}], n=N, balanced=True)
+    pruner.compress()
+    for epoch in (0, 1):
+        for layer in pruner.pruned_layers():
+            kept = ~zero_blocks(model.get_submodule(layer).weight_mask.numpy())
+            c_in = kept.shape[1]
+            assert kept.sum(axis=1).tolist() == [c_in - blocks_to_prune(c_in, 0.7)] * kept.shape[0], layer
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        pruner.update_epoch(epoch + 1)
+
+
 def test_linear_and_grouped_layers():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3, groups=2),

@@ -88,12 +88,15 @@ class BlockPruner(Pruner):
     seeded choice per layer, so re-selection keeps it). reselect_every_epoch: `update_epoch`
     recomputes the masks from the dense weights (False: the masks of compress() stay).
     optimizer: its per-parameter state is permuted along with the parameters when rearranging.
+    balanced: every block row (n output channels) loses the same number of blocks, its own
+    weakest (row-balanced 1×N: what a BSR kernel with static loop bounds wants).
     """
 
     allowed_types = ("Conv2d", "Linear")
 
     def __init__(self, model, config_list, n: int = 4, rearrange: bool = False, dummy_input=None,
-                 criterion: str = "l1", reselect_every_epoch: bool = True, optimizer=None):
+                 criterion: str = "l1", reselect_every_epoch: bool = True, optimizer=None,
+                 balanced: bool = False):
         super().__init__(model, config_list, dummy_input)
         self.n = checks.positive_int(n, "n")
         if criterion not in CRITERIA:
@@ -102,6 +105,7 @@ class BlockPruner(Pruner):
             raise OnnxPruneError("BlockPruner(rearrange=True) needs dummy_input to trace the model's channel "
                                  "dependencies")
         self.criterion, self.rearrange, self.optimizer = criterion, bool(rearrange), optimizer
+        self.balanced = bool(balanced)
         self.reselect_every_epoch = bool(reselect_every_epoch)
         self.skipped = {name: why for name in self.selected if (why := ineligible(self.module(name), self.n))}
         self.rearrangement: list[RearrangeResult] = []
@@ -159,7 +163,7 @@ class BlockPruner(Pruner):
             target = checks.sparsity(target, f"sparsity of {name}")
             dense = self.weight(name, dense=True)
             keep = block_prune_weights(dense, self.n, target, criterion=self.criterion,
-                                       rng=np.random.default_rng(index))
+                                       rng=np.random.default_rng(index), balanced=self.balanced)
             masks[f"{name}.weight"] = torch.from_numpy(keep).to(module.weight.device)
             kept = block_scores(keep.astype(np.float64), self.n) != 0
             self.summary.rows.append(GroupResult([name], int(kept.size), 0, target, int((~kept).sum()),
