@@ -13,6 +13,7 @@
     python benchmarks/bsr_speedup.py depthwise
     python benchmarks/bsr_speedup.py profile --sparsity 0.7    # after e2e: time per kernel
     python benchmarks/bsr_speedup.py e2e --trials 300
+    python benchmarks/bsr_speedup.py balanced                  # row-balanced 1x4: static vs indptr loop
     python benchmarks/bsr_speedup.py plot
 
 Results (JSON, tables, PNG) go to benchmarks/results/.  Timings: interleaved rounds, medians,
@@ -351,6 +352,54 @@ def run_e2e(args) -> None:
     print("\n".join(lines))
 
 
+BALANCED_SHAPES = ((24, 56, 144), (144, 56, 24), (96, 14, 576), (576, 14, 96), (960, 7, 320),
+                   (320, 7, 1280))  # (c_in, hw, c_out) of MobileNetV2's 1x1 convs
+
+
+def run_balanced(args) -> None:
+    """1x4 at 0.7 / 0.9 on MobileNetV2's 1x1 shapes: layer-wide ranking (indptr loop) vs row-balanced
+    weights with the indptr loop vs the same weights with the static loop; each variant with its
+    best pixel tile, then timed interleaved."""
+    os.environ["TVM_NUM_THREADS"] = str(threads())
+    import tvm
+
+    from onnxprune.pruning import block_prune_weights
+    from onnxprune.tvm_kernels import kernels
+    from onnxprune.tvm_kernels.bsr import conv_weight_as_matrix, dense_to_bsr
+
+    target = tvm.target.Target({**target_dict(), "num-cores": threads()})
+    rng = np.random.default_rng(0)
+    lines = [f"{threads()} thread(s); ms, best tile each", "| s | conv | layer-wide | balanced, indptr loop "
+             "| balanced, static loop | static / layer-wide |", "|---|---|---|---|---|---|"]
+    for s in (0.7, 0.9):
+        for c_in, hw, c_out in BALANCED_SHAPES:
+            spec = kernels.ConvSpec(1, c_in, hw, hw, c_out, (1, 1))
+            w = rng.standard_normal((c_out, c_in, 1, 1)).astype(np.float32)
+            x = tvm.runtime.tensor(rng.standard_normal((1, c_in, hw, hw)).astype(np.float32))
+            engines = {}
+            for label, balanced, static in (("global", False, False), ("dyn", True, False),
+                                            ("static", True, True)):
+                m = np.where(block_prune_weights(w, 4, s, balanced=balanced), w, 0)
+                a = kernels.kernel_arrays(dense_to_bsr(conv_weight_as_matrix(m), 4, 1), None)
+                call = [x] + [tvm.runtime.tensor(v) for v in (a.indptr, a.indices, a.data, a.bias,
+                                                              np.zeros(spec.out_shape, np.float32))]
+                best = None
+                for tile in kernels.tile_candidates(spec):
+                    func = kernels.bsr_matmul_prim_func(spec, a.nnzb, tile, "k",
+                                                        a.row_blocks if static else None)
+                    lib = tvm.compile(func, target=target).jit()
+                    t = lib.time_evaluator("k", tvm.cpu(), number=20, repeat=3)(*call).median
+                    best = min(best or (t, lib), (t, lib), key=lambda b: b[0])
+                engines[label] = (lambda lib, call: lambda k: float(
+                    lib.time_evaluator("k", tvm.cpu(), number=k)(*call).mean))(best[1], call)
+            ms_ = time_engines(engines, args.rounds)
+            lines.append(f"| {s} | {c_in}->{c_out} @{hw} | {ms_['global']:.3f} | {ms_['dyn']:.3f} | "
+                         f"{ms_['static']:.3f} | {ms_['global'] / ms_['static']:.2f}x |")
+            print(lines[-1], flush=True)
+    with open(os.path.join(RESULTS, "balanced.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
 def profile(args) -> None:
     """Where the time of e2e's sparse MobileNetV2 goes, kernel by kernel, inside whole-model
     runs of its exported library (the Relax VM's instrument hook; 0.27 has no profiler)."""
@@ -377,21 +426,34 @@ def profile(args) -> None:
             spent[name] += now - started[name]
 
     vm.set_instrument(instrument)
-    runs = 30
-    t0 = time.perf_counter()
-    for _ in range(runs):
-        vm["main"](x)
-    total_ms = (time.perf_counter() - t0) / runs * 1e3
-    per_kind = collections.Counter()
-    for name, seconds in spent.items():
-        kind = next((k for k in ("expand_depthwise", "bsr_matmul", "im2col", "depthwise")
+    runs, blocks = 30, 5  # medians over blocks: one block can catch the shared host's noise
+    per_block, totals = [], []
+    for _ in range(blocks):
+        spent.clear()
+        t0 = time.perf_counter()
+        for _ in range(runs):
+            vm["main"](x)
+        totals.append((time.perf_counter() - t0) / runs * 1e3)
+        per_block.append({name: seconds / runs * 1e3 for name, seconds in spent.items()})
+
+    def kind_of(name):
+        return next((k for k in ("expand_depthwise", "bsr_matmul", "im2col", "depthwise")
                      if name.startswith(k)), "tvm" if name.startswith("fused") or
                     name in ("mean", "reshape") else "vm builtins")
-        per_kind[kind] += seconds / runs * 1e3
-    for name, seconds in sorted(spent.items(), key=lambda kv: -kv[1])[:15]:
-        print(f"{seconds / runs * 1e3:8.3f} ms  {name}")
-    print(f"per run {total_ms:.3f} ms (instrumented); by kind (ms): "
-          + ", ".join(f"{k} {v:.3f}" for k, v in per_kind.most_common()))
+
+    per_kind = collections.defaultdict(list)
+    for block in per_block:
+        kinds = collections.Counter()
+        for name, ms in block.items():
+            kinds[kind_of(name)] += ms
+        for kind, ms in kinds.items():
+            per_kind[kind].append(ms)
+    median = {name: float(np.median([b.get(name, 0.0) for b in per_block])) for name in per_block[0]}
+    for name, ms in sorted(median.items(), key=lambda kv: -kv[1])[:15]:
+        print(f"{ms:8.3f} ms  {name}")
+    kinds = {k: float(np.median(v)) for k, v in per_kind.items()}
+    print(f"per run {float(np.median(totals)):.3f} ms (instrumented, median of {blocks} x {runs} runs); "
+          "by kind (ms): " + ", ".join(f"{k} {v:.3f}" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])))
 
 
 def plot(_args) -> None:
@@ -448,7 +510,7 @@ def plot(_args) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["kernels", "depthwise", "e2e", "profile", "plot",
+    p.add_argument("what", choices=["kernels", "depthwise", "e2e", "profile", "plot", "balanced",
                                     "_tune-dense"])
     p.add_argument("--sparsity", type=float, default=0.7, help="profile: which e2e model")
     p.add_argument("--sparsities", type=float, nargs="+", default=[0.5, 0.7, 0.9],
@@ -474,6 +536,8 @@ def main(argv=None) -> int:
         profile(args)
     elif args.what == "e2e":
         run_e2e(args)
+    elif args.what == "balanced":
+        run_balanced(args)
     else:
         plot(args)
     return 0
