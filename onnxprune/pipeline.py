@@ -135,7 +135,6 @@ def simplify_pipeline(fold_bn: bool = True, propagate: bool = True, remove: bool
                     + ((FixedPoint("shrink", shrink + (CLEANUP,)),) if shrink else ()) + borders)
 
 
-FOLD_BN_ONLY = Pipeline("fold_bn", (CLEANUP, FOLD_BN))   # model_tune's BN fold
 ANALYSIS = Pipeline("analysis", (CLEANUP,))               # what inspect, prune and the PyTorch groups read
 REARRANGE_ONLY = Pipeline("rearrange", (CLEANUP, REARRANGE))
 

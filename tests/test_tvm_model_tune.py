@@ -223,7 +223,7 @@ ZOO = ("resnet18", "resnet50", "vgg11_bn", "alexnet", "squeezenet", "mobilenet_v
     pytest.param(name, marks=() if name in ZOO_IN_CI else pytest.mark.slow) for name in ZOO])
 def test_model_tune_on_zoo_models_exported_with_batchnorm(name, tmp_path):
     """Every zoo architecture (BN nodes kept by the exporter): prune, convert, build, and match
-    onnxruntime (model_tune raises ParityError otherwise).  MobileNetV2 (BN folded first)
+    onnxruntime (model_tune raises ParityError otherwise).  MobileNetV2 (BN folded by simplify first)
     gets its expand and depthwise convs fused; MobileNetV3 carries relax.clip bounds;
     ShuffleNetV2 splits, concatenates and shuffles between depthwise convs."""
     import warnings
