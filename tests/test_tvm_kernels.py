@@ -105,6 +105,7 @@ DEPTHWISE_CASES = [
     (16, 7, 7, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 1),  # small stride-1 planes: computed flat
     (3, 9, 13, (5, 5), (1, 1), (2, 1, 2, 3), (1, 1), 2),  # flat, asymmetric pads, 5x5
     (2, 6, 6, (1, 1), (1, 1), (0, 0, 0, 0), (1, 1), 1),
+    (3, 3, 40, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 1),  # fewer output rows than a row group
 ]
 
 
@@ -119,6 +120,23 @@ def test_depthwise_conv_matches_numpy(case, epilogue):
     rng = np.random.default_rng(abs(hash(case)) % 2**32)
     w = rng.standard_normal((c, 1) + k).astype(np.float32)
     check_against_numpy(spec, w, has_bias, rng, groups=c)
+
+
+@pytest.mark.parametrize("case", [CASES[1], CASES[6], CASES[8]], ids=["1x1-batch2", "3x3s2-im2col", "5x5-8x4"])
+@pytest.mark.parametrize("epilogue", ["bias_relu", "res_clip"])
+def test_packed_tiles_match_numpy(case, epilogue):
+    """Packed tiles copy each pixel tile's input contiguous and run every block row on it; the
+    tail tile (P not a multiple of the width) overlaps its neighbour, stored twice alike."""
+    c_in, h, w_, c_out, k, s, p, d, bsr, bsc, sparsity, batch = case
+    has_bias, ep = EPILOGUES[epilogue]
+    spec = kernels.ConvSpec(batch, c_in, h, w_, c_out, k, s, p, d, bsr, bsc, epilogue=ep)
+    rng = np.random.default_rng(7)
+    packed = [t for t in kernels.tile_candidates(spec) if t.packed]
+    assert packed and any(spec.num_pixels % t.pixels for t in packed)
+    w = sparse_weight(rng, spec, sparsity)
+    for tile in packed:
+        check_against_numpy(spec, w, has_bias, rng, tile=tile)
+    assert not any(t.packed for t in kernels.tile_candidates(spec, packed=False))
 
 
 def test_empty_and_fully_dense_block_rows_every_tile():

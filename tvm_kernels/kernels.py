@@ -9,11 +9,12 @@ Kernels:
     tile), the bsr output channels of a block x `pixels` accumulators held in registers,
     vectorized over pixels, looping only over the non-zero blocks of the row (CSR indptr),
     so the time tracks the number of non-zero blocks.  Its knobs are `BSRTile.pixels` and the
-    order of the parallel loop (block rows inner keeps a pixel tile of the input in L1 while
-    every block row reads it: better where the input outgrows L2).
+    loop order (block rows inner keeps a pixel tile of the input in L1 while every block row
+    reads it; packed also copies that tile contiguous first, as dense GEMMs do).
   * depthwise: one channel plane per parallel iteration, copied into a zero-margined scratch
     buffer (columns de-interleaved by stride phase with a vector shuffle, so strided taps are
-    contiguous loads), then K*K vector FMAs per output row; small stride-1 planes (rows under
+    contiguous loads), then K*K vector FMAs per tile of 4 output rows x 8 columns (independent
+    chains sharing loads); small stride-1 planes (rows under
     16 wide: 14x14, 7x7) are computed flat on the scratch's row pitch instead, in full vectors.
     A plane nobody reads is skipped, a plane of a constant input copied (`COMPUTE`).  No knob.
   * expand_depthwise: a 1x1 bsr_matmul whose only reader is a depthwise conv, both in one
@@ -122,25 +123,32 @@ class ConvSpec:
 @dataclass(frozen=True)
 class BSRTile:
     """Schedule knobs of bsr_matmul: output pixels per register tile (vector width multiple),
-    and whether the parallel loop runs block rows inside pixel tiles."""
+    and the loop order: block rows outside pixel tiles (the default), block rows inside them
+    (`rows_inner`), or block rows inside with each pixel tile's input first copied contiguous
+    (`packed`, as dense GEMMs pack their panels: the non-zero blocks of a row read scattered
+    input rows P floats apart, and measured 1.2-3x slower from there than from the packed copy)."""
 
     pixels: int = 32
     rows_inner: bool = False
+    packed: bool = False
 
     @property
     def label(self) -> str:
-        return f"{self.pixels}px" + ("/rows-inner" if self.rows_inner else "")
+        return f"{self.pixels}px" + ("/packed" if self.packed else "/rows-inner" if self.rows_inner else "")
 
 
-def tile_candidates(spec: ConvSpec) -> list[BSRTile]:
+def tile_candidates(spec: ConvSpec, packed: bool = True) -> list[BSRTile]:
     """Pixel tiles worth measuring: powers of two whose accumulator (bsr x pixels) fits the
-    vector registers.  (Tiles of 49 or 98 pixels measured 10x slower: odd vector widths.)"""
+    vector registers, in each loop order (`packed` ones up to 32 pixels: wider packed tiles
+    measured slower everywhere).  (Tiles of 49 or 98 pixels measured 10x slower: odd vector
+    widths.)"""
     sizes = [p for p in (8, 16, 32, 64, 128) if spec.bsr * p <= 512 and p <= max(8, spec.num_pixels)]
-    return [BSRTile(p, inner) for p in sizes or [8] for inner in (False, True)]
+    tiles = [BSRTile(p, inner) for p in sizes or [8] for inner in (False, True)]
+    return tiles + [BSRTile(p, packed=True) for p in sizes or [8] if packed and p <= 32]
 
 
 def default_tile(spec: ConvSpec) -> BSRTile:
-    return BSRTile(max(8, min(64, 256 // spec.bsr, spec.num_pixels)))
+    return BSRTile(max(8, min(64, 256 // spec.bsr, 1 << (spec.num_pixels.bit_length() - 1))))
 
 
 @dataclass(frozen=True)
@@ -206,9 +214,17 @@ def im2col_prim_func(spec: ConvSpec, name: str = "im2col") -> tvm.tirx.PrimFunc:
     return _scheduled(im2col, name)
 
 
+def _lanes(width: int) -> int:
+    """Vector length for a tile `width` pixels wide: its largest power-of-two divisor, at most 16.
+    LLVM splits a power-of-two vector into machine registers cleanly; a <24 x float> it
+    scalarizes (measured 10x slower), so 24 pixels run as 3 x 8 lanes."""
+    return min(16, width & -width)
+
+
 def _bsr_tile_macro(spec: ConvSpec, row_blocks: int | None = None):
     """The register tile of bsr_matmul: `width` pixels from t_p0 of the `bsr` output channels of
-    block row t_br, stored (through the epilogue) at yb[y_n, y_c0 + r, t_p0 + v]. With
+    block row t_br, read from xb[t_n, :, x_p0 + v] (x_p0 = t_p0 but in a packed tile), stored
+    (through the epilogue) at yb[y_n, y_c0 + r, t_p0 + v]. With
     `row_blocks` (every block row holds that many blocks: row-balanced pruning) the block loop
     has static bounds and indptr is not read."""
     BSR, BSC = spec.bsr, spec.bsc
@@ -221,21 +237,23 @@ def _bsr_tile_macro(spec: ConvSpec, row_blocks: int | None = None):
     def accumulate(xb, ind, wd, acc, t_n, t_p0, width, b):
         for j in T.unroll(BSC):
             for r in T.unroll(BSR):
-                for v in T.vectorized(width):
-                    acc[r, v] = acc[r, v] + wd[b, r, j] * xb[t_n, ind[b] * BSC + j, t_p0 + v]
+                for u in T.unroll(width // _lanes(width)):
+                    for v in T.vectorized(_lanes(width)):
+                        acc[r, u * _lanes(width) + v] = acc[r, u * _lanes(width) + v] + wd[b, r, j] * xb[
+                            t_n, ind[b] * BSC + j, t_p0 + u * _lanes(width) + v]
 
     @T.macro
-    def pixel_tile(xb, ip, ind, wd, bb, rb, yb, t_n, t_br, t_p0, width, y_n, y_c0):
+    def pixel_tile(xb, ip, ind, wd, bb, rb, yb, t_n, t_br, t_p0, width, y_n, y_c0, x_p0):
         acc = T.decl_buffer((BSR, width), "float32", scope="local")
         for r in T.unroll(BSR):
             for v in T.vectorized(width):
                 acc[r, v] = T.float32(0)
         if STATIC:
             for k in range(RB):
-                accumulate(xb, ind, wd, acc, t_n, t_p0, width, t_br * RB + k)
+                accumulate(xb, ind, wd, acc, t_n, x_p0, width, t_br * RB + k)
         else:
             for b in range(ip[t_br], ip[t_br + 1]):
-                accumulate(xb, ind, wd, acc, t_n, t_p0, width, b)
+                accumulate(xb, ind, wd, acc, t_n, x_p0, width, b)
         for r in T.unroll(BSR):
             for v in T.vectorized(width):
                 if RES:
@@ -269,24 +287,38 @@ def bsr_matmul_prim_func(
     NNZ = max(1, nnzb)
     NT, NTILES, TAIL = _pixel_tiles(spec, tile)
     ROWS_INNER = tile.rows_inner
+    PACKED = tile.packed
+    NTA = NTILES + (1 if TAIL else 0)
+    L = _lanes(NT)
     RES = spec.epilogue.residual
     pixel_tile = _bsr_tile_macro(spec, row_blocks)
 
     @T.macro
     def all_tiles(col, indptr, indices, data, bias, res, y):
-        for it in T.parallel(N * NBR * NTILES):
-            if ROWS_INNER:
-                pixel_tile(col, indptr, indices, data, bias, res, y,
-                           it // (NBR * NTILES), it % NBR, it // NBR % NTILES * NT, NT,
-                           it // (NBR * NTILES), it % NBR * BSR)
-            else:
-                pixel_tile(col, indptr, indices, data, bias, res, y,
-                           it // (NBR * NTILES), it // NTILES % NBR, it % NTILES * NT, NT,
-                           it // (NBR * NTILES), it // NTILES % NBR * BSR)
-        if TAIL > 0:
-            for it in T.parallel(N * NBR):
-                pixel_tile(col, indptr, indices, data, bias, res, y, it // NBR, it % NBR,
-                           P - NT, NT, it // NBR, it % NBR * BSR)
+        if PACKED:  # per pixel tile: its K x NT input block copied contiguous, then every block row
+            for it in T.parallel(N * NTA):
+                pack = T.decl_buffer((1, K, NT), "float32")
+                for k in range(K):
+                    for u in T.unroll(NT // L):
+                        for v in T.vectorized(L):
+                            pack[0, k, u * L + v] = col[it // NTA, k, T.min(it % NTA * NT, P - NT) + u * L + v]
+                for br in range(NBR):
+                    pixel_tile(pack, indptr, indices, data, bias, res, y, 0, br,
+                               T.min(it % NTA * NT, P - NT), NT, it // NTA, br * BSR, 0)
+        else:
+            for it in T.parallel(N * NBR * NTILES):
+                if ROWS_INNER:
+                    pixel_tile(col, indptr, indices, data, bias, res, y,
+                               it // (NBR * NTILES), it % NBR, it // NBR % NTILES * NT, NT,
+                               it // (NBR * NTILES), it % NBR * BSR, it // NBR % NTILES * NT)
+                else:
+                    pixel_tile(col, indptr, indices, data, bias, res, y,
+                               it // (NBR * NTILES), it // NTILES % NBR, it % NTILES * NT, NT,
+                               it // (NBR * NTILES), it // NTILES % NBR * BSR, it % NTILES * NT)
+            if TAIL > 0:
+                for it in T.parallel(N * NBR):
+                    pixel_tile(col, indptr, indices, data, bias, res, y, it // NBR, it % NBR,
+                               P - NT, NT, it // NBR, it % NBR * BSR, P - NT)
 
     IN, OUT = spec.matmul_input_shape, spec.out_shape
 
@@ -352,14 +384,17 @@ def _depthwise_plane_macro(spec: ConvSpec):
     HP = max(PT + H, (OH - 1) * SH + (KH - 1) * DH + 1)
     ep = spec.epilogue
     RES = ep.residual
-    # vectors of at most LANES floats: copy chunks of LANES scratch columns, output segments
-    # of LANES columns (a whole 112-wide row in one vector would spill the registers; 16 measured
-    # a little faster than 32 over MobileNetV2's shapes)
+    # copy chunks of LANES scratch columns; output tiles of ROWS rows x SEG_LANES columns, so
+    # ROWS independent FMA chains share their input rows' loads (1 row x 16 columns was bound
+    # by the FMA latency of two chains: 4 x 8 measured 1.1-1.2x faster on 28-112-wide planes)
     LANES = 16
+    SEG_LANES = 8
+    ROWS = min(OH, 4)
     FLAT_LANES = 32  # four AVX2 accumulators: independent FMA chains
     NCOPY, COPY_TAIL = WQ // LANES, WQ % LANES
-    SEG_WIDTH = min(LANES, OW)
+    SEG_WIDTH = min(SEG_LANES, OW)
     NSEG, SEG_TAIL = OW // SEG_WIDTH, OW % SEG_WIDTH
+    NGROUPS = (OH + ROWS - 1) // ROWS
 
     @T.macro
     def copy_columns(x, xs, x_n, x_c, i, q, m0, width):
@@ -370,20 +405,43 @@ def _depthwise_plane_macro(spec: ConvSpec):
                 [x[x_n, x_c, i, T.Ramp(m0 * S, 1, width * S)]], [q + S * m for m in range(width)])
 
     @T.macro
-    def row_segment(w, xs, bias, res, y, n, c, oh, v0, width):
-        acc = T.decl_buffer((width,), "float32", scope="local")
-        for v in T.vectorized(width):
-            acc[v] = T.float32(0)
+    def row_segment(w, xs, bias, res, y, n, c, oh0, v0, width):
+        """Output rows oh0 .. oh0 + ROWS - 1, columns v0 .. v0 + width - 1: ROWS x width
+        accumulators (independent FMA chains; adjacent rows share their input rows' loads)."""
+        acc = T.decl_buffer((ROWS, width), "float32", scope="local")
+        for rr in T.unroll(ROWS):
+            for v in T.vectorized(width):
+                acc[rr, v] = T.float32(0)
         for kh in T.unroll(KH):
             for kw in T.unroll(KW):
-                for v in T.vectorized(width):
-                    acc[v] = acc[v] + w[c, kh, kw] * xs[
-                        oh * SH + kh * DH, (kw - PL) % S, ML + (kw - PL) // S + v0 + v]
-        for v in T.vectorized(width):
-            if RES:
-                y[n, c, oh, v0 + v] = ep.apply(acc[v], bias[c], res[n, c, oh, v0 + v])
-            else:
-                y[n, c, oh, v0 + v] = ep.apply(acc[v], bias[c])
+                for rr in T.unroll(ROWS):
+                    for v in T.vectorized(width):
+                        acc[rr, v] = acc[rr, v] + w[c, kh, kw] * xs[
+                            (oh0 + rr) * SH + kh * DH, (kw - PL) % S, ML + (kw - PL) // S + v0 + v]
+        for rr in T.unroll(ROWS):
+            for v in T.vectorized(width):
+                if RES:
+                    y[n, c, oh0 + rr, v0 + v] = ep.apply(acc[rr, v], bias[c], res[n, c, oh0 + rr, v0 + v])
+                else:
+                    y[n, c, oh0 + rr, v0 + v] = ep.apply(acc[rr, v], bias[c])
+
+    @T.macro
+    def zero_margins(xs):
+        """Zero what copy_plane leaves unwritten: the rows above and below the plane, the columns
+        left and right of it (zeroing the whole scratch cost as much as the copy)."""
+        for i in range(HP):
+            for q in range(S):
+                if i < PT or i >= PT + H:
+                    for chunk in range(MW // LANES):
+                        for v in T.vectorized(LANES):
+                            xs[i, q, chunk * LANES + v] = T.float32(0)
+                    for j in range(MW // LANES * LANES, MW):
+                        xs[i, q, j] = T.float32(0)
+                else:
+                    for j in range(ML):
+                        xs[i, q, j] = T.float32(0)
+                    for j in range(ML + WQ, MW):
+                        xs[i, q, j] = T.float32(0)
 
     @T.macro
     def copy_plane(x, xs, x_n, x_c):
@@ -396,16 +454,15 @@ def _depthwise_plane_macro(spec: ConvSpec):
 
     @T.macro
     def plane(x, xs, w, bias, res, y, x_n, x_c, n, c):
-        for i in range(HP):
-            for q in range(S):
-                for j in T.vectorized(MW):
-                    xs[i, q, j] = T.float32(0)
+        zero_margins(xs)
         copy_plane(x, xs, x_n, x_c)
-        for oh in range(OH):
+        for g in range(NGROUPS):  # the last group ends at OH, overlapping as segments do
             for seg in range(NSEG):
-                row_segment(w, xs, bias, res, y, n, c, oh, seg * SEG_WIDTH, SEG_WIDTH)
+                row_segment(w, xs, bias, res, y, n, c, T.min(g * ROWS, OH - ROWS), seg * SEG_WIDTH,
+                            SEG_WIDTH)
             if SEG_TAIL > 0:  # overlapping the previous segment, as bsr_matmul's tail
-                row_segment(w, xs, bias, res, y, n, c, oh, OW - SEG_WIDTH, SEG_WIDTH)
+                row_segment(w, xs, bias, res, y, n, c, T.min(g * ROWS, OH - ROWS), OW - SEG_WIDTH,
+                            SEG_WIDTH)
 
     # Small stride-1 planes (7x7, 14x14): rows shorter than a vector waste lanes (a 7-wide row is
     # a 4 + 2 + 1 split of every operation). There the output is computed on the scratch's row
@@ -534,6 +591,22 @@ def expand_depthwise_prim_func(expand: ConvSpec, depthwise: ConvSpec, nnzb: int,
     pixel_tile = _bsr_tile_macro(expand, row_blocks)
     plane, scratch = _plane_by_mode_macro(depthwise)
 
+    NTA = NTILES + (1 if TAIL else 0)  # the last tile ends at P (see _pixel_tiles)
+
+    @T.macro
+    def block_row(col, indptr, indices, data, bias, w, dw_bias, mode, consts, live_rows, y, it):
+        """Block row it % NBR of image it // NBR: its sparse conv into mid, then its planes."""
+        mid = T.decl_buffer((1, BSR, P), "float32")
+        xs = T.decl_buffer(scratch, "float32")
+        if live_rows[it % NBR] != 0:
+            for t in range(NTA):
+                pixel_tile(col, indptr, indices, data, bias, mid, mid, it // NBR, it % NBR,
+                           T.min(t * NT, P - NT), NT, 0, 0, T.min(t * NT, P - NT))
+        mid_planes = T.decl_buffer((1, BSR, H, W), "float32", data=mid.data)
+        for r in range(BSR):
+            plane(mid_planes, xs, w, dw_bias, mode, consts, y, y, 0, r, it // NBR,
+                  it % NBR * BSR + r)
+
     @T.prim_func(s_tir=True)
     def expand_depthwise(
         x: T.Buffer((N, CIN, H, W), "float32"),
@@ -551,19 +624,7 @@ def expand_depthwise_prim_func(expand: ConvSpec, depthwise: ConvSpec, nnzb: int,
         with T.sblock("root"):
             col = T.decl_buffer((N, CIN, P), "float32", data=x.data)
             for it in T.parallel(N * NBR):
-                mid = T.decl_buffer((1, BSR, P), "float32")
-                mid_planes = T.decl_buffer((1, BSR, H, W), "float32", data=mid.data)
-                xs = T.decl_buffer(scratch, "float32")
-                if live_rows[it % NBR] != 0:
-                    for t in range(NTILES):
-                        pixel_tile(col, indptr, indices, data, bias, mid, mid, it // NBR, it % NBR,
-                                   t * NT, NT, 0, 0)
-                    if TAIL > 0:
-                        pixel_tile(col, indptr, indices, data, bias, mid, mid, it // NBR, it % NBR,
-                                   P - NT, NT, 0, 0)
-                for r in range(BSR):
-                    plane(mid_planes, xs, w, dw_bias, mode, consts, y, y, 0, r, it // NBR,
-                          it % NBR * BSR + r)
+                block_row(col, indptr, indices, data, bias, w, dw_bias, mode, consts, live_rows, y, it)
 
     return _scheduled(expand_depthwise, name)
 

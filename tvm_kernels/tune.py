@@ -316,15 +316,18 @@ def tune_tiles(layers: list[SparseConvLayer], target, work_dir: str, session: Se
     chosen = {}
     for i, layer in enumerate(layers):
         key = _layer_key(layer, target)
-        if not isinstance(cache.get(key), list):  # absent, or an older format
+        entry = cache.get(key)
+        if not (isinstance(entry, list) and len(entry) == 3):  # absent, or an older format
+            # a fused expand's tile is measured on the plain kernel; packing, which that kernel
+            # lacks, measured no faster there (its input is small enough to stay in cache)
             times = {c: measure_tile(layer, c, target, session)
-                     for c in kernels.tile_candidates(layer.spec)}
+                     for c in kernels.tile_candidates(layer.spec, packed=layer.depthwise is None)}
             best = min(times, key=times.get)
-            cache[key] = [best.pixels, best.rows_inner]
+            cache[key] = [best.pixels, best.rows_inner, best.packed]
             log(f"  {layer.kernel_name} {layer.spec.c_out}x{layer.spec.num_cols} "
                 f"sparsity {layer.weight.sparsity:.2f}: "
                 + ", ".join(f"{c.label} {t * 1e3:.3f}ms" for c, t in times.items()))
             _save_json(cache_path, cache)
-        pixels, rows_inner = cache[key]
-        chosen[layer.kernel_name] = kernels.BSRTile(int(pixels), bool(rows_inner))
+        pixels, rows_inner, packed = cache[key]
+        chosen[layer.kernel_name] = kernels.BSRTile(int(pixels), bool(rows_inner), bool(packed))
     return chosen
