@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import subprocess
 import sys
 import time
@@ -320,11 +319,9 @@ def run_e2e(args) -> None:
                             dense_baseline=not args.no_dense_baseline)
         print(result.table, flush=True)
         t = result.timings
-        planes = {k: sum(int(re.search(rf"(\d+) {k}", line).group(1)) if f" {k}" in line else 0
-                         for line in result.depthwise) for k in ("unread", "constant")}
         rows.append(dict(sparsity=s, converted=len(result.converted),
                          depthwise=len(result.depthwise), threads=threads(), balanced=args.balanced,
-                         unread_planes=planes["unread"], constant_planes=planes["constant"],
+                         unread_planes=result.planes["unread"], constant_planes=result.planes["constant"],
                          sparse_tvm_ms=t["sparse TVM"].median_ms,
                          dense_tvm_ms=t["dense TVM"].median_ms if "dense TVM" in t else None,
                          ort_ms=t["onnxruntime"].median_ms, max_abs_err=result.parity_max_abs_err))

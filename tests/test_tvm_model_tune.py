@@ -73,6 +73,16 @@ def test_model_tune_prunes_converts_checks_times_and_exports(small_onnx, tmp_pat
     assert len(result.converted) == 4
     assert any("relu" in line for line in result.converted)
     assert len(result.depthwise) == 1 and "+relu" in result.depthwise[0]
+    # every channel the projection (the dw's one reader) has no weight for goes unread (exact
+    # simplify may add the channels it folds as constants)
+    import onnx
+    from onnx import numpy_helper
+
+    project = next(numpy_helper.to_array(t) for t in onnx.load(os.path.join(work, "pruned.onnx")).graph.initializer
+                   if t.dims == [16, 16, 1, 1])
+    dead_columns = int(np.sum(~np.any(project[:, :, 0, 0] != 0, axis=0)))
+    assert sum(result.planes.values()) == 16 and result.planes["unread"] >= dead_columns
+    assert result.planes["computed"] == 16 - result.planes["unread"] - result.planes["constant"]
     assert len(result.skipped) == 2
     assert result.parity_max_abs_err < 1e-3
     assert set(result.timings) == {"sparse TVM", "dense TVM", "onnxruntime"}

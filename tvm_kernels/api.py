@@ -41,6 +41,8 @@ class ModelTuneResult:
     pruned: list[str]  # per-conv pruning report (empty without --prune)
     parity_max_abs_err: float
     timings: dict[str, Timing] = field(default_factory=dict)
+    # depthwise planes of all layers by what the kernels do with them: computed / unread / constant
+    planes: dict[str, int] = field(default_factory=dict)
     table: str = ""
 
 
@@ -315,6 +317,8 @@ def model_tune(
         depthwise=[describe_layer(layer) for layer in report.depthwise],
         skipped=[f"{shape}: {reason}" for shape, reason in report.skipped],
         pruned=pruned_lines, parity_max_abs_err=max_err, timings=timings,
+        planes={k: sum(layer.counts[k] for layer in report.depthwise)
+                for k in ("computed", "unread", "constant")},
     )
     result.table = format_table(result, where=f"{rpc.key} via RPC" if rpc else "local")
     return result
