@@ -98,14 +98,29 @@ class SparseConvLayer:
     tile: kernels.BSRTile
     depthwise: DepthwiseLayer | None = None  # the depthwise conv computed in the same kernel
 
-    def prim_func(self) -> tvm.tirx.PrimFunc:
-        a = self.arrays
+    def prim_func(self, tile: kernels.BSRTile | None = None) -> tvm.tirx.PrimFunc:
+        """Its kernel, with its own tile or `tile`."""
+        a, tile = self.arrays, tile or self.tile
         if self.depthwise is None:
-            return kernels.bsr_matmul_prim_func(self.spec, a.nnzb, self.tile, self.kernel_name,
+            return kernels.bsr_matmul_prim_func(self.spec, a.nnzb, tile, self.kernel_name,
                                                 a.row_blocks)
         return kernels.expand_depthwise_prim_func(self.spec, self.depthwise.spec, a.nnzb,
-                                                  self.tile, self.kernel_name,
+                                                  tile, self.kernel_name,
                                                   len(self.depthwise.consts), a.row_blocks)
+
+    def constant_args(self) -> list[np.ndarray]:
+        """The kernel's arguments after its input (and before a residual): index arrays, weights."""
+        a = self.arrays
+        args = [a.indptr, a.indices, a.data, a.bias]
+        dw = self.depthwise
+        if dw is not None:
+            live_rows = np.any((dw.mode == kernels.COMPUTE).reshape(-1, self.spec.bsr), axis=1)
+            args += [dw.weight, dw.bias, dw.mode, dw.consts, live_rows.astype(np.int32)]
+        return args
+
+    @property
+    def out_shape(self) -> tuple[int, ...]:
+        return self.spec.out_shape if self.depthwise is None else self.depthwise.spec.out_shape
 
 
 @dataclass
@@ -207,18 +222,10 @@ def emit_sparse_conv(bb: relax.BlockBuilder, x, layer: SparseConvLayer, residual
         im2col = bb.add_func(kernels.im2col_prim_func(spec, name), name)
         x = bb.emit(relax.call_tir(im2col, [x], relax.TensorType(spec.col_shape, "float32")))
     kernel = bb.add_func(layer.prim_func(), layer.kernel_name)
-    args = [x] + [relax.const(a) for a in (arrays.indptr, arrays.indices, arrays.data,
-                                           arrays.bias)]
-    out_shape = spec.out_shape
-    if layer.depthwise is not None:
-        dw = layer.depthwise
-        live_rows = np.any((dw.mode == kernels.COMPUTE).reshape(-1, spec.bsr), axis=1)
-        args += [relax.const(a) for a in (dw.weight, dw.bias, dw.mode, dw.consts,
-                                          live_rows.astype(np.int32))]
-        out_shape = dw.spec.out_shape
+    args = [x] + [relax.const(a) for a in layer.constant_args()]
     if residual is not None:
         args.append(residual)
-    return relax.call_tir(kernel, args, relax.TensorType(out_shape, "float32"))
+    return relax.call_tir(kernel, args, relax.TensorType(layer.out_shape, "float32"))
 
 
 def emit_depthwise_conv(bb: relax.BlockBuilder, x, layer: DepthwiseLayer, residual=None):

@@ -270,6 +270,9 @@ def _layer_key(layer: SparseConvLayer, target) -> str:
     h.update(repr((layer.spec, str(target))).encode())
     h.update(layer.arrays.indptr.tobytes())
     h.update(layer.arrays.indices.tobytes())
+    if layer.depthwise is not None:  # measured as the fused kernel: its planes count too
+        h.update(repr(layer.depthwise.spec).encode())
+        h.update(layer.depthwise.mode.tobytes())
     return h.hexdigest()
 
 
@@ -290,20 +293,19 @@ def _save_json(path: str, data: dict) -> None:
 
 def measure_tile(layer: SparseConvLayer, tile: kernels.BSRTile, target, session: Session,
                  number: int = 5) -> float:
-    """Median seconds of the layer's bsr_matmul with `tile`, on its real index arrays."""
-    func = kernels.bsr_matmul_prim_func(layer.spec, layer.arrays.nnzb, tile, "bsr_matmul",
-                                        layer.arrays.row_blocks)
+    """Median seconds of the layer's kernel (a fused expand + depthwise one included) with
+    `tile`, on its real index arrays."""
     # a unique name per upload: a remote dlopen of a reused path returns the stale library
-    lib = session.load(tvm.compile(func, target=target),
+    lib = session.load(tvm.compile(layer.prim_func(tile), target=target),
                        f"{layer.kernel_name}_{tile.label.replace('/', '_')}_{os.getpid()}")
     rng = np.random.default_rng(0)
-    spec, a = layer.spec, layer.arrays
+    spec = layer.spec
     residual = [np.zeros(spec.out_shape, np.float32)] if spec.epilogue.residual else []
     args = [session.tensor(v) for v in (
-        rng.standard_normal(spec.matmul_input_shape).astype(np.float32),
-        a.indptr, a.indices, a.data, a.bias, *residual, np.zeros(spec.out_shape, np.float32))]
+        rng.standard_normal(spec.matmul_input_shape).astype(np.float32), *layer.constant_args(),
+        *residual, np.zeros(layer.out_shape, np.float32))]
     module = lib if session.remote else lib.jit()
-    return float(np.median(time_function(module, "bsr_matmul", args, session.device, number, 3)))
+    return float(np.median(time_function(module, layer.kernel_name, args, session.device, number, 3)))
 
 
 def tune_tiles(layers: list[SparseConvLayer], target, work_dir: str, session: Session,
@@ -318,8 +320,7 @@ def tune_tiles(layers: list[SparseConvLayer], target, work_dir: str, session: Se
         key = _layer_key(layer, target)
         entry = cache.get(key)
         if not (isinstance(entry, list) and len(entry) == 3):  # absent, or an older format
-            # a fused expand's tile is measured on the plain kernel; packing, which that kernel
-            # lacks, measured no faster there (its input is small enough to stay in cache)
+            # the fused expand + depthwise kernel has no packed order: measured no faster there
             times = {c: measure_tile(layer, c, target, session)
                      for c in kernels.tile_candidates(layer.spec, packed=layer.depthwise is None)}
             best = min(times, key=times.get)
