@@ -75,7 +75,6 @@ def test_model_tune_prunes_converts_checks_times_and_exports(small_onnx, tmp_pat
     assert len(result.depthwise) == 1 and "+relu" in result.depthwise[0]
     # every channel the projection (the dw's one reader) has no weight for goes unread (exact
     # simplify may add the channels it folds as constants)
-    import onnx
     from onnx import numpy_helper
 
     project = next(numpy_helper.to_array(t) for t in onnx.load(os.path.join(work, "pruned.onnx")).graph.initializer
