@@ -284,7 +284,7 @@ def test_inverted_residual_block_is_two_fused_kernels():
 
 @pytest.mark.parametrize("stride", [1, 2])
 def test_expand_depthwise_fusion_matches_onnxruntime_for_every_tile(stride):
-    """The fused kernel (odd sizes, both tile orders, every pixel tile incl. overlapping tails)
+    """The fused kernel (odd sizes, every pixel tile incl. overlapping tails)
     against ORT; and no fusion where the expanded tensor has a second reader."""
     from onnx import helper
 
@@ -302,7 +302,7 @@ def test_expand_depthwise_fusion_matches_onnxruntime_for_every_tile(stride):
     mod, report = convert.convert_to_bsr(dense, 4, 1, 0.5)
     (layer,) = report.converted
     assert layer.depthwise is not None and _called(mod) == ["expand_depthwise_0"]
-    for tile in kernels.tile_candidates(layer.spec):
+    for tile in kernels.tile_candidates(layer.spec, fused=True):
         _matches_onnxruntime(model, convert.retile(mod, report, {layer.kernel_name: tile}), x)
 
     two_readers = _onnx(nodes, inits, x.shape, ["y", "e6"])
@@ -310,6 +310,40 @@ def test_expand_depthwise_fusion_matches_onnxruntime_for_every_tile(stride):
     assert [layer.depthwise for layer in report.converted] == [None]
     assert len(_called(mod)) == 2
     _matches_onnxruntime(two_readers, mod, x)
+
+
+@pytest.mark.parametrize("case", [c for c in DEPTHWISE_CASES if c[0] > 2],
+                         ids=lambda c: f"{c[1]}x{c[2]}-k{c[3][0]}s{c[4][1]}d{c[6][0]}")
+def test_fused_kernel_writes_every_depthwise_layout_in_place(case):
+    """The fused kernel's sparse conv writes straight into the depthwise scratch grids: every
+    depthwise layout (strides, asymmetric pads, dilated rows, 5x5, the flat small planes, fewer
+    rows than a row group, batch 2), narrowest and widest pixel tile, against numpy; planes
+    marked unread stay unwritten (NaN), a block row all zero skips its conv."""
+    _, h, w_, k, s, p, d, batch = case
+    c_in, c_mid = 3, 8
+    expand = kernels.ConvSpec(batch, c_in, h, w_, c_mid, (1, 1), bsr=4, bsc=1,
+                              epilogue=kernels.Epilogue(0.0, 6.0))
+    dw_spec = kernels.ConvSpec(batch, c_mid, h, w_, c_mid, k, s, p, d,
+                               epilogue=kernels.Epilogue(0.0, 6.0))
+    rng = np.random.default_rng(abs(hash(case)) % 2**32)
+    we = rng.standard_normal((c_mid, c_in, 1, 1)).astype(np.float32)
+    be = rng.standard_normal(c_mid).astype(np.float32)
+    weight = dense_to_bsr(conv_weight_as_matrix(we), 4, 1)
+    wd = rng.standard_normal((c_mid, 1) + k).astype(np.float32)
+    unread = [1, 4, 5, 6, 7]  # block row 1 is all unread: no conv for it
+    dw = convert.depthwise_layer(dw_spec, wd, rng.standard_normal(c_mid), "dw",
+                                 unread=np.isin(np.arange(c_mid), unread))
+    x = rng.standard_normal((batch, c_in, h, w_)).astype(np.float32)
+    e6 = kernels.reference_conv2d(x, we, expand, be)
+    ref = kernels.reference_conv2d(e6, wd, dw_spec, dw.bias, groups=c_mid)
+    sizes = kernels.tile_candidates(expand, fused=True)
+    for tile in (sizes[0], sizes[-1]):
+        layer = convert.SparseConvLayer(expand, weight, kernels.kernel_arrays(weight, be),
+                                        "fused", tile, dw)
+        assert list(layer.constant_args()[-1]) == [1, 0]
+        y = _run_alone(layer, [x, *layer.constant_args()])
+        assert np.isnan(y[:, unread]).all()
+        np.testing.assert_allclose(y[:, [0, 2, 3]], ref[:, [0, 2, 3]], rtol=RTOL, atol=ATOL)
 
 
 def test_resnet_tail_relu_of_residual_sum_is_fused():

@@ -137,12 +137,15 @@ class BSRTile:
         return f"{self.pixels}px" + ("/packed" if self.packed else "/rows-inner" if self.rows_inner else "")
 
 
-def tile_candidates(spec: ConvSpec, packed: bool = True) -> list[BSRTile]:
+def tile_candidates(spec: ConvSpec, packed: bool = True, fused: bool = False) -> list[BSRTile]:
     """Pixel tiles worth measuring: powers of two whose accumulator (bsr x pixels) fits the
     vector registers, in each loop order (`packed` ones up to 32 pixels: wider packed tiles
     measured slower everywhere).  (Tiles of 49 or 98 pixels measured 10x slower: odd vector
-    widths.)"""
+    widths.)  A `fused` expand + depthwise kernel runs its block rows outermost and has no
+    packed order: only its tile width is a choice."""
     sizes = [p for p in (8, 16, 32, 64, 128) if spec.bsr * p <= 512 and p <= max(8, spec.num_pixels)]
+    if fused:
+        return [BSRTile(p) for p in sizes or [8]]
     tiles = [BSRTile(p, inner) for p in sizes or [8] for inner in (False, True)]
     return tiles + [BSRTile(p, packed=True) for p in sizes or [8] if packed and p <= 32]
 
@@ -364,13 +367,29 @@ def depthwise_supported(spec: ConvSpec) -> str:
     return ""
 
 
-def _depthwise_plane_macro(spec: ConvSpec):
-    """(plane macro, scratch shape): plane(x, xs, w, bias, res, y, x_n, x_c, n, c) convolves
-    x[x_n, x_c] with w[c] through scratch buffer xs into y[n, c] (epilogue with bias[c]).
+@dataclass(frozen=True)
+class _PlaneKernel:
+    """A depthwise plane's TIR macros over a scratch buffer xs of shape (planes, length), one
+    zero-margined plane per row s of it.
 
-    Scratch layout: source column m*S + q of row i sits at xs[PT + i, q, ML + m], margins zero.
-    Output column v, tap kw reads source column v*S + kw - PL = (v + d)*S + q with
-    q = (kw - PL) mod S, d = (kw - PL) div S: a contiguous run xs[row, q, ML + d + v]."""
+    Grid layout: source column m*S + q of source row i sits at flat position
+    ((PT + i) * S + q) * MW + ML + m of its scratch row; the margins around are zero.  Output
+    column v, tap kw reads source column v*S + kw - PL = (v + d)*S + q with q = (kw - PL) mod S,
+    d = (kw - PL) div S: a contiguous run of MW-pitched grid row (oh*SH + kh*DH) * S + q.
+    A source plane's interior rows [first, first + span) hold its pixels (and the margin
+    columns between them): a pointwise conv computed over that range in the grid's order from a
+    grid-laid-out input writes the plane in place (expand_depthwise_prim_func does)."""
+
+    zero_margins: object  # (xs, s): zero every position the source pixels do not fill
+    fill: object  # (x, xs, s, x_n, x_c): the plane x[x_n, x_c] into scratch row s, margins zeroed
+    copy_plane: object  # (x, xs, s, x_n, x_c): the source pixels only
+    compute: object  # (xs, s, w, bias, res, y, n, c): y[n, c] from scratch row s, epilogue applied
+    length: int  # floats per scratch row
+    first: int  # flat position of grid row PT (the first source row)
+    span: int  # flat length of the source rows, margin columns included
+
+
+def _depthwise_plane(spec: ConvSpec) -> _PlaneKernel:
     H, W = spec.height, spec.width
     KH, KW = spec.kernel
     S, SH = spec.stride[1], spec.stride[0]
@@ -382,6 +401,7 @@ def _depthwise_plane_macro(spec: ConvSpec):
     ML = max(0, -min(d for _, d in taps))
     MW = max(ML + WQ, max(ML + d + OW for _, d in taps))
     HP = max(PT + H, (OH - 1) * SH + (KH - 1) * DH + 1)
+    GRID = HP * S * MW
     ep = spec.epilogue
     RES = ep.residual
     # copy chunks of LANES scratch columns; output tiles of ROWS rows x SEG_LANES columns, so
@@ -390,22 +410,74 @@ def _depthwise_plane_macro(spec: ConvSpec):
     LANES = 16
     SEG_LANES = 8
     ROWS = min(OH, 4)
-    FLAT_LANES = 32  # four AVX2 accumulators: independent FMA chains
     NCOPY, COPY_TAIL = WQ // LANES, WQ % LANES
     SEG_WIDTH = min(SEG_LANES, OW)
     NSEG, SEG_TAIL = OW // SEG_WIDTH, OW % SEG_WIDTH
     NGROUPS = (OH + ROWS - 1) // ROWS
+    # Small stride-1 planes (7x7, 14x14): rows shorter than a vector waste lanes (a 7-wide row is
+    # a 4 + 2 + 1 split of every operation). There the output is computed on the grid's row
+    # pitch MW, flat: output p = oh * MW + ow reads scratch p + kh * MW + kw + (ML - PL), one
+    # contiguous run per tap, in full vectors; the MW - OW extra columns per row are computed
+    # and dropped.
+    FLAT = S == 1 and SH == 1 and DH == 1 and OW < LANES
+    # 32 or 64 accumulator lanes (independent FMA chains), the one computing fewer outputs, the
+    # wider on a tie: a 7x7 plane (63 on its pitch) is one 64-lane segment, 0.91x the time of
+    # two 32-lane ones; a 14x14 (224) is 7 x 32 (64 lanes, 256 outputs: 1.1x slower)
+    FLAT_LANES = min((64, 32), key=lambda lanes: -(-OH * MW // lanes) * lanes)
+    NFLAT = (OH * MW + FLAT_LANES - 1) // FLAT_LANES
+    SHIFT = ML - PL
+    # the last flat vector reads past the grid by up to FLAT_LANES + KW: zeros
+    LENGTH = (GRID + FLAT_LANES + KW + LANES - 1) // LANES * LANES if FLAT else GRID
 
     @T.macro
-    def copy_columns(x, xs, x_n, x_c, i, q, m0, width):
+    def zero_run(xs, s, start, length):
+        for chunk in range(length // LANES):
+            for v in T.vectorized(LANES):
+                xs[s, start + chunk * LANES + v] = T.float32(0)
+        for j in range(length // LANES * LANES, length):
+            xs[s, start + j] = T.float32(0)
+
+    @T.macro
+    def zero_margins(xs, s):
+        """Zero what the source pixels leave unwritten: the rows above and below them, the
+        columns left and right of them, the flat tail (zeroing the whole grid cost as much as
+        the copy on wide planes)."""
+        zero_run(xs, s, 0, PT * S * MW)
+        for i in range(H):
+            for q in range(S):
+                for j in range(ML):
+                    xs[s, ((PT + i) * S + q) * MW + j] = T.float32(0)
+                for j in range(ML + WQ, MW):
+                    xs[s, ((PT + i) * S + q) * MW + j] = T.float32(0)
+        zero_run(xs, s, (PT + H) * S * MW, LENGTH - (PT + H) * S * MW)
+
+    @T.macro
+    def copy_columns(x, xs, s, x_n, x_c, i, q, m0, width):
         if width == 1:  # a Ramp needs two lanes
-            xs[PT + i, q, ML + m0] = x[x_n, x_c, i, m0 * S + q]
+            xs[s, ((PT + i) * S + q) * MW + ML + m0] = x[x_n, x_c, i, m0 * S + q]
         else:
-            xs[PT + i, q, T.Ramp(ML + m0, 1, width)] = T.Shuffle(
+            xs[s, T.Ramp(((PT + i) * S + q) * MW + ML + m0, 1, width)] = T.Shuffle(
                 [x[x_n, x_c, i, T.Ramp(m0 * S, 1, width * S)]], [q + S * m for m in range(width)])
 
     @T.macro
-    def row_segment(w, xs, bias, res, y, n, c, oh0, v0, width):
+    def copy_plane(x, xs, s, x_n, x_c):
+        for i in range(H):
+            for q in T.unroll(S):
+                for chunk in range(NCOPY):
+                    copy_columns(x, xs, s, x_n, x_c, i, q, chunk * LANES, LANES)
+                if COPY_TAIL > 0:
+                    copy_columns(x, xs, s, x_n, x_c, i, q, NCOPY * LANES, COPY_TAIL)
+
+    @T.macro
+    def fill(x, xs, s, x_n, x_c):
+        if FLAT:  # a few vectors: zeroing all of it beats zeroing the margins one by one
+            zero_run(xs, s, 0, LENGTH)
+        else:
+            zero_margins(xs, s)
+        copy_plane(x, xs, s, x_n, x_c)
+
+    @T.macro
+    def row_segment(xs, s, w, bias, res, y, n, c, oh0, v0, width):
         """Output rows oh0 .. oh0 + ROWS - 1, columns v0 .. v0 + width - 1: ROWS x width
         accumulators (independent FMA chains; adjacent rows share their input rows' loads)."""
         acc = T.decl_buffer((ROWS, width), "float32", scope="local")
@@ -417,7 +489,8 @@ def _depthwise_plane_macro(spec: ConvSpec):
                 for rr in T.unroll(ROWS):
                     for v in T.vectorized(width):
                         acc[rr, v] = acc[rr, v] + w[c, kh, kw] * xs[
-                            (oh0 + rr) * SH + kh * DH, (kw - PL) % S, ML + (kw - PL) // S + v0 + v]
+                            s, (((oh0 + rr) * SH + kh * DH) * S + (kw - PL) % S) * MW
+                            + ML + (kw - PL) // S + v0 + v]
         for rr in T.unroll(ROWS):
             for v in T.vectorized(width):
                 if RES:
@@ -426,64 +499,17 @@ def _depthwise_plane_macro(spec: ConvSpec):
                     y[n, c, oh0 + rr, v0 + v] = ep.apply(acc[rr, v], bias[c])
 
     @T.macro
-    def zero_margins(xs):
-        """Zero what copy_plane leaves unwritten: the rows above and below the plane, the columns
-        left and right of it (zeroing the whole scratch cost as much as the copy)."""
-        for i in range(HP):
-            for q in range(S):
-                if i < PT or i >= PT + H:
-                    for chunk in range(MW // LANES):
-                        for v in T.vectorized(LANES):
-                            xs[i, q, chunk * LANES + v] = T.float32(0)
-                    for j in range(MW // LANES * LANES, MW):
-                        xs[i, q, j] = T.float32(0)
-                else:
-                    for j in range(ML):
-                        xs[i, q, j] = T.float32(0)
-                    for j in range(ML + WQ, MW):
-                        xs[i, q, j] = T.float32(0)
-
-    @T.macro
-    def copy_plane(x, xs, x_n, x_c):
-        for i in range(H):
-            for q in T.unroll(S):
-                for chunk in range(NCOPY):
-                    copy_columns(x, xs, x_n, x_c, i, q, chunk * LANES, LANES)
-                if COPY_TAIL > 0:
-                    copy_columns(x, xs, x_n, x_c, i, q, NCOPY * LANES, COPY_TAIL)
-
-    @T.macro
-    def plane(x, xs, w, bias, res, y, x_n, x_c, n, c):
-        zero_margins(xs)
-        copy_plane(x, xs, x_n, x_c)
+    def compute_rows(xs, s, w, bias, res, y, n, c):
         for g in range(NGROUPS):  # the last group ends at OH, overlapping as segments do
             for seg in range(NSEG):
-                row_segment(w, xs, bias, res, y, n, c, T.min(g * ROWS, OH - ROWS), seg * SEG_WIDTH,
-                            SEG_WIDTH)
+                row_segment(xs, s, w, bias, res, y, n, c, T.min(g * ROWS, OH - ROWS),
+                            seg * SEG_WIDTH, SEG_WIDTH)
             if SEG_TAIL > 0:  # overlapping the previous segment, as bsr_matmul's tail
-                row_segment(w, xs, bias, res, y, n, c, T.min(g * ROWS, OH - ROWS), OW - SEG_WIDTH,
-                            SEG_WIDTH)
-
-    # Small stride-1 planes (7x7, 14x14): rows shorter than a vector waste lanes (a 7-wide row is
-    # a 4 + 2 + 1 split of every operation). There the output is computed on the scratch's row
-    # pitch MW, flat: output p = oh * MW + ow reads scratch p + kh * MW + kw + (ML - PL), one
-    # contiguous run per tap, in full vectors; the MW - OW extra columns per row are computed
-    # and dropped.
-    if not (S == 1 and SH == 1 and DH == 1 and OW < LANES):
-        return plane, (HP, S, MW)
-    FLAT_OUT = OH * MW
-    NFLAT = (FLAT_OUT + FLAT_LANES - 1) // FLAT_LANES
-    SHIFT = ML - PL
-    # the last vector reads past the last scratch row by up to FLAT_LANES + KW: zeros
-    FLAT_LEN = (HP * MW + FLAT_LANES + KW + LANES - 1) // LANES * LANES
+                row_segment(xs, s, w, bias, res, y, n, c, T.min(g * ROWS, OH - ROWS),
+                            OW - SEG_WIDTH, SEG_WIDTH)
 
     @T.macro
-    def flat_plane(x, xs, w, bias, res, y, x_n, x_c, n, c):
-        for j in range(FLAT_LEN // LANES):
-            for v in T.vectorized(LANES):
-                xs[j * LANES + v] = T.float32(0)
-        rows = T.decl_buffer((HP, 1, MW), "float32", data=xs.data)
-        copy_plane(x, rows, x_n, x_c)
+    def compute_flat(xs, s, w, bias, res, y, n, c):
         flat = T.decl_buffer((NFLAT * FLAT_LANES,), "float32")
         for seg in range(NFLAT):
             acc = T.decl_buffer((FLAT_LANES,), "float32", scope="local")
@@ -493,7 +519,7 @@ def _depthwise_plane_macro(spec: ConvSpec):
                 for kw in T.unroll(KW):
                     for v in T.vectorized(FLAT_LANES):
                         acc[v] = acc[v] + w[c, kh, kw] * xs[
-                            seg * FLAT_LANES + v + kh * MW + kw + SHIFT]
+                            s, seg * FLAT_LANES + v + kh * MW + kw + SHIFT]
             for v in T.vectorized(FLAT_LANES):
                 flat[seg * FLAT_LANES + v] = acc[v]
         for oh in range(OH):
@@ -503,7 +529,8 @@ def _depthwise_plane_macro(spec: ConvSpec):
                 else:
                     y[n, c, oh, v] = ep.apply(flat[oh * MW + v], bias[c])
 
-    return flat_plane, (FLAT_LEN,)
+    return _PlaneKernel(zero_margins, fill, copy_plane, compute_flat if FLAT else compute_rows,
+                        LENGTH, PT * S * MW, H * S * MW)
 
 
 # What a depthwise kernel does with each channel plane (its int32 `mode` array): compute it, leave
@@ -513,21 +540,16 @@ def _depthwise_plane_macro(spec: ConvSpec):
 COMPUTE, UNREAD = -1, -2
 
 
-def _plane_by_mode_macro(spec: ConvSpec):
-    """(macro, scratch shape): plane(...) of _depthwise_plane_macro dispatched on mode[c]."""
-    plane, scratch = _depthwise_plane_macro(spec)
+def _constant_plane_macro(spec: ConvSpec):
     OH, OW = spec.out_h, spec.out_w
 
     @T.macro
-    def plane_by_mode(x, xs, w, bias, mode, consts, res, y, x_n, x_c, n, c):
-        if mode[c] == COMPUTE:
-            plane(x, xs, w, bias, res, y, x_n, x_c, n, c)
-        elif mode[c] >= 0:
-            for oh in range(OH):
-                for v in T.vectorized(OW):
-                    y[n, c, oh, v] = consts[mode[c], oh, v]
+    def constant_plane(mode, consts, y, n, c):
+        for oh in range(OH):
+            for v in T.vectorized(OW):
+                y[n, c, oh, v] = consts[mode[c], oh, v]
 
-    return plane_by_mode, scratch
+    return constant_plane
 
 
 def depthwise_prim_func(spec: ConvSpec, name: str = "depthwise", n_consts: int = 1) -> tvm.tirx.PrimFunc:
@@ -538,14 +560,19 @@ def depthwise_prim_func(spec: ConvSpec, name: str = "depthwise", n_consts: int =
     OH, OW = spec.out_h, spec.out_w
     K = max(1, n_consts)
     RES = spec.epilogue.residual
-    plane, scratch = _plane_by_mode_macro(spec)
+    pk = _depthwise_plane(spec)
+    constant_plane = _constant_plane_macro(spec)
 
     @T.macro
     def planes(x, w, bias, mode, consts, res, y):
         with T.sblock("root"):
             for it in T.parallel(N * C):
-                xs = T.decl_buffer(scratch, "float32")
-                plane(x, xs, w, bias, mode, consts, res, y, it // C, it % C, it // C, it % C)
+                xs = T.decl_buffer((1, pk.length), "float32")
+                if mode[it % C] == COMPUTE:
+                    pk.fill(x, xs, 0, it // C, it % C)
+                    pk.compute(xs, 0, w, bias, res, y, it // C, it % C)
+                elif mode[it % C] >= 0:
+                    constant_plane(mode, consts, y, it // C, it % C)
 
     @T.prim_func(s_tir=True)
     def depthwise(x: T.Buffer((N, C, H, W), "float32"), w: T.Buffer((C, KH, KW), "float32"),
@@ -576,36 +603,43 @@ def expand_depthwise_prim_func(expand: ConvSpec, depthwise: ConvSpec, nnzb: int,
                                name: str = "expand_depthwise", n_consts: int = 1,
                                row_blocks: int | None = None) -> tvm.tirx.PrimFunc:
     """depthwise(epilogue(W_bsr @ x)) without the expanded tensor ever reaching memory: per
-    block row (bsr expanded channels), its planes are computed into an L2-sized buffer and
-    the depthwise conv of each is taken from there (MobileNetV2's expanded tensors are its
-    largest; writing and re-reading them cost more than the sparse conv itself).  Planes go by
-    `mode` as in depthwise_prim_func; a block row whose `live_rows` entry is 0 (no plane of it
-    computed) skips its sparse conv too."""
+    block row (bsr expanded channels), the sparse conv writes its planes straight into their
+    depthwise scratch grids (_PlaneKernel's layout), and the depthwise conv of each is taken
+    from there (MobileNetV2's expanded tensors are its largest; writing and re-reading them
+    cost more than the sparse conv itself, and copying each plane into its zero-margined
+    scratch a quarter of the depthwise time).  The input is first laid out in the same grid,
+    so that the 1x1 conv, pointwise, computes the grid in place: over the source rows, margin
+    columns included (then re-zeroed).  Planes go by `mode` as in depthwise_prim_func; a block
+    row whose `live_rows` entry is 0 (no plane of it computed) skips its sparse conv too."""
     N, CIN, H, W = expand.batch, expand.c_in, expand.height, expand.width
-    P, CMID, BSR, BSC = expand.num_pixels, expand.c_out, expand.bsr, expand.bsc
+    CMID, BSR, BSC = expand.c_out, expand.bsr, expand.bsc
     NBR, NNZ = CMID // BSR, max(1, nnzb)
     KH, KW = depthwise.kernel
     OH, OW = depthwise.out_h, depthwise.out_w
     K = max(1, n_consts)
-    NT, NTILES, TAIL = _pixel_tiles(expand, tile)
+    pk = _depthwise_plane(depthwise)
+    L, FIRST, SPAN = pk.length, pk.first, pk.span
+    NT = min(tile.pixels, SPAN)
+    NTA = (SPAN + NT - 1) // NT  # the last tile ends at the span's end, overlapping
     pixel_tile = _bsr_tile_macro(expand, row_blocks)
-    plane, scratch = _plane_by_mode_macro(depthwise)
-
-    NTA = NTILES + (1 if TAIL else 0)  # the last tile ends at P (see _pixel_tiles)
+    constant_plane = _constant_plane_macro(depthwise)
 
     @T.macro
-    def block_row(col, indptr, indices, data, bias, w, dw_bias, mode, consts, live_rows, y, it):
-        """Block row it % NBR of image it // NBR: its sparse conv into mid, then its planes."""
-        mid = T.decl_buffer((1, BSR, P), "float32")
-        xs = T.decl_buffer(scratch, "float32")
+    def block_row(grid, indptr, indices, data, bias, w, dw_bias, mode, consts, live_rows, y, it):
+        """Block row it % NBR of image it // NBR: its sparse conv into its planes' scratch
+        grids, then their depthwise convs."""
+        mid = T.decl_buffer((1, BSR, L), "float32")
+        xs = T.decl_buffer((BSR, L), "float32", data=mid.data)
         if live_rows[it % NBR] != 0:
             for t in range(NTA):
-                pixel_tile(col, indptr, indices, data, bias, mid, mid, it // NBR, it % NBR,
-                           T.min(t * NT, P - NT), NT, 0, 0, T.min(t * NT, P - NT))
-        mid_planes = T.decl_buffer((1, BSR, H, W), "float32", data=mid.data)
+                pixel_tile(grid, indptr, indices, data, bias, mid, mid, it // NBR, it % NBR,
+                           FIRST + T.min(t * NT, SPAN - NT), NT, 0, 0, FIRST + T.min(t * NT, SPAN - NT))
         for r in range(BSR):
-            plane(mid_planes, xs, w, dw_bias, mode, consts, y, y, 0, r, it // NBR,
-                  it % NBR * BSR + r)
+            if mode[it % NBR * BSR + r] == COMPUTE:
+                pk.zero_margins(xs, r)
+                pk.compute(xs, r, w, dw_bias, y, y, it // NBR, it % NBR * BSR + r)
+            elif mode[it % NBR * BSR + r] >= 0:
+                constant_plane(mode, consts, y, it // NBR, it % NBR * BSR + r)
 
     @T.prim_func(s_tir=True)
     def expand_depthwise(
@@ -622,9 +656,13 @@ def expand_depthwise_prim_func(expand: ConvSpec, depthwise: ConvSpec, nnzb: int,
         y: T.Buffer((N, CMID, OH, OW), "float32"),
     ):
         with T.sblock("root"):
-            col = T.decl_buffer((N, CIN, P), "float32", data=x.data)
+            grid = T.decl_buffer((N * CIN, L), "float32")
+            for it in T.parallel(N * CIN):
+                pk.fill(x, grid, it, it // CIN, it % CIN)
+            grid_in = T.decl_buffer((N, CIN, L), "float32", data=grid.data)
             for it in T.parallel(N * NBR):
-                block_row(col, indptr, indices, data, bias, w, dw_bias, mode, consts, live_rows, y, it)
+                block_row(grid_in, indptr, indices, data, bias, w, dw_bias, mode, consts, live_rows,
+                          y, it)
 
     return _scheduled(expand_depthwise, name)
 

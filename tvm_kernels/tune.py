@@ -271,6 +271,7 @@ def _layer_key(layer: SparseConvLayer, target) -> str:
     h.update(layer.arrays.indptr.tobytes())
     h.update(layer.arrays.indices.tobytes())
     if layer.depthwise is not None:  # measured as the fused kernel: its planes count too
+        h.update(b"grid")  # since its sparse conv writes the depthwise grids in place
         h.update(repr(layer.depthwise.spec).encode())
         h.update(layer.depthwise.mode.tobytes())
     return h.hexdigest()
@@ -320,9 +321,8 @@ def tune_tiles(layers: list[SparseConvLayer], target, work_dir: str, session: Se
         key = _layer_key(layer, target)
         entry = cache.get(key)
         if not (isinstance(entry, list) and len(entry) == 3):  # absent, or an older format
-            # the fused expand + depthwise kernel has no packed order: measured no faster there
             times = {c: measure_tile(layer, c, target, session)
-                     for c in kernels.tile_candidates(layer.spec, packed=layer.depthwise is None)}
+                     for c in kernels.tile_candidates(layer.spec, fused=layer.depthwise is not None)}
             best = min(times, key=times.get)
             cache[key] = [best.pixels, best.rows_inner, best.packed]
             log(f"  {layer.kernel_name} {layer.spec.c_out}x{layer.spec.num_cols} "
