@@ -573,3 +573,33 @@ def test_row_balanced_weights_take_the_static_bound_kernel(epilogue):
     unbalanced = kernels.kernel_arrays(dense_to_bsr(conv_weight_as_matrix(w), 4, 1), None)
     assert unbalanced.row_blocks is None
     check_against_numpy(spec, w, has_bias, rng)
+
+
+@pytest.mark.parametrize("rows", [1, 6])
+@pytest.mark.parametrize("n", [1000, 70, 10])
+def test_classifier_matmul_runs_on_the_gemv_kernel(rows, n):
+    """Gemm (transB, bias) and MatMul + Add of a few rows by a constant matrix: our GEMV kernel,
+    blocks of 64 outputs (the last overlapping) and row groups of 4 (the last overlapping),
+    against onnxruntime; a matmul whose product has a second reader keeps its add separate."""
+    from onnx import helper
+
+    rng = np.random.default_rng(31 + n + rows)
+    k = 96
+    inits = {"w": rng.standard_normal((n, k)), "b": rng.standard_normal(n),
+             "wt": rng.standard_normal((k, n)), "c": rng.standard_normal(n)}
+    nodes = [helper.make_node("Gemm", ["x", "w", "b"], ["g"], transB=1),
+             helper.make_node("Relu", ["g"], ["r"]),
+             helper.make_node("MatMul", ["x", "wt"], ["m"]),
+             helper.make_node("Add", ["m", "c"], ["y"])]
+    x = rng.standard_normal((rows, k)).astype(np.float32)
+    model = _onnx(nodes, inits, x.shape, ["r", "y"])
+    mod, report = convert.convert_to_bsr(convert.import_onnx(model), 4, 1, 0.5)
+    assert [(g.rows, g.weight.shape) for g in report.gemv] == [(rows, (k, n))] * 2
+    assert sum(name.startswith("gemv_") for name in _called(mod)) == 2
+    _matches_onnxruntime(model, mod, x)
+
+    # the product also read elsewhere: the matmul alone on the kernel, the add left to TVM
+    both = _onnx(nodes[2:], inits, x.shape, ["y", "m"])
+    mod, report = convert.convert_to_bsr(convert.import_onnx(both), 4, 1, 0.5)
+    assert len(report.gemv) == 1 and not report.gemv[0].bias.any()
+    _matches_onnxruntime(both, mod, x)

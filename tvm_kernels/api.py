@@ -43,6 +43,7 @@ class ModelTuneResult:
     timings: dict[str, Timing] = field(default_factory=dict)
     # depthwise planes of all layers by what the kernels do with them: computed / unread / constant
     planes: dict[str, int] = field(default_factory=dict)
+    gemv: list[str] = field(default_factory=list)  # one line per matmul on our GEMV kernel
     table: str = ""
 
 
@@ -268,7 +269,8 @@ def model_tune(
     with progress.step(f"replacing convs with >= {sparsity} {bsr}x{bsc} block sparsity by BSR"):
         sparse_mod, report = convert.convert_to_bsr(dense_mod, bsr, bsc, sparsity)
     progress.log(f"  {len(report.converted)} convs in BSR, {len(report.depthwise)} depthwise convs "
-                 f"on our kernel, {len(report.skipped)} left to TVM")
+                 f"on our kernel, {len(report.gemv)} matmuls on our GEMV kernel, "
+                 f"{len(report.skipped)} convs left to TVM")
     if not report.converted:
         progress.log(f"  warning: no conv has {sparsity} block sparsity in {bsr}x{bsc} blocks "
                      "(prune first with --prune?): the model runs dense")
@@ -319,6 +321,7 @@ def model_tune(
         pruned=pruned_lines, parity_max_abs_err=max_err, timings=timings,
         planes={k: sum(layer.counts[k] for layer in report.depthwise)
                 for k in ("computed", "unread", "constant")},
+        gemv=[describe_layer(layer) for layer in report.gemv],
     )
     result.table = format_table(result, where=f"{rpc.key} via RPC" if rpc else "local")
     return result
@@ -365,6 +368,9 @@ def parity_on_device(rpc, executable, feeds, references) -> float:
 def describe_layer(layer) -> str:
     from . import convert
 
+    if isinstance(layer, convert.GemvLayer):
+        k, n = layer.weight.shape
+        return f"{layer.kernel_name}: ({layer.rows}, {k}) @ ({k}, {n}) + bias, dense"
     s = layer.spec
     conv = (f"{s.c_in}->{s.c_out} {s.kernel[0]}x{s.kernel[1]} stride {s.stride[0]} "
             f"@{s.height}x{s.width}")

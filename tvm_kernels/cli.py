@@ -20,7 +20,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "tuned for CPU, checked against onnxruntime and timed.",
         epilog="Convs with enough block sparsity run on our BSR kernel, depthwise convs on our "
                "depthwise kernel (a 1x1 BSR conv feeding only a depthwise conv shares one "
-               "kernel with it); bias, residual adds and ReLU/ReLU6/Clip are fused into them. "
+               "kernel with it), a classifier's matmul by a constant matrix on our GEMV kernel; bias, "
+               "residual adds and ReLU/ReLU6/Clip are fused into them. "
                "meta_schedule tunes everything else; the output names each conv's kernel and "
                "the reason a conv stayed with TVM. " + EXIT_CODES.replace(
                    "the parity check failed (nothing written)", "the compiled model differs from onnxruntime"))
@@ -80,7 +81,7 @@ def main(argv=None) -> int:
                     "please report it)", 3)
     lines = []
     for tag, items in (("pruned", result.pruned), ("sparse", result.converted), ("dw", result.depthwise),
-                       ("tvm", result.skipped)):
+                       ("gemv", result.gemv), ("tvm", result.skipped)):
         lines.extend(f"{tag:8}{line}" for line in items)
     emit("\n".join(lines + [result.table]))
     return 0

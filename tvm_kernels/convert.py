@@ -7,6 +7,8 @@ remainder that meta_schedule tunes worst).
 Each kernel swallows the chain that follows its conv when every intermediate result has no
 other user: + constant bias, + a residual tensor of the same shape (a constant one too: a border
 map from simplify), then any run of ReLU / Clip / max / min with constants (ReLU6 = max 0, min 6).
+A matmul of a few rows by a constant (K, N) float32 matrix, + a constant bias (a classifier),
+runs on our GEMV kernel (kernels.gemv_prim_func).
 Depthwise planes get a mode (kernels.COMPUTE): unread where the output's one reader is a BSR conv
 with no non-zero weight for that channel, a constant map where a fused expand row is all zero.
 """
@@ -32,6 +34,7 @@ MAXIMUM = tvm.ir.Op.get("relax.maximum")
 MINIMUM = tvm.ir.Op.get("relax.minimum")
 CLIP = tvm.ir.Op.get("relax.clip")
 CALL_TIR = tvm.ir.Op.get("relax.call_tir")
+MATMUL = tvm.ir.Op.get("relax.matmul")
 SPARSITY_EPS = 1e-9
 
 
@@ -124,10 +127,39 @@ class SparseConvLayer:
 
 
 @dataclass
+class GemvLayer:
+    """x (M, K) @ weight (K, N) + bias on kernels.gemv_prim_func."""
+
+    rows: int
+    weight: np.ndarray  # (K, N)
+    bias: np.ndarray  # (N,)
+    kernel_name: str
+
+    def prim_func(self) -> tvm.tirx.PrimFunc:
+        k, n = self.weight.shape
+        return kernels.gemv_prim_func(self.rows, k, n, self.kernel_name)
+
+    def constant_args(self) -> list[np.ndarray]:
+        return [kernels.gemv_blocks(self.weight), self.bias]
+
+
+@dataclass
 class ConversionReport:
     converted: list[SparseConvLayer] = field(default_factory=list)
     depthwise: list[DepthwiseLayer] = field(default_factory=list)
+    gemv: list[GemvLayer] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (conv shape, reason)
+
+
+@dataclass
+class FusedMatmul:
+    """matmul(x, constant W) [+ constant bias]: what the GEMV kernel computes."""
+
+    x: relax.Expr
+    weight: np.ndarray  # (K, N)
+    bias: np.ndarray | None
+    swallowed: list = field(default_factory=list)
+    kind: str = "gemv"
 
 
 @dataclass
@@ -300,7 +332,7 @@ class FusionPlanner:
         """{top call: FusedConv}: each chain at its outermost binding only."""
         tops = {}
         for var, value in self.values.items():  # in binding order: inner chains come first
-            fused = self.match(value)
+            fused = self.match(value) or self.match_matmul(value)
             if fused:
                 for inner in fused.swallowed:
                     tops.pop(inner, None)
@@ -316,7 +348,8 @@ class FusionPlanner:
     def _mark_unread(self, tops: dict) -> None:
         """A depthwise output whose one reader is a BSR conv: the channels that conv's matrix
         has no non-zero entry for are never read, so their planes need not be computed."""
-        chains = list(tops.values()) + [f.expand for f in tops.values() if f.expand is not None]
+        chains = [f for f in tops.values() if f.kind != "gemv"]
+        chains += [f.expand for f in chains if f.expand is not None]
         for var, fused in tops.items():
             if fused.kind != "depthwise" or not self._single_use(var):
                 continue
@@ -328,8 +361,10 @@ class FusionPlanner:
 
     def _fusable_expand(self, fused: FusedConv, tops: dict) -> FusedConv | None:
         """The BSR chain whose result only this depthwise conv reads, if one kernel can do both."""
+        if fused.kind != "depthwise":
+            return None
         source = fused.conv.args[0]
-        expand = tops.get(source) if fused.kind == "depthwise" else None
+        expand = tops.get(source)
         if expand is None or expand.kind != "bsr" or not self._single_use(source):
             return None
         return expand if kernels.can_fuse_expand_depthwise(expand.spec, fused.spec) else None
@@ -391,6 +426,29 @@ class FusionPlanner:
                 return self._value(a), conv, bias.reshape(-1)
         return None
 
+    def _matmul(self, expr):
+        """(x, W) for matmul(x, constant W) with x (M, K) static and W (K, N) float32."""
+        call = self._value(expr)
+        if not (isinstance(call, relax.Call) and call.op == MATMUL):
+            return None
+        x_shape, w = static_shape(call.args[0]), constant_value(call.args[1])
+        if x_shape is None or len(x_shape) != 2 or w is None or w.ndim != 2 or w.dtype != np.float32:
+            return None
+        return call.args[0], w
+
+    def match_matmul(self, value) -> FusedMatmul | None:
+        found = self._matmul(value)
+        if found is not None:
+            return FusedMatmul(*found, None)
+        if not (isinstance(value, relax.Call) and value.op == ADD):
+            return None
+        for a, b in (value.args, value.args[::-1]):
+            found, bias = (self._matmul(a) if self._single_use(a) else None), constant_value(b)
+            if found is not None and bias is not None and bias.size == found[1].shape[1] \
+                    and bias.shape[-1] == bias.size:
+                return FusedMatmul(*found, bias.reshape(-1).astype(np.float32), [a])
+        return None
+
     def match(self, value) -> FusedConv | None:
         swallowed, clamps, node = [], [], value
         while (step := self._clamp_step(node)) is not None:
@@ -442,8 +500,10 @@ class _FuseConvs(PyExprMutator):
         fused = self.plan.get(call)
         if fused is None:
             return super().visit_call_(call)
+        index = len(self.report.converted) + len(self.report.depthwise) + len(self.report.gemv)
+        if fused.kind == "gemv":
+            return self._gemv(fused, f"gemv_{index}")
         residual = self.visit_expr(fused.residual) if fused.residual is not None else None
-        index = len(self.report.converted) + len(self.report.depthwise)
         if fused.kind == "bsr":
             layer = self._sparse_layer(fused, f"bsr_matmul_{index}")
             return emit_sparse_conv(self.builder_, self.visit_expr(fused.conv.args[0]), layer,
@@ -456,6 +516,15 @@ class _FuseConvs(PyExprMutator):
                                        depthwise, residual)
         layer = self._sparse_layer(fused.expand, f"expand_depthwise_{index}", depthwise)
         return emit_sparse_conv(self.builder_, self.visit_expr(fused.expand.conv.args[0]), layer)
+
+    def _gemv(self, fused: FusedMatmul, name: str):
+        k, n = fused.weight.shape
+        bias = np.zeros(n, np.float32) if fused.bias is None else fused.bias
+        layer = GemvLayer(static_shape(fused.x)[0], fused.weight, bias, name)
+        self.report.gemv.append(layer)
+        func = self.builder_.add_func(layer.prim_func(), name)
+        args = [self.visit_expr(fused.x)] + [relax.const(a) for a in layer.constant_args()]
+        return relax.call_tir(func, args, relax.TensorType((layer.rows, n), "float32"))
 
     def _sparse_layer(self, fused: FusedConv, name: str, depthwise=None) -> SparseConvLayer:
         weight = dense_to_bsr(fused.weight, fused.spec.bsr, fused.spec.bsc)

@@ -667,6 +667,61 @@ def expand_depthwise_prim_func(expand: ConvSpec, depthwise: ConvSpec, nnzb: int,
     return _scheduled(expand_depthwise, name)
 
 
+GEMV_BLOCK = 64  # outputs per register tile: 4 AVX-512 / 8 AVX2 independent accumulators
+GEMV_ROWS = 4  # input rows sharing each weight load
+
+
+def gemv_block_starts(n: int) -> list[int]:
+    """First output column of each weight block: GEMV_BLOCK apart, the last one ending at n
+    (overlapping its neighbour, its outputs computed twice alike)."""
+    width = min(GEMV_BLOCK, n)
+    return [min(b * width, n - width) for b in range(-(-n // width))]
+
+
+def gemv_blocks(w: np.ndarray) -> np.ndarray:
+    """The (K, N) weight of x @ W as (blocks, K, width) contiguous blocks (gemv_prim_func's
+    layout): each block's weights are one sequential stream."""
+    width = min(GEMV_BLOCK, w.shape[1])
+    return np.ascontiguousarray(np.stack([w[:, s:s + width] for s in gemv_block_starts(w.shape[1])]),
+                                np.float32)
+
+
+def gemv_prim_func(m: int, k: int, n: int, name: str = "gemv",
+                   epilogue: Epilogue = Epilogue()) -> tvm.tirx.PrimFunc:
+    """y[i, j] = epilogue(sum_k x[i, k] * W[k, j] + bias[j]) for the few rows of a classifier
+    (x @ W + b with a constant W): the weight is the whole cost, read once per group of
+    GEMV_ROWS rows from its blocked copy (gemv_blocks), a block's outputs in registers
+    (TVM's tuned matmul of MobileNetV2's 1280 x 1000 classifier ran at a third of the rate)."""
+    NBW = min(GEMV_BLOCK, n)
+    NB = len(gemv_block_starts(n))
+    MR = min(m, GEMV_ROWS)
+    NG = -(-m // MR)  # row groups, the last one ending at m
+    L = _lanes(NBW)
+    ep = epilogue
+
+    @T.prim_func(s_tir=True)
+    def gemv(x: T.Buffer((m, k), "float32"), wb: T.Buffer((NB, k, NBW), "float32"),
+             bias: T.Buffer((n,), "float32"), y: T.Buffer((m, n), "float32")):
+        with T.sblock("root"):
+            for it in T.parallel(NG * NB):
+                acc = T.decl_buffer((MR, NBW), "float32", scope="local")
+                for r in T.unroll(MR):
+                    for v in T.vectorized(NBW):
+                        acc[r, v] = T.float32(0)
+                for kk in range(k):
+                    for r in T.unroll(MR):
+                        for u in T.unroll(NBW // L):
+                            for v in T.vectorized(L):
+                                acc[r, u * L + v] = acc[r, u * L + v] + x[
+                                    T.min(it // NB * MR, m - MR) + r, kk] * wb[it % NB, kk, u * L + v]
+                for r in T.unroll(MR):
+                    for v in T.vectorized(NBW):
+                        y[T.min(it // NB * MR, m - MR) + r, T.min(it % NB * NBW, n - NBW) + v] = ep.apply(
+                            acc[r, v], bias[T.min(it % NB * NBW, n - NBW) + v])
+
+    return _scheduled(gemv, name)
+
+
 def reference_conv2d(x: np.ndarray, w: np.ndarray, spec: ConvSpec, bias=None,
                      residual=None, groups: int = 1) -> np.ndarray:
     """Plain numpy conv (float64 accumulation) + epilogue, used to check the kernels.
