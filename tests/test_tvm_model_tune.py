@@ -69,8 +69,9 @@ def test_model_tune_prunes_converts_checks_times_and_exports(small_onnx, tmp_pat
     result = model_tune(small_onnx, 4, 1, 0.7, prune=True, trials=0, target=TARGET,
                         work_dir=work, rounds=3, verbose=False)
     # pw, project, down, mix are eligible; stem (first) and odd (C_out=6) are not; dw goes to
-    # the depthwise kernel
+    # the depthwise kernel, the head to the GEMV kernel
     assert len(result.converted) == 4
+    assert len(result.gemv) == 1 and "(1, 6) @ (6, 10)" in result.gemv[0]
     assert any("relu" in line for line in result.converted)
     assert len(result.depthwise) == 1 and "+relu" in result.depthwise[0]
     # every channel the projection (the dw's one reader) has no weight for goes unread (exact
