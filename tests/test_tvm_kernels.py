@@ -603,3 +603,16 @@ def test_classifier_matmul_runs_on_the_gemv_kernel(rows, n):
     mod, report = convert.convert_to_bsr(convert.import_onnx(both), 4, 1, 0.5)
     assert len(report.gemv) == 1 and not report.gemv[0].bias.any()
     _matches_onnxruntime(both, mod, x)
+
+
+def test_a_matmul_of_many_rows_stays_with_tvm():
+    """More than GEMV_MAX_ROWS rows is a GEMM: left to TVM's matmul."""
+    from onnx import helper
+
+    rng = np.random.default_rng(33)
+    rows = kernels.GEMV_MAX_ROWS + 1
+    model = _onnx([helper.make_node("MatMul", ["x", "w"], ["y"])], {"w": rng.standard_normal((8, 12))},
+                  (rows, 8), ["y"])
+    mod, report = convert.convert_to_bsr(convert.import_onnx(model), 4, 1, 0.5)
+    assert not report.gemv and not any(name.startswith("gemv") for name in _called(mod))
+    _matches_onnxruntime(model, mod, rng.standard_normal((rows, 8)).astype(np.float32))

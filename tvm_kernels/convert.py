@@ -427,12 +427,14 @@ class FusionPlanner:
         return None
 
     def _matmul(self, expr):
-        """(x, W) for matmul(x, constant W) with x (M, K) static and W (K, N) float32."""
+        """(x, W) for matmul(x, constant W) with x (M, K) static, 1 <= M <= GEMV_MAX_ROWS, and W
+        (K, N) float32."""
         call = self._value(expr)
         if not (isinstance(call, relax.Call) and call.op == MATMUL):
             return None
         x_shape, w = static_shape(call.args[0]), constant_value(call.args[1])
-        if x_shape is None or len(x_shape) != 2 or w is None or w.ndim != 2 or w.dtype != np.float32:
+        if x_shape is None or len(x_shape) != 2 or not 1 <= x_shape[0] <= kernels.GEMV_MAX_ROWS \
+                or w is None or w.ndim != 2 or w.dtype != np.float32:
             return None
         return call.args[0], w
 

@@ -669,6 +669,8 @@ def expand_depthwise_prim_func(expand: ConvSpec, depthwise: ConvSpec, nnzb: int,
 
 GEMV_BLOCK = 64  # outputs per register tile: 4 AVX-512 / 8 AVX2 independent accumulators
 GEMV_ROWS = 4  # input rows sharing each weight load
+# more rows make it a GEMM, re-reading the weight every GEMV_ROWS rows: TVM's tiled matmul it is
+GEMV_MAX_ROWS = 16
 
 
 def gemv_block_starts(n: int) -> list[int]:
