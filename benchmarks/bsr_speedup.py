@@ -14,6 +14,7 @@
     python benchmarks/bsr_speedup.py profile --sparsity 0.7    # after e2e: time per kernel
     python benchmarks/bsr_speedup.py e2e --trials 300
     python benchmarks/bsr_speedup.py balanced                  # row-balanced 1x4: static vs indptr loop
+    python benchmarks/bsr_speedup.py ab before.so after.so     # model libraries side by side
     python benchmarks/bsr_speedup.py plot
 
 Results (JSON, tables, PNG) go to benchmarks/results/.  Timings: interleaved rounds, medians,
@@ -453,6 +454,29 @@ def profile(args) -> None:
           "by kind (ms): " + ", ".join(f"{k} {v:.3f}" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])))
 
 
+def ab(args) -> None:
+    """Exported model libraries (e2e's .so files, say before and after a kernel change) timed
+    interleaved in one process, same input, round by round: on a shared host the runs of one
+    library ten minutes apart differed by 1.4x, this keeps the comparison side by side."""
+    os.environ["TVM_NUM_THREADS"] = str(threads())
+    import tvm
+    from tvm import relax
+
+    x = tvm.runtime.tensor(np.random.default_rng(0).standard_normal(
+        (1, 3, args.resolution, args.resolution)).astype(np.float32))
+    vms = [relax.VirtualMachine(tvm.runtime.load_module(path), tvm.cpu()) for path in args.libs]
+    outputs = [vm["main"](x).numpy() for vm in vms]
+    spread = max(float(np.max(np.abs(o - outputs[0]))) for o in outputs)
+    engines = {path: (lambda vm: lambda k: float(vm.time_evaluator("main", tvm.cpu(), number=k)(x).mean))(vm)
+               for path, vm in zip(args.libs, vms)}
+    ms_ = time_engines(engines, args.rounds)
+    first = ms_[args.libs[0]]
+    for path in args.libs:
+        print(f"{ms_[path]:8.3f} ms  {first / ms_[path]:5.2f}x vs the first  {path}")
+    print(f"{threads()} thread(s), medians of {args.rounds} interleaved rounds; outputs differ "
+          f"from the first library's by at most {spread:.2e}")
+
+
 def plot(_args) -> None:
     import matplotlib
 
@@ -507,8 +531,9 @@ def plot(_args) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["kernels", "depthwise", "e2e", "profile", "plot", "balanced",
+    p.add_argument("what", choices=["kernels", "depthwise", "e2e", "profile", "ab", "plot", "balanced",
                                     "_tune-dense"])
+    p.add_argument("libs", nargs="*", help="ab: exported model libraries to time side by side")
     p.add_argument("--sparsity", type=float, default=0.7, help="profile: which e2e model")
     p.add_argument("--sparsities", type=float, nargs="+", default=[0.5, 0.7, 0.9],
                    help="e2e: rows to (re)measure; other rows of e2e_<threads>t.json are kept")
@@ -535,6 +560,10 @@ def main(argv=None) -> int:
         run_e2e(args)
     elif args.what == "balanced":
         run_balanced(args)
+    elif args.what == "ab":
+        if len(args.libs) < 2:
+            p.error("ab needs two or more libraries")
+        ab(args)
     else:
         plot(args)
     return 0

@@ -382,7 +382,6 @@ class _PlaneKernel:
 
     zero_margins: object  # (xs, s): zero every position the source pixels do not fill
     fill: object  # (x, xs, s, x_n, x_c): the plane x[x_n, x_c] into scratch row s, margins zeroed
-    copy_plane: object  # (x, xs, s, x_n, x_c): the source pixels only
     compute: object  # (xs, s, w, bias, res, y, n, c): y[n, c] from scratch row s, epilogue applied
     length: int  # floats per scratch row
     first: int  # flat position of grid row PT (the first source row)
@@ -529,7 +528,7 @@ def _depthwise_plane(spec: ConvSpec) -> _PlaneKernel:
                 else:
                     y[n, c, oh, v] = ep.apply(flat[oh * MW + v], bias[c])
 
-    return _PlaneKernel(zero_margins, fill, copy_plane, compute_flat if FLAT else compute_rows,
+    return _PlaneKernel(zero_margins, fill, compute_flat if FLAT else compute_rows,
                         LENGTH, PT * S * MW, H * S * MW)
 
 
