@@ -605,6 +605,19 @@ def test_classifier_matmul_runs_on_the_gemv_kernel(rows, n):
     _matches_onnxruntime(both, mod, x)
 
 
+def test_a_scalar_added_to_a_one_output_matmul_is_not_its_bias():
+    """x @ (K, 1) + a scalar constant: the scalar is no (N,) bias (a 0-d array has no last
+    axis); the matmul runs on the GEMV kernel, the add stays with TVM."""
+    from onnx import helper
+
+    rng = np.random.default_rng(34)
+    model = _onnx([helper.make_node("MatMul", ["x", "w"], ["m"]), helper.make_node("Add", ["m", "c"], ["y"])],
+                  {"w": rng.standard_normal((8, 1)), "c": np.array(0.5)}, (2, 8), ["y"])
+    mod, report = convert.convert_to_bsr(convert.import_onnx(model), 4, 1, 0.5)
+    assert len(report.gemv) == 1 and not report.gemv[0].bias.any()
+    _matches_onnxruntime(model, mod, rng.standard_normal((2, 8)).astype(np.float32))
+
+
 def test_a_matmul_of_many_rows_stays_with_tvm():
     """More than GEMV_MAX_ROWS rows is a GEMM: left to TVM's matmul."""
     from onnx import helper

@@ -416,14 +416,23 @@ class FusionPlanner:
         conv = self._conv(call)
         if conv:
             return call, conv, None
+        found = self._plus_constant(call, self._conv, lambda conv, bias: bias.ndim in (3, 4) and
+                                    bias.shape[-3] == bias.size == conv[1].c_out)
+        if found is None:
+            return None
+        a, conv, bias = found
+        swallowed.append(a)
+        return self._value(a), conv, bias.reshape(-1)
+
+    def _plus_constant(self, call, inner, fits):
+        """(a, inner(a), b) for add(a, b) or add(b, a) with `a` single-use, inner(a) found and
+        b a constant that fits(inner(a), b): a bias to swallow."""
         if not (isinstance(call, relax.Call) and call.op == ADD):
             return None
         for a, b in (call.args, call.args[::-1]):
-            conv, bias = (self._conv(a) if self._single_use(a) else None), constant_value(b)
-            if conv and bias is not None and bias.ndim in (3, 4) and \
-                    bias.shape[-3] == bias.size == conv[1].c_out:
-                swallowed.append(a)
-                return self._value(a), conv, bias.reshape(-1)
+            found, bias = (inner(a) if self._single_use(a) else None), constant_value(b)
+            if found and bias is not None and fits(found, bias):
+                return a, found, bias
         return None
 
     def _matmul(self, expr):
@@ -442,14 +451,12 @@ class FusionPlanner:
         found = self._matmul(value)
         if found is not None:
             return FusedMatmul(*found, None)
-        if not (isinstance(value, relax.Call) and value.op == ADD):
+        found = self._plus_constant(value, self._matmul, lambda mm, bias: bias.ndim >= 1 and
+                                    bias.size == mm[1].shape[1] == bias.shape[-1])
+        if found is None:
             return None
-        for a, b in (value.args, value.args[::-1]):
-            found, bias = (self._matmul(a) if self._single_use(a) else None), constant_value(b)
-            if found is not None and bias is not None and bias.size == found[1].shape[1] \
-                    and bias.shape[-1] == bias.size:
-                return FusedMatmul(*found, bias.reshape(-1).astype(np.float32), [a])
-        return None
+        a, (x, w), bias = found
+        return FusedMatmul(x, w, bias.reshape(-1).astype(np.float32), [a])
 
     def match(self, value) -> FusedConv | None:
         swallowed, clamps, node = [], [], value

@@ -268,13 +268,14 @@ def _bsr_tile_macro(spec: ConvSpec, row_blocks: int | None = None):
     return pixel_tile
 
 
-def _pixel_tiles(spec: ConvSpec, tile: BSRTile) -> tuple[int, int, int]:
-    """(tile width, full tiles, tail): the last P % width pixels are one more full-width tile
-    ending at P, overlapping the previous one (its pixels are recomputed and stored again with
-    the same values).  A narrow tail tile would re-read every block for a few pixels in an odd
-    vector width."""
-    width = min(tile.pixels, spec.num_pixels)
-    return width, spec.num_pixels // width, spec.num_pixels % width
+def _pixel_tiles(length: int, pixels: int) -> tuple[int, int, int]:
+    """(tile width, full tiles, tail) over `length` pixels in tiles of `pixels`: the last
+    length % width pixels are one more full-width tile ending at `length`, overlapping the
+    previous one (its pixels are recomputed and stored again with the same values).  A narrow
+    tail tile would re-read every block for a few pixels in an odd vector width.  The same
+    rule splits the GEMV's outputs into weight blocks."""
+    width = min(pixels, length)
+    return width, length // width, length % width
 
 
 def bsr_matmul_prim_func(
@@ -288,7 +289,7 @@ def bsr_matmul_prim_func(
     BSR, BSC = spec.bsr, spec.bsc
     NBR = COUT // BSR
     NNZ = max(1, nnzb)
-    NT, NTILES, TAIL = _pixel_tiles(spec, tile)
+    NT, NTILES, TAIL = _pixel_tiles(spec.num_pixels, tile.pixels)
     ROWS_INNER = tile.rows_inner
     PACKED = tile.packed
     NTA = NTILES + (1 if TAIL else 0)
@@ -618,8 +619,8 @@ def expand_depthwise_prim_func(expand: ConvSpec, depthwise: ConvSpec, nnzb: int,
     K = max(1, n_consts)
     pk = _depthwise_plane(depthwise)
     L, FIRST, SPAN = pk.length, pk.first, pk.span
-    NT = min(tile.pixels, SPAN)
-    NTA = (SPAN + NT - 1) // NT  # the last tile ends at the span's end, overlapping
+    NT, NTILES, TAIL = _pixel_tiles(SPAN, tile.pixels)
+    NTA = NTILES + (1 if TAIL else 0)  # the last tile ends at the span's end
     pixel_tile = _bsr_tile_macro(expand, row_blocks)
     constant_plane = _constant_plane_macro(depthwise)
 
@@ -674,9 +675,9 @@ GEMV_MAX_ROWS = 16
 
 def gemv_block_starts(n: int) -> list[int]:
     """First output column of each weight block: GEMV_BLOCK apart, the last one ending at n
-    (overlapping its neighbour, its outputs computed twice alike)."""
-    width = min(GEMV_BLOCK, n)
-    return [min(b * width, n - width) for b in range(-(-n // width))]
+    (overlapping its neighbour, as _pixel_tiles' tail)."""
+    width, full, tail = _pixel_tiles(n, GEMV_BLOCK)
+    return [min(b * width, n - width) for b in range(full + (1 if tail else 0))]
 
 
 def gemv_blocks(w: np.ndarray) -> np.ndarray:
@@ -687,9 +688,8 @@ def gemv_blocks(w: np.ndarray) -> np.ndarray:
                                 np.float32)
 
 
-def gemv_prim_func(m: int, k: int, n: int, name: str = "gemv",
-                   epilogue: Epilogue = Epilogue()) -> tvm.tirx.PrimFunc:
-    """y[i, j] = epilogue(sum_k x[i, k] * W[k, j] + bias[j]) for the few rows of a classifier
+def gemv_prim_func(m: int, k: int, n: int, name: str = "gemv") -> tvm.tirx.PrimFunc:
+    """y[i, j] = sum_k x[i, k] * W[k, j] + bias[j] for the few rows of a classifier
     (x @ W + b with a constant W): the weight is the whole cost, read once per group of
     GEMV_ROWS rows from its blocked copy (gemv_blocks), a block's outputs in registers
     (TVM's tuned matmul of MobileNetV2's 1280 x 1000 classifier ran at a third of the rate)."""
@@ -698,7 +698,6 @@ def gemv_prim_func(m: int, k: int, n: int, name: str = "gemv",
     MR = min(m, GEMV_ROWS)
     NG = -(-m // MR)  # row groups, the last one ending at m
     L = _lanes(NBW)
-    ep = epilogue
 
     @T.prim_func(s_tir=True)
     def gemv(x: T.Buffer((m, k), "float32"), wb: T.Buffer((NB, k, NBW), "float32"),
@@ -717,8 +716,8 @@ def gemv_prim_func(m: int, k: int, n: int, name: str = "gemv",
                                     T.min(it // NB * MR, m - MR) + r, kk] * wb[it % NB, kk, u * L + v]
                 for r in T.unroll(MR):
                     for v in T.vectorized(NBW):
-                        y[T.min(it // NB * MR, m - MR) + r, T.min(it % NB * NBW, n - NBW) + v] = ep.apply(
-                            acc[r, v], bias[T.min(it % NB * NBW, n - NBW) + v])
+                        y[T.min(it // NB * MR, m - MR) + r, T.min(it % NB * NBW, n - NBW) + v] = (
+                            acc[r, v] + bias[T.min(it % NB * NBW, n - NBW) + v])
 
     return _scheduled(gemv, name)
 
