@@ -30,8 +30,8 @@ def sparse_weight(rng, spec, sparsity):
     return mat.reshape(w.shape)
 
 
-def run_conv(spec, w, bias, x, tile=None, residual=None):
-    mod, _ = convert.single_conv_module(spec, w, bias, tile)
+def run_conv(spec, w, bias, x, tile=None, residual=None, direct=False):
+    mod, _ = convert.single_conv_module(spec, w, bias, tile, direct)
     vm = relax.VirtualMachine(tvm.compile(mod, target=tvm.target.Target(TARGET)), tvm.cpu())
     args = [x] if residual is None else [x, residual]
     return vm["main"](*[tvm.runtime.tensor(a) for a in args]).numpy()
@@ -46,12 +46,12 @@ EPILOGUES = {
 }
 
 
-def check_against_numpy(spec, w, has_bias, rng, groups=1, tile=None):
+def check_against_numpy(spec, w, has_bias, rng, groups=1, tile=None, direct=False):
     bias = rng.standard_normal(spec.c_out).astype(np.float32) if has_bias else None
     x = rng.standard_normal((spec.batch, spec.c_in, spec.height, spec.width)).astype(np.float32)
     residual = (rng.standard_normal(spec.out_shape).astype(np.float32)
                 if spec.epilogue.residual else None)
-    out = run_conv(spec, w, bias, x, tile, residual)
+    out = run_conv(spec, w, bias, x, tile, residual, direct)
     assert out.shape == spec.out_shape
     ref = kernels.reference_conv2d(x, w, spec, bias, residual, groups)
     np.testing.assert_allclose(out, ref, rtol=RTOL, atol=ATOL)
@@ -120,6 +120,30 @@ def test_depthwise_conv_matches_numpy(case, epilogue):
     rng = np.random.default_rng(abs(hash(case)) % 2**32)
     w = rng.standard_normal((c, 1) + k).astype(np.float32)
     check_against_numpy(spec, w, has_bias, rng, groups=c)
+
+
+DIRECT_CASES = [
+    # (c_in, h, w, c_out, kernel, stride, padding, dilation, batch)
+    (3, 30, 34, 32, (3, 3), (2, 2), (1, 1, 1, 1), (1, 1), 1),  # a stem: 8 channels per tile, 2 segments + tail
+    (1, 9, 9, 12, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 2),  # 4 per tile, rows narrower than a vector
+    (4, 11, 12, 6, (5, 5), (2, 2), (2, 1, 2, 2), (1, 1), 1),  # 2 per tile, asymmetric pads, odd rows
+    (2, 7, 16, 5, (3, 3), (1, 1), (0, 0, 0, 0), (2, 1), 1),  # 1 per tile, dilated rows, no pads
+    (3, 1, 20, 8, (1, 3), (1, 1), (0, 1, 0, 1), (1, 1), 1),  # one output row
+]
+
+
+@pytest.mark.parametrize("case", DIRECT_CASES, ids=lambda c: f"c{c[0]}-{c[3]}-k{c[4][0]}s{c[5][0]}-{c[1]}x{c[2]}")
+@pytest.mark.parametrize("epilogue", sorted(EPILOGUES))
+def test_direct_conv_matches_numpy(case, epilogue):
+    """The direct kernel (few input channels, dense) on every channel-tile width (8, 4, 2, 1),
+    strides, pads, dilated rows, rows under a vector, one output row, batch 2, every epilogue."""
+    c_in, h, w_, c_out, k, s, p, d, batch = case
+    has_bias, ep = EPILOGUES[epilogue]
+    spec = kernels.ConvSpec(batch, c_in, h, w_, c_out, k, s, p, d, epilogue=ep)
+    assert kernels.direct_supported(spec) == ""
+    rng = np.random.default_rng(abs(hash(case)) % 2**32)
+    w = rng.standard_normal((c_out, c_in) + k).astype(np.float32)
+    check_against_numpy(spec, w, has_bias, rng, direct=True)
 
 
 @pytest.mark.parametrize("case", [CASES[1], CASES[6], CASES[8]], ids=["1x1-batch2", "3x3s2-im2col", "5x5-8x4"])
@@ -344,6 +368,25 @@ def test_fused_kernel_writes_every_depthwise_layout_in_place(case):
         y = _run_alone(layer, [x, *layer.constant_args()])
         assert np.isnan(y[:, unread]).all()
         np.testing.assert_allclose(y[:, [0, 2, 3]], ref[:, [0, 2, 3]], rtol=RTOL, atol=ATOL)
+
+
+def test_a_stem_conv_runs_direct_with_its_bias_and_clip():
+    """A 3-channel 3x3 stride-2 stem (+ bias + ReLU6), dense or block-sparse, goes to the direct
+    kernel (not im2col + BSR), against onnxruntime; 8 input channels stay with BSR."""
+    from onnx import helper
+
+    rng = np.random.default_rng(21)
+    for c_in, sparse, expected in ((3, False, "direct_0"), (3, True, "direct_0"), (8, True, "bsr_matmul_0")):
+        w = _sparse(rng, (16, c_in, 3, 3)) if sparse else rng.standard_normal((16, c_in, 3, 3))
+        inits = {"w": w, "b": rng.standard_normal(16), "lo": np.array(0.0), "hi": np.array(6.0)}
+        nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1], strides=[2, 2]),
+                 helper.make_node("Clip", ["c", "lo", "hi"], ["y"])]
+        model = _onnx(nodes, inits, (1, c_in, 18, 22), ["y"])
+        mod, report = convert.convert_to_bsr(convert.import_onnx(model), 4, 1, 0.5)
+        assert _called(mod)[-1] == expected and len(report.direct) == (c_in == 3)
+        if c_in == 3:
+            assert report.direct[0].spec.epilogue == kernels.Epilogue(0.0, 6.0)
+        _matches_onnxruntime(model, mod, rng.standard_normal((1, c_in, 18, 22)).astype(np.float32))
 
 
 def test_resnet_tail_relu_of_residual_sum_is_fused():

@@ -68,9 +68,11 @@ def test_model_tune_prunes_converts_checks_times_and_exports(small_onnx, tmp_pat
     work = str(tmp_path / "tuned")
     result = model_tune(small_onnx, 4, 1, 0.7, prune=True, trials=0, target=TARGET,
                         work_dir=work, rounds=3, verbose=False)
-    # pw, project, down, mix are eligible; stem (first) and odd (C_out=6) are not; dw goes to
-    # the depthwise kernel, the head to the GEMV kernel
+    # pw, project, down, mix are eligible; odd (C_out=6) is not; the stem (3 input channels,
+    # kept dense by the pruner) goes to the direct kernel, dw to the depthwise kernel, the head
+    # to the GEMV kernel
     assert len(result.converted) == 4
+    assert len(result.direct) == 1 and result.direct[0].startswith("direct_0: 3->8 3x3 stride 1 @16x16, direct")
     assert len(result.gemv) == 1 and "(1, 6) @ (6, 10)" in result.gemv[0]
     assert any("relu" in line for line in result.converted)
     assert len(result.depthwise) == 1 and "+relu" in result.depthwise[0]
@@ -83,7 +85,7 @@ def test_model_tune_prunes_converts_checks_times_and_exports(small_onnx, tmp_pat
     dead_columns = int(np.sum(~np.any(project[:, :, 0, 0] != 0, axis=0)))
     assert sum(result.planes.values()) == 16 and result.planes["unread"] >= dead_columns
     assert result.planes["computed"] == 16 - result.planes["unread"] - result.planes["constant"]
-    assert len(result.skipped) == 2
+    assert len(result.skipped) == 1 and "(6, 32, 1, 1)" in result.skipped[0]
     assert result.parity_max_abs_err < 1e-3
     assert set(result.timings) == {"sparse TVM", "dense TVM", "onnxruntime"}
     assert all(t.median_ms > 0 for t in result.timings.values())

@@ -44,6 +44,7 @@ class ModelTuneResult:
     # depthwise planes of all layers by what the kernels do with them: computed / unread / constant
     planes: dict[str, int] = field(default_factory=dict)
     gemv: list[str] = field(default_factory=list)  # one line per matmul on our GEMV kernel
+    direct: list[str] = field(default_factory=list)  # one line per conv on our direct kernel (a stem)
     table: str = ""
 
 
@@ -269,7 +270,8 @@ def model_tune(
     with progress.step(f"replacing convs with >= {sparsity} {bsr}x{bsc} block sparsity by BSR"):
         sparse_mod, report = convert.convert_to_bsr(dense_mod, bsr, bsc, sparsity)
     progress.log(f"  {len(report.converted)} convs in BSR, {len(report.depthwise)} depthwise convs "
-                 f"on our kernel, {len(report.gemv)} matmuls on our GEMV kernel, "
+                 f"on our kernel, {len(report.direct)} convs of few input channels on our direct "
+                 f"kernel, {len(report.gemv)} matmuls on our GEMV kernel, "
                  f"{len(report.skipped)} convs left to TVM")
     if not report.converted:
         progress.log(f"  warning: no conv has {sparsity} block sparsity in {bsr}x{bsc} blocks "
@@ -322,6 +324,7 @@ def model_tune(
         planes={k: sum(layer.counts[k] for layer in report.depthwise)
                 for k in ("computed", "unread", "constant")},
         gemv=[describe_layer(layer) for layer in report.gemv],
+        direct=[describe_layer(layer) for layer in report.direct],
     )
     result.table = format_table(result, where=f"{rpc.key} via RPC" if rpc else "local")
     return result
@@ -374,7 +377,9 @@ def describe_layer(layer) -> str:
     s = layer.spec
     conv = (f"{s.c_in}->{s.c_out} {s.kernel[0]}x{s.kernel[1]} stride {s.stride[0]} "
             f"@{s.height}x{s.width}")
-    if isinstance(layer, convert.DepthwiseLayer):
+    if isinstance(layer, convert.DirectConvLayer):
+        kernel = "direct, dense"
+    elif isinstance(layer, convert.DepthwiseLayer):
         counts = layer.counts
         kernel = "depthwise" + ("" if counts["computed"] == s.c_out else
                                 ", planes " + ", ".join(f"{v} {k}" for k, v in counts.items()))

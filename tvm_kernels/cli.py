@@ -20,7 +20,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "tuned for CPU, checked against onnxruntime and timed.",
         epilog="Convs with enough block sparsity run on our BSR kernel, depthwise convs on our "
                "depthwise kernel (a 1x1 BSR conv feeding only a depthwise conv shares one "
-               "kernel with it), a classifier's matmul by a constant matrix on our GEMV kernel; bias, "
+               "kernel with it), a conv of at most 4 input channels (a stem) on our direct kernel, "
+               "a classifier's matmul by a constant matrix on our GEMV kernel; bias, "
                "residual adds and ReLU/ReLU6/Clip are fused into them. "
                "meta_schedule tunes everything else; the output names each conv's kernel and "
                "the reason a conv stayed with TVM. " + EXIT_CODES.replace(
@@ -80,8 +81,8 @@ def main(argv=None) -> int:
         return fail(f"internal error: {type(e).__name__}: {last} (MODEL_TUNE_DEBUG=1 shows the traceback; "
                     "please report it)", 3)
     lines = []
-    for tag, items in (("pruned", result.pruned), ("sparse", result.converted), ("dw", result.depthwise),
-                       ("gemv", result.gemv), ("tvm", result.skipped)):
+    for tag, items in (("pruned", result.pruned), ("direct", result.direct), ("sparse", result.converted),
+                       ("dw", result.depthwise), ("gemv", result.gemv), ("tvm", result.skipped)):
         lines.extend(f"{tag:8}{line}" for line in items)
     emit("\n".join(lines + [result.table]))
     return 0

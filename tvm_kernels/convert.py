@@ -9,6 +9,8 @@ other user: + constant bias, + a residual tensor of the same shape (a constant o
 map from simplify), then any run of ReLU / Clip / max / min with constants (ReLU6 = max 0, min 6).
 A matmul of a few rows by a constant (K, N) float32 matrix, + a constant bias (a classifier),
 runs on our GEMV kernel (kernels.gemv_prim_func).
+Direct: groups = 1, at most kernels.DIRECT_MAX_CIN input channels, not 1x1, dense or not (a
+stem: its im2col cost more than the matmul it fed).
 Depthwise planes get a mode (kernels.COMPUTE): unread where the output's one reader is a BSR conv
 with no non-zero weight for that channel, a constant map where a fused expand row is all zero.
 """
@@ -50,6 +52,9 @@ class DepthwiseLayer:
     def prim_func(self) -> tvm.tirx.PrimFunc:
         return kernels.depthwise_prim_func(self.spec, self.kernel_name, len(self.consts))
 
+    def constant_args(self) -> list[np.ndarray]:
+        return [self.weight, self.bias, self.mode, self.consts]
+
     @property
     def counts(self) -> dict[str, int]:
         return {"computed": int(np.sum(self.mode == kernels.COMPUTE)),
@@ -88,6 +93,27 @@ def constant_planes(spec: kernels.ConvSpec, weight, bias, constant: dict) -> np.
     x = np.broadcast_to(values[None, :, None, None], (1, k, spec.height, spec.width))
     sub = kernels.ConvSpec(**{**spec.__dict__, "batch": 1, "c_in": k, "c_out": k})
     return kernels.reference_conv2d(x, weight[channels][:, None], sub, bias[channels], groups=k)[0]
+
+
+@dataclass
+class DirectConvLayer:
+    """A dense conv of few input channels on kernels.direct_prim_func."""
+
+    spec: kernels.ConvSpec
+    weight: np.ndarray  # (C_out, C_in, kh, kw)
+    bias: np.ndarray  # (C_out,)
+    kernel_name: str
+
+    def prim_func(self) -> tvm.tirx.PrimFunc:
+        return kernels.direct_prim_func(self.spec, self.kernel_name)
+
+    def constant_args(self) -> list[np.ndarray]:
+        return [self.weight, self.bias]
+
+
+def direct_layer(spec: kernels.ConvSpec, weight, bias, name: str) -> DirectConvLayer:
+    bias = np.zeros(spec.c_out, np.float32) if bias is None else np.asarray(bias, np.float32).reshape(-1)
+    return DirectConvLayer(spec, np.asarray(weight, np.float32), bias, name)
 
 
 @dataclass
@@ -148,6 +174,7 @@ class ConversionReport:
     converted: list[SparseConvLayer] = field(default_factory=list)
     depthwise: list[DepthwiseLayer] = field(default_factory=list)
     gemv: list[GemvLayer] = field(default_factory=list)
+    direct: list[DirectConvLayer] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (conv shape, reason)
 
 
@@ -167,9 +194,9 @@ class FusedConv:
     """conv2d [+ constant bias] [+ residual] [clamp]: the chain one kernel computes."""
 
     conv: relax.Call
-    kind: str  # "bsr" | "depthwise"
+    kind: str  # "bsr" | "depthwise" | "direct"
     spec: kernels.ConvSpec
-    weight: np.ndarray  # BSR: the (C_out, C_in*kh*kw) matrix; depthwise: (C, kh, kw)
+    weight: np.ndarray  # BSR: the (C_out, C_in*kh*kw) matrix; depthwise: (C, kh, kw); direct: OIHW
     bias: np.ndarray | None = None
     residual: relax.Expr | None = None
     swallowed: list = field(default_factory=list)  # intermediate vars the kernel replaces
@@ -216,7 +243,8 @@ def _conv_spec(call: relax.Call, x_shape, w: np.ndarray, bsr: int, bsc: int) -> 
 
 def conv_kind_or_reason(call: relax.Call, bsr: int, bsc: int, sparsity: float):
     """(kind, ConvSpec, weight) for a conv2d call one of our kernels computes, else (None, reason).
-    kind "bsr": weight is the (C_out, C_in*kh*kw) matrix; "depthwise": weight is (C, kh, kw)."""
+    kind "bsr": weight is the (C_out, C_in*kh*kw) matrix; "depthwise": weight is (C, kh, kw);
+    "direct" (few input channels): weight is as given, (C_out, C_in, kh, kw)."""
     attrs = call.attrs
     w = constant_value(call.args[1])
     x_shape = static_shape(call.args[0])
@@ -235,6 +263,8 @@ def conv_kind_or_reason(call: relax.Call, bsr: int, bsc: int, sparsity: float):
         if why:
             return None, f"depthwise conv: {why}"
         return ("depthwise", spec, w.reshape(w.shape[0], w.shape[2], w.shape[3])), ""
+    if not kernels.direct_supported(spec):
+        return ("direct", spec, w), ""
     mat = conv_weight_as_matrix(w)
     if not can_block(mat.shape, bsr, bsc):
         return None, f"matrix {mat.shape} not divisible into {bsr}x{bsc} blocks"
@@ -260,9 +290,10 @@ def emit_sparse_conv(bb: relax.BlockBuilder, x, layer: SparseConvLayer, residual
     return relax.call_tir(kernel, args, relax.TensorType(layer.out_shape, "float32"))
 
 
-def emit_depthwise_conv(bb: relax.BlockBuilder, x, layer: DepthwiseLayer, residual=None):
+def emit_dense_conv(bb: relax.BlockBuilder, x, layer: DepthwiseLayer | DirectConvLayer, residual=None):
+    """A depthwise or direct conv: its kernel on x, its constants (and the residual)."""
     func = bb.add_func(layer.prim_func(), layer.kernel_name)
-    args = [x] + [relax.const(a) for a in (layer.weight, layer.bias, layer.mode, layer.consts)]
+    args = [x] + [relax.const(a) for a in layer.constant_args()]
     if residual is not None:
         args.append(residual)
     return relax.call_tir(func, args, relax.TensorType(layer.spec.out_shape, "float32"))
@@ -509,10 +540,15 @@ class _FuseConvs(PyExprMutator):
         fused = self.plan.get(call)
         if fused is None:
             return super().visit_call_(call)
-        index = len(self.report.converted) + len(self.report.depthwise) + len(self.report.gemv)
+        index = (len(self.report.converted) + len(self.report.depthwise) + len(self.report.gemv)
+                 + len(self.report.direct))
         if fused.kind == "gemv":
             return self._gemv(fused, f"gemv_{index}")
         residual = self.visit_expr(fused.residual) if fused.residual is not None else None
+        if fused.kind == "direct":
+            layer = direct_layer(fused.spec, fused.weight, fused.bias, f"direct_{index}")
+            self.report.direct.append(layer)
+            return emit_dense_conv(self.builder_, self.visit_expr(fused.conv.args[0]), layer, residual)
         if fused.kind == "bsr":
             layer = self._sparse_layer(fused, f"bsr_matmul_{index}")
             return emit_sparse_conv(self.builder_, self.visit_expr(fused.conv.args[0]), layer,
@@ -521,8 +557,8 @@ class _FuseConvs(PyExprMutator):
                                     fused.unread, expand_constants(fused.expand))
         self.report.depthwise.append(depthwise)
         if fused.expand is None:
-            return emit_depthwise_conv(self.builder_, self.visit_expr(fused.conv.args[0]),
-                                       depthwise, residual)
+            return emit_dense_conv(self.builder_, self.visit_expr(fused.conv.args[0]),
+                                   depthwise, residual)
         layer = self._sparse_layer(fused.expand, f"expand_depthwise_{index}", depthwise)
         return emit_sparse_conv(self.builder_, self.visit_expr(fused.expand.conv.args[0]), layer)
 
@@ -571,24 +607,27 @@ def retile(mod: tvm.IRModule, report: ConversionReport, tiles: dict[str, kernels
     return mod
 
 
-def single_conv_module(spec: kernels.ConvSpec, w: np.ndarray, bias=None, tile=None):
+def single_conv_module(spec: kernels.ConvSpec, w: np.ndarray, bias=None, tile=None, direct=False):
     """A Relax module `main(x[, residual])` computing one conv with our kernel (depthwise when
-    w is (C, 1, kh, kw) with C = spec.c_in = spec.c_out > 1); for kernel tests and benchmarks."""
+    w is (C, 1, kh, kw) with C = spec.c_in = spec.c_out > 1, the direct kernel with `direct`,
+    else BSR); for kernel tests and benchmarks."""
     bb = relax.BlockBuilder()
     x = relax.Var("x", relax.TensorType((spec.batch, spec.c_in, spec.height, spec.width),
                                         "float32"))
     params = [x]
     if spec.epilogue.residual:
         params.append(relax.Var("residual", relax.TensorType(spec.out_shape, "float32")))
-    depthwise = w.shape[1] == 1 and spec.c_in == spec.c_out > 1
-    if depthwise:
+    emit = emit_dense_conv
+    if w.shape[1] == 1 and spec.c_in == spec.c_out > 1:
         layer = depthwise_layer(spec, w, bias, "depthwise_0")
+    elif direct:
+        layer = direct_layer(spec, w, bias, "direct_0")
     else:
         weight = dense_to_bsr(conv_weight_as_matrix(w), spec.bsr, spec.bsc)
         arrays = kernels.kernel_arrays(weight, bias)
         layer = SparseConvLayer(spec, weight, arrays, "bsr_matmul_0",
                                 tile or kernels.default_tile(spec))
-    emit = emit_depthwise_conv if depthwise else emit_sparse_conv
+        emit = emit_sparse_conv
     with bb.function("main", params):
         with bb.dataflow():
             out = bb.emit_output(emit(bb, x, layer, params[1] if len(params) > 1 else None))

@@ -387,6 +387,7 @@ class _PlaneKernel:
     length: int  # floats per scratch row
     first: int  # flat position of grid row PT (the first source row)
     span: int  # flat length of the source rows, margin columns included
+    tap: object  # (oh, kh, kw): where tap (kh, kw) of output row oh, column 0, reads
 
 
 def _depthwise_plane(spec: ConvSpec) -> _PlaneKernel:
@@ -428,6 +429,10 @@ def _depthwise_plane(spec: ConvSpec) -> _PlaneKernel:
     SHIFT = ML - PL
     # the last flat vector reads past the grid by up to FLAT_LANES + KW: zeros
     LENGTH = (GRID + FLAT_LANES + KW + LANES - 1) // LANES * LANES if FLAT else GRID
+
+    def tap(oh, kh, kw):
+        """Where in a scratch row tap (kh, kw) of output row oh, column 0, reads (see _PlaneKernel)."""
+        return ((oh * SH + kh * DH) * S + (kw - PL) % S) * MW + ML + (kw - PL) // S
 
     @T.macro
     def zero_run(xs, s, start, length):
@@ -488,9 +493,7 @@ def _depthwise_plane(spec: ConvSpec) -> _PlaneKernel:
             for kw in T.unroll(KW):
                 for rr in T.unroll(ROWS):
                     for v in T.vectorized(width):
-                        acc[rr, v] = acc[rr, v] + w[c, kh, kw] * xs[
-                            s, (((oh0 + rr) * SH + kh * DH) * S + (kw - PL) % S) * MW
-                            + ML + (kw - PL) // S + v0 + v]
+                        acc[rr, v] = acc[rr, v] + w[c, kh, kw] * xs[s, tap(oh0 + rr, kh, kw) + v0 + v]
         for rr in T.unroll(ROWS):
             for v in T.vectorized(width):
                 if RES:
@@ -530,7 +533,7 @@ def _depthwise_plane(spec: ConvSpec) -> _PlaneKernel:
                     y[n, c, oh, v] = ep.apply(flat[oh * MW + v], bias[c])
 
     return _PlaneKernel(zero_margins, fill, compute_flat if FLAT else compute_rows,
-                        LENGTH, PT * S * MW, H * S * MW)
+                        LENGTH, PT * S * MW, H * S * MW, tap)
 
 
 # What a depthwise kernel does with each channel plane (its int32 `mode` array): compute it, leave
@@ -665,6 +668,96 @@ def expand_depthwise_prim_func(expand: ConvSpec, depthwise: ConvSpec, nnzb: int,
                           y, it)
 
     return _scheduled(expand_depthwise, name)
+
+
+DIRECT_MAX_CIN = 4  # an RGB(A) stem; beyond, im2col + a matmul reuses each input load better
+
+
+def direct_supported(spec: ConvSpec) -> str:
+    """'' if direct_prim_func handles `spec` (groups = 1, few input channels), else why not."""
+    if spec.c_in > DIRECT_MAX_CIN:
+        return f"{spec.c_in} input channels (the direct kernel takes up to {DIRECT_MAX_CIN})"
+    if spec.kernel == (1, 1):
+        return "a 1x1 conv (a matmul: the BSR kernel's)"
+    return depthwise_supported(spec)
+
+
+def direct_prim_func(spec: ConvSpec, name: str = "direct") -> tvm.tirx.PrimFunc:
+    """y = epilogue(conv2d(x, w) + bias), groups = 1, dense, for a conv of few input channels
+    (a CNN's stem: 3 -> 32, 3x3 stride 2 at 224x224).  Each input plane is laid out once in the
+    depthwise kernel's zero-margined grid (stride phases de-interleaved, so every tap of a
+    vector of outputs is one contiguous load); then a register tile of CO output channels x ROWS
+    output rows x 16 columns accumulates over (input channel, kh, kw), each input load shared
+    by CO channels' FMAs.  There im2col (C_in*kh*kw rows of every output pixel, gathered
+    scalar) took longer than the matmul it fed."""
+    N, CIN, H, W, COUT = spec.batch, spec.c_in, spec.height, spec.width, spec.c_out
+    KH, KW = spec.kernel
+    OH, OW = spec.out_h, spec.out_w
+    ep = spec.epilogue
+    RES = ep.residual
+    pk = _depthwise_plane(spec)
+    CO = next(c for c in (8, 4, 2, 1) if COUT % c == 0)  # 8 x 2 x 16: 16 accumulators
+    NCO = COUT // CO
+    ROWS = min(OH, 2)
+    NGROUPS = (OH + ROWS - 1) // ROWS
+    SEG = min(16, OW)
+    NSEG, SEG_TAIL = OW // SEG, OW % SEG
+
+    @T.macro
+    def segment(grid, w, bias, res, y, n, co0, oh0, v0):
+        acc = T.decl_buffer((CO, ROWS, SEG), "float32", scope="local")
+        for co in T.unroll(CO):
+            for rr in T.unroll(ROWS):
+                for v in T.vectorized(SEG):
+                    acc[co, rr, v] = T.float32(0)
+        for ci in range(CIN):
+            for kh in T.unroll(KH):
+                for kw in T.unroll(KW):
+                    for rr in T.unroll(ROWS):
+                        for co in T.unroll(CO):
+                            for v in T.vectorized(SEG):
+                                acc[co, rr, v] = acc[co, rr, v] + w[co0 + co, ci, kh, kw] * grid[
+                                    n, ci, pk.tap(oh0 + rr, kh, kw) + v0 + v]
+        for co in T.unroll(CO):
+            for rr in T.unroll(ROWS):
+                for v in T.vectorized(SEG):
+                    if RES:
+                        y[n, co0 + co, oh0 + rr, v0 + v] = ep.apply(
+                            acc[co, rr, v], bias[co0 + co], res[n, co0 + co, oh0 + rr, v0 + v])
+                    else:
+                        y[n, co0 + co, oh0 + rr, v0 + v] = ep.apply(acc[co, rr, v], bias[co0 + co])
+
+    @T.macro
+    def body(x, w, bias, res, y):
+        with T.sblock("root"):
+            flat = T.decl_buffer((N * CIN, pk.length), "float32")
+            for it in T.parallel(N * CIN):
+                pk.fill(x, flat, it, it // CIN, it % CIN)
+            grid = T.decl_buffer((N, CIN, pk.length), "float32", data=flat.data)
+            # row groups outside channel groups: the CO-channel tiles of one row group share its
+            # input rows while they are in L1
+            for it in T.parallel(N * NGROUPS * NCO):
+                for seg in range(NSEG):
+                    segment(grid, w, bias, res, y, it // (NGROUPS * NCO), it % NCO * CO,
+                            T.min(it // NCO % NGROUPS * ROWS, OH - ROWS), seg * SEG)
+                if SEG_TAIL > 0:  # overlapping the previous segment, as elsewhere
+                    segment(grid, w, bias, res, y, it // (NGROUPS * NCO), it % NCO * CO,
+                            T.min(it // NCO % NGROUPS * ROWS, OH - ROWS), OW - SEG)
+
+    @T.prim_func(s_tir=True)
+    def direct(x: T.Buffer((N, CIN, H, W), "float32"), w: T.Buffer((COUT, CIN, KH, KW), "float32"),
+               bias: T.Buffer((COUT,), "float32"), y: T.Buffer((N, COUT, OH, OW), "float32")):
+        body(x, w, bias, y, y)
+
+    @T.prim_func(s_tir=True)
+    def direct_residual(
+        x: T.Buffer((N, CIN, H, W), "float32"), w: T.Buffer((COUT, CIN, KH, KW), "float32"),
+        bias: T.Buffer((COUT,), "float32"), res: T.Buffer((N, COUT, OH, OW), "float32"),
+        y: T.Buffer((N, COUT, OH, OW), "float32"),
+    ):
+        body(x, w, bias, res, y)
+
+    return _scheduled(direct_residual if RES else direct, name)
 
 
 GEMV_BLOCK = 64  # outputs per register tile: 4 AVX-512 / 8 AVX2 independent accumulators
