@@ -14,7 +14,7 @@
     python benchmarks/bsr_speedup.py profile --sparsity 0.7    # after e2e: time per kernel
     python benchmarks/bsr_speedup.py e2e --trials 300
     python benchmarks/bsr_speedup.py balanced                  # row-balanced 1x4: static vs indptr loop
-    python benchmarks/bsr_speedup.py ab before.so after.so     # model libraries side by side
+    python benchmarks/bsr_speedup.py ab before.so after.so [W/mobilenet_v2.onnx]  # side by side
     python benchmarks/bsr_speedup.py plot
 
 Results (JSON, tables, PNG) go to benchmarks/results/.  Timings: interleaved rounds, medians,
@@ -435,7 +435,7 @@ def profile(args) -> None:
         per_block.append({name: seconds / runs * 1e3 for name, seconds in spent.items()})
 
     def kind_of(name):
-        return next((k for k in ("expand_depthwise", "bsr_matmul", "im2col", "depthwise")
+        return next((k for k in ("expand_depthwise", "bsr_matmul", "im2col", "depthwise", "direct", "gemv")
                      if name.startswith(k)), "tvm" if name.startswith("fused") or
                     name in ("mean", "reshape") else "vm builtins")
 
@@ -457,24 +457,42 @@ def profile(args) -> None:
 def ab(args) -> None:
     """Exported model libraries (e2e's .so files, say before and after a kernel change) timed
     interleaved in one process, same input, round by round: on a shared host the runs of one
-    library ten minutes apart differed by 1.4x, this keeps the comparison side by side."""
+    library ten minutes apart differed by 1.4x, this keeps the comparison side by side.  An
+    .onnx among them runs on onnxruntime (e2e's work dir keeps its dense mobilenet_v2.onnx)."""
     os.environ["TVM_NUM_THREADS"] = str(threads())
     import tvm
     from tvm import relax
 
-    x = tvm.runtime.tensor(np.random.default_rng(0).standard_normal(
-        (1, 3, args.resolution, args.resolution)).astype(np.float32))
-    vms = [relax.VirtualMachine(tvm.runtime.load_module(path), tvm.cpu()) for path in args.libs]
-    outputs = [vm["main"](x).numpy() for vm in vms]
-    spread = max(float(np.max(np.abs(o - outputs[0]))) for o in outputs)
-    engines = {path: (lambda vm: lambda k: float(vm.time_evaluator("main", tvm.cpu(), number=k)(x).mean))(vm)
-               for path, vm in zip(args.libs, vms)}
+    from onnxprune.tvm_kernels.timing import ort_session
+
+    x_np = np.random.default_rng(0).standard_normal((1, 3, args.resolution, args.resolution)).astype(np.float32)
+    x = tvm.runtime.tensor(x_np)
+    engines, outputs = {}, {}
+    for path in args.libs:
+        if path.endswith(".onnx"):
+            session = ort_session(path, threads())
+            feeds = {session.get_inputs()[0].name: x_np}
+            engines[path] = (lambda session, feeds: lambda k: _per_call(lambda: session.run(None, feeds), k))(
+                session, feeds)
+            continue
+        vm = relax.VirtualMachine(tvm.runtime.load_module(path), tvm.cpu())
+        outputs[path] = vm["main"](x).numpy()
+        engines[path] = (lambda vm: lambda k: float(vm.time_evaluator("main", tvm.cpu(), number=k)(x).mean))(vm)
+    first_out = next(iter(outputs.values()), None)
+    spread = max((float(np.max(np.abs(o - first_out))) for o in outputs.values()), default=0.0)
     ms_ = time_engines(engines, args.rounds)
     first = ms_[args.libs[0]]
     for path in args.libs:
         print(f"{ms_[path]:8.3f} ms  {first / ms_[path]:5.2f}x vs the first  {path}")
-    print(f"{threads()} thread(s), medians of {args.rounds} interleaved rounds; outputs differ "
-          f"from the first library's by at most {spread:.2e}")
+    print(f"{threads()} thread(s), medians of {args.rounds} interleaved rounds; the libraries' outputs "
+          f"differ from each other's by at most {spread:.2e}")
+
+
+def _per_call(call, k: int) -> float:
+    t0 = time.perf_counter()
+    for _ in range(k):
+        call()
+    return (time.perf_counter() - t0) / k
 
 
 def plot(_args) -> None:
@@ -533,7 +551,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", choices=["kernels", "depthwise", "e2e", "profile", "ab", "plot", "balanced",
                                     "_tune-dense"])
-    p.add_argument("libs", nargs="*", help="ab: exported model libraries to time side by side")
+    p.add_argument("libs", nargs="*", help="ab: exported model libraries (and .onnx models, on onnxruntime) to time side by side")
     p.add_argument("--sparsity", type=float, default=0.7, help="profile: which e2e model")
     p.add_argument("--sparsities", type=float, nargs="+", default=[0.5, 0.7, 0.9],
                    help="e2e: rows to (re)measure; other rows of e2e_<threads>t.json are kept")
