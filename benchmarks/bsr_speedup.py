@@ -15,6 +15,7 @@
     python benchmarks/bsr_speedup.py e2e --trials 300
     python benchmarks/bsr_speedup.py balanced                  # row-balanced 1x4: static vs indptr loop
     python benchmarks/bsr_speedup.py ab before.so after.so [W/mobilenet_v2.onnx]  # side by side
+    BENCH_THREADS=2 python benchmarks/bsr_speedup.py ab --isolated W/mobilenet_v2.onnx a.so  # a process each
     python benchmarks/bsr_speedup.py plot
 
 Results (JSON, tables, PNG) go to benchmarks/results/.  Timings: interleaved rounds, medians,
@@ -454,38 +455,78 @@ def profile(args) -> None:
           "by kind (ms): " + ", ".join(f"{k} {v:.3f}" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])))
 
 
-def ab(args) -> None:
-    """Exported model libraries (e2e's .so files, say before and after a kernel change) timed
-    interleaved in one process, same input, round by round: on a shared host the runs of one
-    library ten minutes apart differed by 1.4x, this keeps the comparison side by side.  An
-    .onnx among them runs on onnxruntime (e2e's work dir keeps its dense mobilenet_v2.onnx)."""
+def _engine(path: str, x_np: np.ndarray):
+    """(run(k) -> seconds per call, output): a library on the Relax VM, an .onnx on onnxruntime."""
     os.environ["TVM_NUM_THREADS"] = str(threads())
+    if path.endswith(".onnx"):
+        from onnxprune.tvm_kernels.timing import ort_session
+
+        session = ort_session(path, threads())
+        feeds = {session.get_inputs()[0].name: x_np}
+        return (lambda k: _per_call(lambda: session.run(None, feeds), k)), None
     import tvm
     from tvm import relax
 
-    from onnxprune.tvm_kernels.timing import ort_session
+    vm, x = relax.VirtualMachine(tvm.runtime.load_module(path), tvm.cpu()), tvm.runtime.tensor(x_np)
+    return (lambda k: float(vm.time_evaluator("main", tvm.cpu(), number=k)(x).mean)), vm["main"](x).numpy()
 
-    x_np = np.random.default_rng(0).standard_normal((1, 3, args.resolution, args.resolution)).astype(np.float32)
-    x = tvm.runtime.tensor(x_np)
-    engines, outputs = {}, {}
-    for path in args.libs:
-        if path.endswith(".onnx"):
-            session = ort_session(path, threads())
-            feeds = {session.get_inputs()[0].name: x_np}
-            engines[path] = (lambda session, feeds: lambda k: _per_call(lambda: session.run(None, feeds), k))(
-                session, feeds)
-            continue
-        vm = relax.VirtualMachine(tvm.runtime.load_module(path), tvm.cpu())
-        outputs[path] = vm["main"](x).numpy()
-        engines[path] = (lambda vm: lambda k: float(vm.time_evaluator("main", tvm.cpu(), number=k)(x).mean))(vm)
-    first_out = next(iter(outputs.values()), None)
-    spread = max((float(np.max(np.abs(o - first_out))) for o in outputs.values()), default=0.0)
-    ms_ = time_engines(engines, args.rounds)
+
+def _ab_input(args) -> np.ndarray:
+    return np.random.default_rng(0).standard_normal((1, 3, args.resolution, args.resolution)).astype(np.float32)
+
+
+def ab(args) -> None:
+    """Exported model libraries (e2e's .so files, say before and after a kernel change) timed
+    side by side, same input, round by round: on a shared host the runs of one library ten
+    minutes apart differed by 1.4x.  An .onnx among them runs on onnxruntime (e2e's work dir
+    keeps its dense mobilenet_v2.onnx).  One process interleaves them; with `--isolated`
+    each engine runs in a fresh process per round instead: at 2 threads one runtime's idle
+    workers, still spinning, take a core from the other (measured: onnxruntime 2.5 ms alone,
+    2.5-8.8 ms timed right after a TVM library; TVM 1.0 ms alone, 1.6-2.1 ms right after
+    onnxruntime)."""
+    if args.isolated:
+        ms_, note = _ab_isolated(args), "each engine in a fresh process per round"
+    else:
+        x_np = _ab_input(args)
+        engines, outputs = {}, {}
+        for path in args.libs:
+            engines[path], out = _engine(path, x_np)
+            if out is not None:
+                outputs[path] = out
+        first_out = next(iter(outputs.values()), None)
+        spread = max((float(np.max(np.abs(o - first_out))) for o in outputs.values()), default=0.0)
+        ms_ = time_engines(engines, args.rounds)
+        note = f"interleaved; the libraries' outputs differ from each other's by at most {spread:.2e}"
     first = ms_[args.libs[0]]
     for path in args.libs:
         print(f"{ms_[path]:8.3f} ms  {first / ms_[path]:5.2f}x vs the first  {path}")
-    print(f"{threads()} thread(s), medians of {args.rounds} interleaved rounds; the libraries' outputs "
-          f"differ from each other's by at most {spread:.2e}")
+    print(f"{threads()} thread(s), medians of {args.rounds} rounds, {note}")
+
+
+def _ab_isolated(args) -> dict[str, float]:
+    """model_tune's timing at 2+ threads (timing.time_isolated): a fresh process per engine
+    per round, the engines taking turns."""
+    import tempfile
+
+    from onnxprune.tvm_kernels.timing import time_isolated
+
+    models = [p for p in args.libs if p.endswith(".onnx")]
+    if len(models) > 1:
+        sys.exit("ab --isolated: at most one .onnx")
+    with tempfile.TemporaryDirectory() as tmp:
+        inputs = os.path.join(tmp, "inputs.npz")
+        name = "x"
+        if models:
+            import onnx
+
+            name = onnx.load(models[0], load_external_data=False).graph.input[0].name
+        np.savez(inputs, **{name: _ab_input(args)})
+        spec = {"libraries": {p: p for p in args.libs if not p.endswith(".onnx")},
+                "onnx_path": models[0] if models else None, "threads": threads(),
+                "inputs_npz": inputs, "rounds": args.rounds, "rpc": None}
+        per_round = time_isolated(spec, os.path.join(tmp, "spec.json"))
+    per_round = {(models[0] if name == "onnxruntime" else name): t for name, t in per_round.items()}
+    return {path: float(np.median(t)) * 1e3 for path, t in per_round.items()}
 
 
 def _per_call(call, k: int) -> float:
@@ -562,9 +603,12 @@ def main(argv=None) -> int:
     p.add_argument("--resolution", type=int, default=224)
     p.add_argument("--work-dir", default=None)
     p.add_argument("--balanced", action="store_true", help="e2e: row-balanced 1x4 pruning")
+    p.add_argument("--isolated", action="store_true",
+                   help="ab: each engine in a fresh process per round (fair at 2+ threads: no idle "
+                        "spinning workers of the other runtime)")
     p.add_argument("--no-dense-baseline", action="store_true",
                    help="e2e: skip tuning and timing the dense TVM model")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)
     os.makedirs(RESULTS, exist_ok=True)
     if args.what == "_tune-dense":
         tune_dense_convs(args.dense_trials, args.work_dir)

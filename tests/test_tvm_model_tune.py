@@ -274,3 +274,24 @@ def test_a_target_without_a_cpu_gets_the_hosts_and_says_so():
     assert fill_host_cpu(given, remote=False) == (given, None)
     remote, warning = fill_host_cpu(parse_target(TARGET), remote=True)
     assert "mcpu" not in remote and warning.startswith("warning") and "mcpu" in warning
+
+
+def test_more_than_one_thread_times_each_engine_alone_in_its_own_process(monkeypatch):
+    """At 2+ threads a runtime's idle workers keep spinning into the next engine's calls: each
+    child process gets one engine and one round, the engines take turns round by round, and
+    every engine's per-round times come back in order."""
+    from onnxprune.tvm_kernels import timing
+
+    calls = []
+
+    def fake_child(spec, _path, _timeout=None):
+        engines = list(spec["libraries"]) + (["onnxruntime"] if spec["onnx_path"] else [])
+        calls.append((engines, spec["rounds"]))
+        return {engines[0]: [float(len(calls))]}
+
+    monkeypatch.setattr(timing, "time_in_subprocess", fake_child)
+    spec = {"libraries": {"sparse": "s.so", "dense": "d.so"}, "onnx_path": "m.onnx", "threads": 2,
+            "inputs_npz": "x.npz", "rounds": 2, "rpc": None}
+    per_round = timing.time_isolated(spec, "spec.json")
+    assert calls == [(["sparse"], 1), (["dense"], 1), (["onnxruntime"], 1)] * 2
+    assert per_round == {"sparse": [1.0, 4.0], "dense": [2.0, 5.0], "onnxruntime": [3.0, 6.0]}

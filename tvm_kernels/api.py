@@ -312,7 +312,8 @@ def model_tune(
             libraries["dense TVM"] = tune.export_atomically(
                 dense_ex, os.path.join(work_dir, "model_dense.so"))
     with progress.step(f"timing, {rounds} interleaved rounds, {threads} threads"
-                       + (" (TVM on the RPC device, onnxruntime here)" if rpc else "")):
+                       + (" (TVM on the RPC device, onnxruntime here)" if rpc else
+                          ", each engine in its own process" if threads > 1 else "")):
         timings = time_models(model, feeds, libraries, work_dir, threads, rounds, rpc)
 
     result = ModelTuneResult(
@@ -392,11 +393,12 @@ def describe_layer(layer) -> str:
 
 
 def time_models(model, feeds, libraries, work_dir, threads, rounds, rpc) -> dict[str, Timing]:
-    """Interleaved medians of the libraries and onnxruntime, timed in a fresh process."""
+    """Interleaved medians of the libraries and onnxruntime, timed in a fresh process (on more
+    than one local thread, a fresh process per engine and round: see timing)."""
     import tempfile
     from dataclasses import asdict
 
-    from .timing import time_in_subprocess
+    from .timing import time_in_subprocess, time_isolated
 
     with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
         onnx_path = os.path.join(tmp, "model.onnx")
@@ -405,7 +407,8 @@ def time_models(model, feeds, libraries, work_dir, threads, rounds, rpc) -> dict
         spec = {"libraries": libraries, "onnx_path": onnx_path, "threads": threads,
                 "inputs_npz": os.path.join(tmp, "inputs.npz"), "rounds": rounds,
                 "rpc": asdict(rpc) if rpc else None}
-        per_round = time_in_subprocess(spec, os.path.join(tmp, "spec.json"))
+        timer = time_isolated if threads > 1 and rpc is None else time_in_subprocess
+        per_round = timer(spec, os.path.join(tmp, "spec.json"))
     return {name: Timing(name, float(np.median(t)) * 1e3, float(np.mean(t)) * 1e3,
                          float(np.std(t)) * 1e3) for name, t in per_round.items()}
 

@@ -1,8 +1,12 @@
-"""Interleaved timing of compiled TVM libraries and onnxruntime, in a fresh process.
+"""Interleaved timing of compiled TVM libraries and onnxruntime, in fresh processes.
 
 Run as `python -m onnxprune.tvm_kernels.timing SPEC.json`: a process that has just tuned is a bad place to
 time parallel kernels (idle meta_schedule/XGBoost threads steal the cores from the TVM thread
-pool), so model_tune times in a child process and reads the JSON it prints.
+pool), so model_tune times in a child process and reads the JSON it prints.  On more than one
+thread each engine gets its own child per round (time_isolated): a runtime's idle workers keep
+spinning after a call and take a core from whichever engine runs next in the same process
+(measured on 2 cores: onnxruntime 2.5 ms alone, 8.4-8.8 ms timed after a TVM library; TVM
+1.0 ms alone, 1.6-2.1 ms after onnxruntime), so an interleaved 2-thread ratio was noise.
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ def time_interleaved(engines: dict, rounds: int, budget_s: float = 0.05) -> dict
     for run in engines.values():  # warm up
         run(1)
     calls = {name: _calls_per_round(run, budget_s) for name, run in engines.items()}
+    for name, run in engines.items():  # a round discarded: caches, page faults, thread pools
+        run(calls[name])
     per_round = {name: [] for name in engines}
     for _ in range(rounds):
         for name, run in engines.items():
@@ -99,6 +105,20 @@ def time_in_subprocess(spec: dict, spec_path: str, timeout_s: float = 1800) -> d
     if proc.returncode != 0:
         raise RuntimeError(f"timing process failed: {proc.stderr.strip().splitlines()[-1:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def time_isolated(spec: dict, spec_path: str, timeout_s: float = 1800) -> dict:
+    """time_in_subprocess's result, but each engine timed alone in a fresh process, one per
+    engine per round, the engines taking turns round by round."""
+    names = list(spec["libraries"]) + (["onnxruntime"] if spec.get("onnx_path") else [])
+    per_round = {name: [] for name in names}
+    for _ in range(spec["rounds"]):
+        for name in names:
+            alone = {**spec, "rounds": 1,
+                     "libraries": {k: v for k, v in spec["libraries"].items() if k == name},
+                     "onnx_path": spec["onnx_path"] if name == "onnxruntime" else None}
+            per_round[name] += time_in_subprocess(alone, spec_path, timeout_s)[name]
+    return per_round
 
 
 def main(argv=None) -> int:
