@@ -364,10 +364,32 @@ def test_fused_kernel_writes_every_depthwise_layout_in_place(case):
     for tile in (sizes[0], sizes[-1]):
         layer = convert.SparseConvLayer(expand, weight, kernels.kernel_arrays(weight, be),
                                         "fused", tile, dw)
-        assert list(layer.constant_args()[-1]) == [1, 0]
-        y = _run_alone(layer, [x, *layer.constant_args()])
+        *args, live_rows, order = layer.constant_args()
+        assert list(live_rows) == [1, 0] and list(order) == [0, 1]
+        y = _run_alone(layer, [x, *args, live_rows, order[::-1]])  # any order of block rows
         assert np.isnan(y[:, unread]).all()
         np.testing.assert_allclose(y[:, [0, 2, 3]], ref[:, [0, 2, 3]], rtol=RTOL, atol=ATOL)
+
+
+def test_balanced_order_splits_the_cost_evenly_in_tvms_chunks():
+    """TVM's parallel loop gives thread t the items [t*step, (t+1)*step), step = ceil(n/parts):
+    the order puts equal cost into each such chunk; one part keeps the identity."""
+    def loads(costs, order, parts):
+        step = -(-len(costs) // parts)
+        return [float(np.sum(np.asarray(costs)[order[i:i + step]])) for i in range(0, len(costs), step)]
+
+    costs = [10, 10, 10, 10, 1, 1, 1, 1]  # contiguous halves: 40 vs 4
+    order = kernels.balanced_order(costs, 2)
+    assert sorted(order) == list(range(8)) and loads(costs, order, 2) == [22.0, 22.0]
+    assert list(kernels.balanced_order(costs, 1)) == list(range(8))
+    assert sorted(kernels.balanced_order([3, 1, 2], 4)) == [0, 1, 2]  # fewer items than parts
+    rng = np.random.default_rng(0)
+    for parts in (2, 3, 8):
+        costs = rng.integers(0, 100, 37) ** 2
+        order = kernels.balanced_order(costs, parts)
+        assert sorted(order) == list(range(37))
+        assert max(loads(costs, order, parts)) <= costs.sum() / parts + costs.max()
+        assert max(loads(costs, order, parts)) <= max(loads(costs, np.arange(37), parts))
 
 
 def test_a_stem_conv_runs_direct_with_its_bias_and_clip():
@@ -512,13 +534,17 @@ def test_constant_and_unread_planes_of_the_fused_kernel():
     assert dw.counts == {"computed": 32 - 9, "unread": 5, "constant": 4}
     x = rng.standard_normal((1, 8, 10, 10)).astype(np.float32)
     _matches_onnxruntime(model, mod, x)
+    _matches_onnxruntime(model, convert.convert_to_bsr(convert.import_onnx(model), 4, 1, 0.1, threads=3)[0], x)
 
     # the kernel alone: unread planes untouched, constant planes the maps of numpy's conv
     a = expand.arrays
     live_rows = np.any((dw.mode == kernels.COMPUTE).reshape(-1, 4), axis=1).astype(np.int32)
     assert list(live_rows) == [1, 0, 1, 1, 1, 1, 1, 1]
+    # block rows in an order balanced for 3 threads (row 1 costs nothing: it has no conv)
+    order = kernels.balanced_order(expand.row_costs(), 3)
+    assert sorted(order) == list(range(8)) and list(order) != list(range(8))
     y = _run_alone(expand, [x, a.indptr, a.indices, a.data, a.bias, dw.weight, dw.bias,
-                            dw.mode, dw.consts, live_rows])
+                            dw.mode, dw.consts, live_rows, order])
     e6 = kernels.reference_conv2d(x, we.astype(np.float32), expand.spec, a.bias)
     ref = kernels.reference_conv2d(e6, dw.weight[:, None], dw.spec, dw.bias, groups=32)
     assert np.isnan(y[:, unread]).all()

@@ -268,7 +268,7 @@ def model_tune(
             last = (str(e).strip().splitlines() or [""])[-1]
             raise InputError(f"TVM cannot import {onnx_path}: {last}") from None
     with progress.step(f"replacing convs with >= {sparsity} {bsr}x{bsc} block sparsity by BSR"):
-        sparse_mod, report = convert.convert_to_bsr(dense_mod, bsr, bsc, sparsity)
+        sparse_mod, report = convert.convert_to_bsr(dense_mod, bsr, bsc, sparsity, threads)
     progress.log(f"  {len(report.converted)} convs in BSR, {len(report.depthwise)} depthwise convs "
                  f"on our kernel, {len(report.direct)} convs of few input channels on our direct "
                  f"kernel, {len(report.gemv)} matmuls on our GEMV kernel, "

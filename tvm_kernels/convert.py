@@ -126,6 +126,19 @@ class SparseConvLayer:
     kernel_name: str
     tile: kernels.BSRTile
     depthwise: DepthwiseLayer | None = None  # the depthwise conv computed in the same kernel
+    threads: int = 1  # the parallel loop's block rows are ordered to balance this many threads
+
+    def row_costs(self) -> np.ndarray:
+        """FMAs per block row: its sparse conv (none if no plane of it is computed) and its
+        computed depthwise planes."""
+        spec, dw = self.spec, self.depthwise
+        blocks = np.diff(self.arrays.indptr) * spec.bsr * spec.bsc
+        if dw is None:
+            return blocks * spec.num_pixels
+        computed = (dw.mode == kernels.COMPUTE).reshape(-1, spec.bsr).sum(axis=1)
+        span = spec.height * spec.width
+        kh, kw = dw.spec.kernel
+        return (computed > 0) * blocks * span + computed * dw.spec.out_h * dw.spec.out_w * kh * kw
 
     def prim_func(self, tile: kernels.BSRTile | None = None) -> tvm.tirx.PrimFunc:
         """Its kernel, with its own tile or `tile`."""
@@ -144,7 +157,8 @@ class SparseConvLayer:
         dw = self.depthwise
         if dw is not None:
             live_rows = np.any((dw.mode == kernels.COMPUTE).reshape(-1, self.spec.bsr), axis=1)
-            args += [dw.weight, dw.bias, dw.mode, dw.consts, live_rows.astype(np.int32)]
+            args += [dw.weight, dw.bias, dw.mode, dw.consts, live_rows.astype(np.int32),
+                     kernels.balanced_order(self.row_costs(), self.threads)]
         return args
 
     @property
@@ -532,9 +546,9 @@ def expand_constants(expand: FusedConv | None) -> dict[int, float]:
 
 @mutator
 class _FuseConvs(PyExprMutator):
-    def __init__(self, mod, plan, report):
+    def __init__(self, mod, plan, report, threads):
         super().__init__(mod)
-        self.plan, self.report = plan, report
+        self.plan, self.report, self.threads = plan, report, threads
 
     def visit_call_(self, call):
         fused = self.plan.get(call)
@@ -576,19 +590,20 @@ class _FuseConvs(PyExprMutator):
         arrays = kernels.kernel_arrays(weight, fused.bias)
         # the default tile until tune.tune_tiles measures the candidates and retile swaps it
         layer = SparseConvLayer(fused.spec, weight, arrays, name, kernels.default_tile(fused.spec),
-                                depthwise)
+                                depthwise, self.threads)
         self.report.converted.append(layer)
         return layer
 
 
 def convert_to_bsr(
-    mod: tvm.IRModule, bsr: int, bsc: int, sparsity: float
+    mod: tvm.IRModule, bsr: int, bsc: int, sparsity: float, threads: int = 1
 ) -> tuple[tvm.IRModule, ConversionReport]:
-    """Replace eligible convs of `mod["main"]` (and what follows them) by our kernels."""
+    """Replace eligible convs of `mod["main"]` (and what follows them) by our kernels, their
+    parallel loops balanced for `threads`."""
     func = mod["main"]
     report = ConversionReport()
     plan = FusionPlanner(mod, func, bsr, bsc, sparsity, report).plan()
-    rewriter = _FuseConvs(mod, plan, report)
+    rewriter = _FuseConvs(mod, plan, report, threads)
     new_func = rewriter.visit_expr(func)
     new_mod = rewriter.builder_.get()
     new_mod["main"] = new_func

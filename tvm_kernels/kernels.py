@@ -637,21 +637,21 @@ def expand_depthwise_prim_func(expand: ConvSpec, depthwise: ConvSpec, nnzb: int,
     constant_plane = _constant_plane_macro(depthwise)
 
     @T.macro
-    def block_row(grid, indptr, indices, data, bias, w, dw_bias, mode, consts, live_rows, y, it):
-        """Block row it % NBR of image it // NBR: its sparse conv into its planes' scratch
-        grids, then their depthwise convs."""
+    def block_row(grid, indptr, indices, data, bias, w, dw_bias, mode, consts, live_rows, y, n, br):
+        """Block row br of image n: its sparse conv into its planes' scratch grids, then their
+        depthwise convs."""
         mid = T.decl_buffer((1, BSR, L), "float32")
         xs = T.decl_buffer((BSR, L), "float32", data=mid.data)
-        if live_rows[it % NBR] != 0:
+        if live_rows[br] != 0:
             for t in range(NTA):
-                pixel_tile(grid, indptr, indices, data, bias, mid, mid, it // NBR, it % NBR,
+                pixel_tile(grid, indptr, indices, data, bias, mid, mid, n, br,
                            FIRST + T.min(t * NT, SPAN - NT), NT, 0, 0, FIRST + T.min(t * NT, SPAN - NT))
         for r in range(BSR):
-            if mode[it % NBR * BSR + r] == COMPUTE:
+            if mode[br * BSR + r] == COMPUTE:
                 pk.zero_margins(xs, r)
-                pk.compute(xs, r, w, dw_bias, y, y, it // NBR, it % NBR * BSR + r)
-            elif mode[it % NBR * BSR + r] >= 0:
-                constant_plane(mode, consts, y, it // NBR, it % NBR * BSR + r)
+                pk.compute(xs, r, w, dw_bias, y, y, n, br * BSR + r)
+            elif mode[br * BSR + r] >= 0:
+                constant_plane(mode, consts, y, n, br * BSR + r)
 
     @T.prim_func(s_tir=True)
     def expand_depthwise(
@@ -665,6 +665,7 @@ def expand_depthwise_prim_func(expand: ConvSpec, depthwise: ConvSpec, nnzb: int,
         mode: T.Buffer((CMID,), "int32"),
         consts: T.Buffer((K, OH, OW), "float32"),
         live_rows: T.Buffer((NBR,), "int32"),
+        order: T.Buffer((NBR,), "int32"),
         y: T.Buffer((N, CMID, OH, OW), "float32"),
     ):
         with T.sblock("root"):
@@ -674,9 +675,26 @@ def expand_depthwise_prim_func(expand: ConvSpec, depthwise: ConvSpec, nnzb: int,
             grid_in = T.decl_buffer((N, CIN, L), "float32", data=grid.data)
             for it in T.parallel(N * NBR):
                 block_row(grid_in, indptr, indices, data, bias, w, dw_bias, mode, consts, live_rows,
-                          y, it)
+                          y, it // NBR, order[it % NBR])
 
     return _scheduled(expand_depthwise, name)
+
+
+def balanced_order(costs, parts: int) -> np.ndarray:
+    """A permutation of range(len(costs)) whose `parts` consecutive chunks of ceil(n / parts)
+    items (how TVM's parallel loop splits its range over threads) carry about equal cost:
+    the costliest first, each into the lightest chunk that has room (LPT).  One part: the
+    identity."""
+    costs = np.asarray(costs, np.float64)
+    n = len(costs)
+    step = -(-n // max(1, parts))
+    sizes = [min(step, n - start) for start in range(0, n, step)] if n else []
+    chunks, load = [[] for _ in sizes], [0.0] * len(sizes)
+    for i in np.argsort(-costs, kind="stable"):
+        j = min((j for j in range(len(sizes)) if len(chunks[j]) < sizes[j]), key=lambda j: load[j])
+        chunks[j].append(int(i))
+        load[j] += costs[i]
+    return np.asarray([i for chunk in chunks for i in sorted(chunk)], np.int32)
 
 
 DIRECT_MAX_CIN = 4  # an RGB(A) stem; beyond, im2col + a matmul reuses each input load better
