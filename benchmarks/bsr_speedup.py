@@ -18,7 +18,8 @@
     BENCH_THREADS=2 python benchmarks/bsr_speedup.py ab --isolated W/mobilenet_v2.onnx a.so  # a process each
     python benchmarks/bsr_speedup.py plot
 
-Results (JSON, tables, PNG) go to benchmarks/results/.  Timings: interleaved rounds, medians,
+Results (JSON, tables, PNG) go to benchmarks/results/.  Timings: medians of rounds, interleaved in one
+process (at 2+ threads e2e and `ab --isolated` take a fresh process per engine and round),
 threads = physical cores for TVM and onnxruntime alike.
 """
 

@@ -311,9 +311,10 @@ def model_tune(
         if dense_ex is not None:
             libraries["dense TVM"] = tune.export_atomically(
                 dense_ex, os.path.join(work_dir, "model_dense.so"))
-    with progress.step(f"timing, {rounds} interleaved rounds, {threads} threads"
-                       + (" (TVM on the RPC device, onnxruntime here)" if rpc else
-                          ", each engine in its own process" if threads > 1 else "")):
+    with progress.step(f"timing, {rounds} rounds, {threads} threads, "
+                       + ("interleaved (TVM on the RPC device, onnxruntime here)" if rpc else
+                          "each engine in its own process, taking turns" if threads > 1 else
+                          "interleaved in one process")):
         timings = time_models(model, feeds, libraries, work_dir, threads, rounds, rpc)
 
     result = ModelTuneResult(
