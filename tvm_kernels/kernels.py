@@ -318,20 +318,16 @@ def bsr_matmul_prim_func(
                 for br in range(NBR):
                     pixel_tile(pack, indptr, indices, data, bias, res, y, 0, br,
                                T.min(it % NTA * NT, P - NT), NT, it // NTA, br * BSR, 0)
-        else:
-            for it in T.parallel(N * NBR * NTILES):
+        else:  # the tail tile in the same parallel loop: one region, split evenly
+            for it in T.parallel(N * NBR * NTA):
                 if ROWS_INNER:
                     pixel_tile(col, indptr, indices, data, bias, res, y,
-                               it // (NBR * NTILES), it % NBR, it // NBR % NTILES * NT, NT,
-                               it // (NBR * NTILES), it % NBR * BSR, it // NBR % NTILES * NT)
+                               it // (NBR * NTA), it % NBR, T.min(it // NBR % NTA * NT, P - NT), NT,
+                               it // (NBR * NTA), it % NBR * BSR, T.min(it // NBR % NTA * NT, P - NT))
                 else:
                     pixel_tile(col, indptr, indices, data, bias, res, y,
-                               it // (NBR * NTILES), it // NTILES % NBR, it % NTILES * NT, NT,
-                               it // (NBR * NTILES), it // NTILES % NBR * BSR, it % NTILES * NT)
-            if TAIL > 0:
-                for it in T.parallel(N * NBR):
-                    pixel_tile(col, indptr, indices, data, bias, res, y, it // NBR, it % NBR,
-                               P - NT, NT, it // NBR, it % NBR * BSR, P - NT)
+                               it // (NBR * NTA), it // NTA % NBR, T.min(it % NTA * NT, P - NT), NT,
+                               it // (NBR * NTA), it // NTA % NBR * BSR, T.min(it % NTA * NT, P - NT))
 
     IN, OUT = spec.matmul_input_shape, spec.out_shape
 
