@@ -310,24 +310,21 @@ def bsr_matmul_prim_func(
     def all_tiles(col, indptr, indices, data, bias, res, y):
         if PACKED:  # per pixel tile: its K x NT input block copied contiguous, then every block row
             for it in T.parallel(N * NTA):
+                n = it // NTA
+                p0 = T.min(it % NTA * NT, P - NT)
                 pack = T.decl_buffer((1, K, NT), "float32")
                 for k in range(K):
                     for u in T.unroll(NT // L):
                         for v in T.vectorized(L):
-                            pack[0, k, u * L + v] = col[it // NTA, k, T.min(it % NTA * NT, P - NT) + u * L + v]
+                            pack[0, k, u * L + v] = col[n, k, p0 + u * L + v]
                 for br in range(NBR):
-                    pixel_tile(pack, indptr, indices, data, bias, res, y, 0, br,
-                               T.min(it % NTA * NT, P - NT), NT, it // NTA, br * BSR, 0)
+                    pixel_tile(pack, indptr, indices, data, bias, res, y, 0, br, p0, NT, n, br * BSR, 0)
         else:  # the tail tile in the same parallel loop: one region, split evenly
             for it in T.parallel(N * NBR * NTA):
-                if ROWS_INNER:
-                    pixel_tile(col, indptr, indices, data, bias, res, y,
-                               it // (NBR * NTA), it % NBR, T.min(it // NBR % NTA * NT, P - NT), NT,
-                               it // (NBR * NTA), it % NBR * BSR, T.min(it // NBR % NTA * NT, P - NT))
-                else:
-                    pixel_tile(col, indptr, indices, data, bias, res, y,
-                               it // (NBR * NTA), it // NTA % NBR, T.min(it % NTA * NT, P - NT), NT,
-                               it // (NBR * NTA), it // NTA % NBR * BSR, T.min(it % NTA * NT, P - NT))
+                n = it // (NBR * NTA)
+                br = it % NBR if ROWS_INNER else it // NTA % NBR
+                p0 = T.min((it // NBR if ROWS_INNER else it) % NTA * NT, P - NT)
+                pixel_tile(col, indptr, indices, data, bias, res, y, n, br, p0, NT, n, br * BSR, p0)
 
     IN, OUT = spec.matmul_input_shape, spec.out_shape
 
@@ -640,8 +637,8 @@ def expand_depthwise_prim_func(expand: ConvSpec, depthwise: ConvSpec, nnzb: int,
         xs = T.decl_buffer((BSR, L), "float32", data=mid.data)
         if live_rows[br] != 0:
             for t in range(NTA):
-                pixel_tile(grid, indptr, indices, data, bias, mid, mid, n, br,
-                           FIRST + T.min(t * NT, SPAN - NT), NT, 0, 0, FIRST + T.min(t * NT, SPAN - NT))
+                p0 = FIRST + T.min(t * NT, SPAN - NT)
+                pixel_tile(grid, indptr, indices, data, bias, mid, mid, n, br, p0, NT, 0, 0, p0)
         for r in range(BSR):
             if mode[br * BSR + r] == COMPUTE:
                 pk.zero_margins(xs, r)
