@@ -30,8 +30,8 @@ def sparse_weight(rng, spec, sparsity):
     return mat.reshape(w.shape)
 
 
-def run_conv(spec, w, bias, x, tile=None, residual=None, direct=False):
-    mod, _ = convert.single_conv_module(spec, w, bias, tile, direct)
+def run_conv(spec, w, bias, x, tile=None, residual=None, direct=False, threads=1):
+    mod, _ = convert.single_conv_module(spec, w, bias, tile, direct, threads)
     vm = relax.VirtualMachine(tvm.compile(mod, target=tvm.target.Target(TARGET)), tvm.cpu())
     args = [x] if residual is None else [x, residual]
     return vm["main"](*[tvm.runtime.tensor(a) for a in args]).numpy()
@@ -46,12 +46,12 @@ EPILOGUES = {
 }
 
 
-def check_against_numpy(spec, w, has_bias, rng, groups=1, tile=None, direct=False):
+def check_against_numpy(spec, w, has_bias, rng, groups=1, tile=None, direct=False, threads=1):
     bias = rng.standard_normal(spec.c_out).astype(np.float32) if has_bias else None
     x = rng.standard_normal((spec.batch, spec.c_in, spec.height, spec.width)).astype(np.float32)
     residual = (rng.standard_normal(spec.out_shape).astype(np.float32)
                 if spec.epilogue.residual else None)
-    out = run_conv(spec, w, bias, x, tile, residual, direct)
+    out = run_conv(spec, w, bias, x, tile, residual, direct, threads)
     assert out.shape == spec.out_shape
     ref = kernels.reference_conv2d(x, w, spec, bias, residual, groups)
     np.testing.assert_allclose(out, ref, rtol=RTOL, atol=ATOL)
@@ -148,9 +148,11 @@ def test_direct_conv_matches_numpy(case, epilogue):
 
 @pytest.mark.parametrize("case", [CASES[1], CASES[6], CASES[8]], ids=["1x1-batch2", "3x3s2-im2col", "5x5-8x4"])
 @pytest.mark.parametrize("epilogue", ["bias_relu", "res_clip"])
-def test_packed_tiles_match_numpy(case, epilogue):
+@pytest.mark.parametrize("threads", [1, 3])
+def test_packed_tiles_match_numpy(case, epilogue, threads):
     """Packed tiles copy each pixel tile's input contiguous and run every block row on it; the
-    tail tile (P not a multiple of the width) overlaps its neighbour, stored twice alike."""
+    tail tile (P not a multiple of the width) overlaps its neighbour, stored twice alike.  With
+    3 threads the tiles run in 3 parts, each reusing its pack buffer."""
     c_in, h, w_, c_out, k, s, p, d, bsr, bsc, sparsity, batch = case
     has_bias, ep = EPILOGUES[epilogue]
     spec = kernels.ConvSpec(batch, c_in, h, w_, c_out, k, s, p, d, bsr, bsc, epilogue=ep)
@@ -159,7 +161,7 @@ def test_packed_tiles_match_numpy(case, epilogue):
     assert packed and any(spec.num_pixels % t.pixels for t in packed)
     w = sparse_weight(rng, spec, sparsity)
     for tile in packed:
-        check_against_numpy(spec, w, has_bias, rng, tile=tile)
+        check_against_numpy(spec, w, has_bias, rng, tile=tile, threads=threads)
     assert not any(t.packed for t in kernels.tile_candidates(spec, packed=False))
 
 
@@ -307,9 +309,11 @@ def test_inverted_residual_block_is_two_fused_kernels():
 
 
 @pytest.mark.parametrize("stride", [1, 2])
-def test_expand_depthwise_fusion_matches_onnxruntime_for_every_tile(stride):
-    """The fused kernel (odd sizes, every pixel tile incl. overlapping tails)
-    against ORT; and no fusion where the expanded tensor has a second reader."""
+@pytest.mark.parametrize("threads", [1, 3])
+def test_expand_depthwise_fusion_matches_onnxruntime_for_every_tile(stride, threads):
+    """The fused kernel (odd sizes, every pixel tile incl. overlapping tails; its block rows in
+    1 or 3 parts, each reusing its scratch grids) against ORT; and no fusion where the expanded
+    tensor has a second reader."""
     from onnx import helper
 
     rng = np.random.default_rng(15 + stride)
@@ -323,7 +327,7 @@ def test_expand_depthwise_fusion_matches_onnxruntime_for_every_tile(stride):
     x = rng.standard_normal((2, 5, 9, 10)).astype(np.float32)
     model = _onnx(nodes, inits, x.shape, ["y"])
     dense = convert.import_onnx(model)
-    mod, report = convert.convert_to_bsr(dense, 4, 1, 0.5)
+    mod, report = convert.convert_to_bsr(dense, 4, 1, 0.5, threads)
     (layer,) = report.converted
     assert layer.depthwise is not None and _called(mod) == ["expand_depthwise_0"]
     for tile in kernels.tile_candidates(layer.spec, fused=True):
@@ -698,3 +702,62 @@ def test_a_matmul_of_many_rows_stays_with_tvm():
     mod, report = convert.convert_to_bsr(convert.import_onnx(model), 4, 1, 0.5)
     assert not report.gemv and not any(name.startswith("gemv") for name in _called(mod))
     _matches_onnxruntime(model, mod, rng.standard_normal((rows, 8)).astype(np.float32))
+
+
+# ---------------------------------------------------------------------------- conv + global mean
+
+POOLS = {  # how a model spells the global mean over pixels: op, attributes, the shape it keeps
+    "gap": ("GlobalAveragePool", {}, (2, 16, 1, 1)),
+    "reducemean": ("ReduceMean", {"axes": [-2, -1], "keepdims": 0}, (2, 16)),
+}
+
+
+@pytest.mark.parametrize("pool", sorted(POOLS))
+@pytest.mark.parametrize("k", [1, 3])
+def test_conv_then_global_mean_is_one_kernel_for_every_tile(pool, k):
+    """conv (+ bias + Clip) then GlobalAveragePool / ReduceMean over H, W: one kernel whose
+    output is the mean (49 pixels: every tile width has an overlapping tail, which must not be
+    counted twice), against onnxruntime."""
+    from onnx import helper
+
+    rng = np.random.default_rng(40 + k)
+    inits = {"w": _sparse(rng, (16, 6, k, k)), "b": rng.standard_normal(16),
+             "lo": np.array(0.0), "hi": np.array(6.0)}
+    op, attrs, shape = POOLS[pool]
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[k // 2] * 4),
+             helper.make_node("Clip", ["c", "lo", "hi"], ["c6"]),
+             helper.make_node(op, ["c6"], ["y"], **attrs)]
+    x = rng.standard_normal((2, 6, 7, 7)).astype(np.float32)
+    model = _onnx(nodes, inits, x.shape, ["y"])
+    mod, report = convert.convert_to_bsr(convert.import_onnx(model), 4, 1, 0.5)
+    (layer,) = report.converted
+    assert layer.pooled == layer.out_shape == shape
+    assert _called(mod) == (["im2col_mean_0"] if k == 3 else []) + ["bsr_matmul_mean_0"]
+    tiles = kernels.tile_candidates(layer.spec, fused=True)
+    assert [t.pixels for t in tiles] == [8, 16, 32] and not any(t.packed for t in tiles)
+    for tile in tiles:
+        _matches_onnxruntime(model, convert.retile(mod, report, {layer.kernel_name: tile}), x)
+
+
+def test_global_mean_stays_separate_where_the_kernel_cannot_take_it():
+    """A conv output with a second reader, a residual chain, and a mean over channels keep
+    their mean in TVM (and still match onnxruntime)."""
+    from onnx import helper
+
+    rng = np.random.default_rng(44)
+    inits = {"w": _sparse(rng, (8, 8, 1, 1)), "b": rng.standard_normal(8)}
+    conv = helper.make_node("Conv", ["x", "w", "b"], ["c"])
+    cases = {
+        "second reader": ([conv, helper.make_node("GlobalAveragePool", ["c"], ["y"])], ["y", "c"]),
+        "residual": ([conv, helper.make_node("Add", ["c", "x"], ["s"]),
+                      helper.make_node("GlobalAveragePool", ["s"], ["y"])], ["y"]),
+        "over channels": ([conv, helper.make_node("ReduceMean", ["c"], ["y"], axes=[1])], ["y"]),
+    }
+    x = rng.standard_normal((1, 8, 5, 5)).astype(np.float32)
+    for name, (nodes, outputs) in cases.items():
+        model = _onnx(nodes, inits, x.shape, outputs)
+        mod, report = convert.convert_to_bsr(convert.import_onnx(model), 4, 1, 0.5)
+        (layer,) = report.converted
+        assert layer.pooled is None and layer.out_shape == (1, 8, 5, 5), name
+        assert _called(mod) == ["bsr_matmul_0"] and "R.mean(" in mod["main"].script(), name
+        _matches_onnxruntime(model, mod, x)

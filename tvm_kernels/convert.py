@@ -37,6 +37,7 @@ MINIMUM = tvm.ir.Op.get("relax.minimum")
 CLIP = tvm.ir.Op.get("relax.clip")
 CALL_TIR = tvm.ir.Op.get("relax.call_tir")
 MATMUL = tvm.ir.Op.get("relax.matmul")
+MEAN = tvm.ir.Op.get("relax.mean")
 SPARSITY_EPS = 1e-9
 
 
@@ -127,6 +128,7 @@ class SparseConvLayer:
     tile: kernels.BSRTile
     depthwise: DepthwiseLayer | None = None  # the depthwise conv computed in the same kernel
     threads: int = 1  # the parallel loop's block rows are ordered to balance this many threads
+    pooled: tuple[int, ...] | None = None  # the kernel takes the global mean: its output shape
 
     def row_costs(self) -> np.ndarray:
         """FMAs per block row: its sparse conv (none if no plane of it is computed) and its
@@ -145,10 +147,11 @@ class SparseConvLayer:
         a, tile = self.arrays, tile or self.tile
         if self.depthwise is None:
             return kernels.bsr_matmul_prim_func(self.spec, a.nnzb, tile, self.kernel_name,
-                                                a.row_blocks)
+                                                a.row_blocks, self.pooled, self.threads)
         return kernels.expand_depthwise_prim_func(self.spec, self.depthwise.spec, a.nnzb,
                                                   tile, self.kernel_name,
-                                                  len(self.depthwise.consts), a.row_blocks)
+                                                  len(self.depthwise.consts), a.row_blocks,
+                                                  self.threads)
 
     def constant_args(self) -> list[np.ndarray]:
         """The kernel's arguments after its input (and before a residual): index arrays, weights."""
@@ -163,6 +166,8 @@ class SparseConvLayer:
 
     @property
     def out_shape(self) -> tuple[int, ...]:
+        if self.pooled is not None:
+            return self.pooled
         return self.spec.out_shape if self.depthwise is None else self.depthwise.spec.out_shape
 
 
@@ -216,6 +221,7 @@ class FusedConv:
     swallowed: list = field(default_factory=list)  # intermediate vars the kernel replaces
     expand: FusedConv | None = None  # depthwise only: the 1x1 BSR conv feeding it, fused in
     unread: np.ndarray | None = None  # depthwise only: bool per channel its one BSR reader never reads
+    pooled: tuple[int, ...] | None = None  # BSR only: the global mean over pixels that follows, fused in
 
 
 def import_onnx(model: onnx.ModelProto) -> tvm.IRModule:
@@ -387,6 +393,12 @@ class FusionPlanner:
             if expand is not None:
                 del tops[fused.conv.args[0]]
                 fused.expand = expand
+        for var, value in self.values.items():
+            fused = self._poolable(value, tops)
+            if fused is not None:
+                del tops[value.args[0]]
+                fused.pooled = static_shape(value)
+                tops[var] = fused
         self._mark_unread(tops)
         return {self.values[var]: fused for var, fused in tops.items()}
 
@@ -413,6 +425,18 @@ class FusionPlanner:
         if expand is None or expand.kind != "bsr" or not self._single_use(source):
             return None
         return expand if kernels.can_fuse_expand_depthwise(expand.spec, fused.spec) else None
+
+    def _poolable(self, value, tops: dict) -> FusedConv | None:
+        """The BSR chain without residual whose result only `value`, a mean over its pixels
+        (GlobalAveragePool), reads."""
+        if not (isinstance(value, relax.Call) and value.op == MEAN and self._single_use(value.args[0])):
+            return None
+        fused = tops.get(value.args[0])
+        if fused is None or fused.kind != "bsr" or fused.residual is not None:
+            return None
+        rank = len(fused.spec.out_shape)
+        axes = sorted(int(a) % rank for a in (value.attrs.axis or []))
+        return fused if axes == [2, 3] and static_shape(value) is not None else None
 
     def _value(self, expr):
         return self.values.get(expr, expr) if isinstance(expr, relax.Var) else expr
@@ -564,7 +588,8 @@ class _FuseConvs(PyExprMutator):
             self.report.direct.append(layer)
             return emit_dense_conv(self.builder_, self.visit_expr(fused.conv.args[0]), layer, residual)
         if fused.kind == "bsr":
-            layer = self._sparse_layer(fused, f"bsr_matmul_{index}")
+            kind = "bsr_matmul" if fused.pooled is None else "bsr_matmul_mean"
+            layer = self._sparse_layer(fused, f"{kind}_{index}")
             return emit_sparse_conv(self.builder_, self.visit_expr(fused.conv.args[0]), layer,
                                     residual)
         depthwise = depthwise_layer(fused.spec, fused.weight, fused.bias, f"depthwise_{index}",
@@ -590,7 +615,7 @@ class _FuseConvs(PyExprMutator):
         arrays = kernels.kernel_arrays(weight, fused.bias)
         # the default tile until tune.tune_tiles measures the candidates and retile swaps it
         layer = SparseConvLayer(fused.spec, weight, arrays, name, kernels.default_tile(fused.spec),
-                                depthwise, self.threads)
+                                depthwise, self.threads, fused.pooled)
         self.report.converted.append(layer)
         return layer
 
@@ -622,10 +647,11 @@ def retile(mod: tvm.IRModule, report: ConversionReport, tiles: dict[str, kernels
     return mod
 
 
-def single_conv_module(spec: kernels.ConvSpec, w: np.ndarray, bias=None, tile=None, direct=False):
+def single_conv_module(spec: kernels.ConvSpec, w: np.ndarray, bias=None, tile=None, direct=False,
+                       threads: int = 1):
     """A Relax module `main(x[, residual])` computing one conv with our kernel (depthwise when
     w is (C, 1, kh, kw) with C = spec.c_in = spec.c_out > 1, the direct kernel with `direct`,
-    else BSR); for kernel tests and benchmarks."""
+    else BSR, its parallel loop split for `threads`); for kernel tests and benchmarks."""
     bb = relax.BlockBuilder()
     x = relax.Var("x", relax.TensorType((spec.batch, spec.c_in, spec.height, spec.width),
                                         "float32"))
@@ -641,7 +667,7 @@ def single_conv_module(spec: kernels.ConvSpec, w: np.ndarray, bias=None, tile=No
         weight = dense_to_bsr(conv_weight_as_matrix(w), spec.bsr, spec.bsc)
         arrays = kernels.kernel_arrays(weight, bias)
         layer = SparseConvLayer(spec, weight, arrays, "bsr_matmul_0",
-                                tile or kernels.default_tile(spec))
+                                tile or kernels.default_tile(spec), threads=threads)
         emit = emit_sparse_conv
     with bb.function("main", params):
         with bb.dataflow():

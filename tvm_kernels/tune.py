@@ -280,6 +280,8 @@ def _layer_key(layer: SparseConvLayer, target) -> str:
     h.update(repr((layer.spec, str(target), TILE_TIMING)).encode())
     h.update(layer.arrays.indptr.tobytes())
     h.update(layer.arrays.indices.tobytes())
+    if layer.pooled is not None:
+        h.update(b"mean")
     if layer.depthwise is not None:  # measured as the fused kernel: its planes count too
         h.update(b"grid")  # since its sparse conv writes the depthwise grids in place
         h.update(repr(layer.depthwise.spec).encode())
@@ -330,8 +332,9 @@ def tune_tiles(layers: list[SparseConvLayer], target, work_dir: str, session: Se
         key = _layer_key(layer, target)
         entry = cache.get(key)
         if not (isinstance(entry, list) and len(entry) == 3):  # absent, or an older format
+            rows_outer = layer.depthwise is not None or layer.pooled is not None
             times = {c: measure_tile(layer, c, target, session)
-                     for c in kernels.tile_candidates(layer.spec, fused=layer.depthwise is not None)}
+                     for c in kernels.tile_candidates(layer.spec, fused=rows_outer)}
             best = min(times, key=times.get)
             cache[key] = [best.pixels, best.rows_inner, best.packed]
             log(f"  {layer.kernel_name} {layer.spec.c_out}x{layer.spec.num_cols} "
