@@ -732,6 +732,8 @@ def test_conv_then_global_mean_is_one_kernel_for_every_tile(pool, k):
     mod, report = convert.convert_to_bsr(convert.import_onnx(model), 4, 1, 0.5)
     (layer,) = report.converted
     assert layer.pooled == layer.out_shape == shape
+    from onnxprune.tvm_kernels.api import describe_layer
+    assert describe_layer(layer).endswith("+clip(0, 6), +global mean")
     assert _called(mod) == (["im2col_mean_0"] if k == 3 else []) + ["bsr_matmul_mean_0"]
     tiles = kernels.tile_candidates(layer.spec, fused=True)
     assert [t.pixels for t in tiles] == [8, 16, 32] and not any(t.packed for t in tiles)

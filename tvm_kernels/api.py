@@ -390,6 +390,8 @@ def describe_layer(layer) -> str:
     extras = [s.epilogue.describe()]
     if getattr(layer, "depthwise", None) is not None:
         extras.append(f"fused with {layer.depthwise.kernel_name}")
+    if getattr(layer, "pooled", None) is not None:
+        extras.append("+global mean")
     return f"{layer.kernel_name}: {conv}, {kernel}" + "".join(f", {e}" for e in extras if e)
 
 

@@ -308,8 +308,6 @@ def bsr_matmul_prim_func(
     the conv's output never reaches memory (no residual then, and block rows run outermost).
     A packed tile's pixel tiles run in `threads` parts, each packing into one buffer allocated
     once (see expand_depthwise_prim_func)."""
-    if pooled is not None:
-        return _bsr_pooled_prim_func(spec, nnzb, tile, name, row_blocks, pooled)
     N, K, P, COUT = spec.batch, spec.num_cols, spec.num_pixels, spec.c_out
     BSR, BSC = spec.bsr, spec.bsc
     NBR = COUT // BSR
@@ -322,6 +320,38 @@ def bsr_matmul_prim_func(
     RES = spec.epilogue.residual
     pixel_tile = _bsr_tile_macro(spec, row_blocks)
     PARTS, CHUNK = _parts(N * NTA, threads)
+    POOLED = pooled is not None
+    assert not (POOLED and RES) and (not POOLED or int(np.prod(pooled)) == N * COUT), (spec, pooled)
+
+    @T.macro
+    def mean_tiles(col, indptr, indices, data, bias, y):
+        """The global mean: each block row runs its pixel tiles and adds each to L vector lanes
+        per channel (the overlapping tail tile's recomputed pixels masked out by a select:
+        if_then_else measured 1.9x slower), summed across lanes at the end; no per-row buffer
+        (1 KB or more is a workspace call per iteration).  MobileNetV2's last 1x1 conv (320 ->
+        1280 at 7x7, 90 %) measured 19.7 us, against 22 us as a plain bsr_matmul plus the mean."""
+        for it in T.parallel(N * NBR):
+            n = T.meta_var(it // NBR)
+            br = T.meta_var(it % NBR)
+            lanes = T.decl_buffer((BSR, L), "float32")
+            for r in T.unroll(BSR):
+                for v in T.vectorized(L):
+                    lanes[r, v] = T.float32(0)
+            for t in range(NTA):
+                p0 = T.meta_var(T.min(t * NT, P - NT))
+                tile_out = T.decl_buffer((1, BSR, NT), "float32")
+                pixel_tile(col, indptr, indices, data, bias, tile_out, tile_out, n, br, 0, NT, 0, 0, p0)
+                for r in T.unroll(BSR):
+                    for u in T.unroll(NT // L):
+                        for v in T.vectorized(L):
+                            lanes[r, v] = lanes[r, v] + T.Select(
+                                p0 + u * L + v >= t * NT, tile_out[0, r, u * L + v], T.float32(0))
+            for r in T.unroll(BSR):
+                total = T.decl_buffer((1,), "float32")
+                total[0] = T.float32(0)
+                for v in T.unroll(L):
+                    total[0] = total[0] + lanes[r, v]
+                y[n, br * BSR + r] = total[0] / T.float32(P)
 
     @T.macro
     def all_tiles(col, indptr, indices, data, bias, res, y):
@@ -347,7 +377,7 @@ def bsr_matmul_prim_func(
                 p0 = T.meta_var(T.min((it // NBR if ROWS_INNER else it) % NTA * NT, P - NT))
                 pixel_tile(col, indptr, indices, data, bias, res, y, n, br, p0, NT, n, br * BSR, p0)
 
-    IN, OUT = spec.matmul_input_shape, spec.out_shape
+    IN, OUT = spec.matmul_input_shape, pooled or spec.out_shape
 
     @T.prim_func(s_tir=True)
     def bsr_matmul(
@@ -360,8 +390,11 @@ def bsr_matmul_prim_func(
     ):
         with T.sblock("root"):
             col = T.decl_buffer((N, K, P), "float32", data=x.data)
-            y_flat = T.decl_buffer((N, COUT, P), "float32", data=y.data)
-            all_tiles(col, indptr, indices, data, bias, y_flat, y_flat)
+            if POOLED:
+                mean_tiles(col, indptr, indices, data, bias, T.decl_buffer((N, COUT), "float32", data=y.data))
+            else:
+                y_flat = T.decl_buffer((N, COUT, P), "float32", data=y.data)
+                all_tiles(col, indptr, indices, data, bias, y_flat, y_flat)
 
     @T.prim_func(s_tir=True)
     def bsr_matmul_residual(
@@ -380,61 +413,6 @@ def bsr_matmul_prim_func(
             all_tiles(col, indptr, indices, data, bias, res_flat, y_flat)
 
     return _scheduled(bsr_matmul_residual if RES else bsr_matmul, name)
-
-
-def _bsr_pooled_prim_func(spec: ConvSpec, nnzb: int, tile: BSRTile, name: str,
-                          row_blocks: int | None, pooled: tuple[int, ...]) -> tvm.tirx.PrimFunc:
-    """bsr_matmul followed by the global mean over pixels (a GlobalAveragePool): each block
-    row runs its pixel tiles and adds each to L vector lanes per channel (the overlapping tail
-    tile's recomputed pixels masked out by a select: if_then_else measured 1.9x slower), summed
-    across lanes at the end.  No per-row buffer: TVM turns a buffer of 1 KB or more inside a
-    parallel loop into a workspace call per iteration.  MobileNetV2's last 1x1 conv (320 ->
-    1280 at 7x7, 90 %) measured 19.7 us, against 22 us for its bsr_matmul alone, plus the mean."""
-    N, K, P, COUT = spec.batch, spec.num_cols, spec.num_pixels, spec.c_out
-    BSR, BSC = spec.bsr, spec.bsc
-    NBR, NNZ = COUT // BSR, max(1, nnzb)
-    NT, NTILES, TAIL = _pixel_tiles(P, tile.pixels)
-    NTA = NTILES + (1 if TAIL else 0)
-    L = _lanes(NT)
-    assert not spec.epilogue.residual and int(np.prod(pooled)) == N * COUT, (spec, pooled)
-    pixel_tile = _bsr_tile_macro(spec, row_blocks)
-
-    @T.prim_func(s_tir=True)
-    def bsr_matmul_mean(
-        x: T.Buffer(spec.matmul_input_shape, "float32"),
-        indptr: T.Buffer((NBR + 1,), "int32"),
-        indices: T.Buffer((NNZ,), "int32"),
-        data: T.Buffer((NNZ, BSR, BSC), "float32"),
-        bias: T.Buffer((COUT,), "float32"),
-        y: T.Buffer(pooled, "float32"),
-    ):
-        with T.sblock("root"):
-            col = T.decl_buffer((N, K, P), "float32", data=x.data)
-            y_flat = T.decl_buffer((N, COUT), "float32", data=y.data)
-            for it in T.parallel(N * NBR):
-                n = T.meta_var(it // NBR)
-                br = T.meta_var(it % NBR)
-                lanes = T.decl_buffer((BSR, L), "float32")
-                for r in T.unroll(BSR):
-                    for v in T.vectorized(L):
-                        lanes[r, v] = T.float32(0)
-                for t in range(NTA):
-                    p0 = T.meta_var(T.min(t * NT, P - NT))
-                    tile_out = T.decl_buffer((1, BSR, NT), "float32")
-                    pixel_tile(col, indptr, indices, data, bias, tile_out, tile_out, n, br, 0, NT, 0, 0, p0)
-                    for r in T.unroll(BSR):
-                        for u in T.unroll(NT // L):
-                            for v in T.vectorized(L):
-                                lanes[r, v] = lanes[r, v] + T.Select(
-                                    p0 + u * L + v >= t * NT, tile_out[0, r, u * L + v], T.float32(0))
-                for r in T.unroll(BSR):
-                    total = T.decl_buffer((1,), "float32")
-                    total[0] = T.float32(0)
-                    for v in T.unroll(L):
-                        total[0] = total[0] + lanes[r, v]
-                    y_flat[n, br * BSR + r] = total[0] / T.float32(P)
-
-    return _scheduled(bsr_matmul_mean, name)
 
 
 def depthwise_supported(spec: ConvSpec) -> str:
