@@ -786,29 +786,48 @@ def direct_prim_func(spec: ConvSpec, name: str = "direct") -> tvm.tirx.PrimFunc:
     SEG = min(16, OW)
     NSEG, SEG_TAIL = OW // SEG, OW % SEG
 
+    # two accumulator tiles of CO/2 channels: one of 8 x 2 x 16 floats is 1 KB, which TVM turns
+    # into a workspace call per segment and LLVM then keeps in memory
+    COG = min(CO, 4)
+    TWO = CO > COG
+
     @T.macro
-    def segment(grid, w, bias, res, y, n, co0, oh0, v0):
-        acc = T.decl_buffer((CO, ROWS, SEG), "float32")
-        for co in T.unroll(CO):
-            for rr in T.unroll(ROWS):
-                for v in T.vectorized(SEG):
-                    acc[co, rr, v] = T.float32(0)
-        for ci in range(CIN):
-            for kh in T.unroll(KH):
-                for kw in T.unroll(KW):
-                    for rr in T.unroll(ROWS):
-                        for co in T.unroll(CO):
-                            for v in T.vectorized(SEG):
-                                acc[co, rr, v] = acc[co, rr, v] + w[co0 + co, ci, kh, kw] * grid[
-                                    n, ci, pk.tap(oh0 + rr, kh, kw) + v0 + v]
-        for co in T.unroll(CO):
+    def fma(acc, grid, w, n, ci, c0, oh0, v0, kh, kw, rr):
+        for co in T.unroll(COG):
+            for v in T.vectorized(SEG):
+                acc[co, rr, v] = acc[co, rr, v] + w[c0 + co, ci, kh, kw] * grid[
+                    n, ci, pk.tap(oh0 + rr, kh, kw) + v0 + v]
+
+    @T.macro
+    def store(acc, bias, res, y, n, c0, oh0, v0):
+        for co in T.unroll(COG):
             for rr in T.unroll(ROWS):
                 for v in T.vectorized(SEG):
                     if RES:
-                        y[n, co0 + co, oh0 + rr, v0 + v] = ep.apply(
-                            acc[co, rr, v], bias[co0 + co], res[n, co0 + co, oh0 + rr, v0 + v])
+                        y[n, c0 + co, oh0 + rr, v0 + v] = ep.apply(
+                            acc[co, rr, v], bias[c0 + co], res[n, c0 + co, oh0 + rr, v0 + v])
                     else:
-                        y[n, co0 + co, oh0 + rr, v0 + v] = ep.apply(acc[co, rr, v], bias[co0 + co])
+                        y[n, c0 + co, oh0 + rr, v0 + v] = ep.apply(acc[co, rr, v], bias[c0 + co])
+
+    @T.macro
+    def segment(grid, w, bias, res, y, n, co0, oh0, v0):
+        lo = T.decl_buffer((COG, ROWS, SEG), "float32")
+        hi = T.decl_buffer((COG, ROWS, SEG), "float32")
+        for co in T.unroll(COG):
+            for rr in T.unroll(ROWS):
+                for v in T.vectorized(SEG):
+                    lo[co, rr, v] = T.float32(0)
+                    hi[co, rr, v] = T.float32(0)
+        for ci in range(CIN):
+            for kh in T.unroll(KH):
+                for kw in T.unroll(KW):
+                    for rr in T.unroll(ROWS):  # each input load shared by both tiles' FMAs
+                        fma(lo, grid, w, n, ci, co0, oh0, v0, kh, kw, rr)
+                        if TWO:
+                            fma(hi, grid, w, n, ci, co0 + COG, oh0, v0, kh, kw, rr)
+        store(lo, bias, res, y, n, co0, oh0, v0)
+        if TWO:
+            store(hi, bias, res, y, n, co0 + COG, oh0, v0)
 
     @T.macro
     def body(x, w, bias, res, y):
