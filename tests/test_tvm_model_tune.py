@@ -276,6 +276,20 @@ def test_a_target_without_a_cpu_gets_the_hosts_and_says_so():
     assert "mcpu" not in remote and warning.startswith("warning") and "mcpu" in warning
 
 
+def test_a_remote_target_without_num_cores_is_warned_about():
+    """The fused and packed kernels split their work in num-cores parts (the host's core count
+    when the target names none): only a remote target without it gets the warning."""
+    from onnxprune.tvm_kernels.api import _physical_cores, num_cores_warning
+
+    for bare in ('{"kind": "llvm", "mcpu": "cortex-a72"}', {"kind": "llvm"}, None):
+        warning = num_cores_warning(bare, remote=True)
+        assert warning.startswith("warning") and '"num-cores"' in warning
+        assert f"this host's {_physical_cores()} cores" in warning
+        assert num_cores_warning(bare, remote=False) is None
+    assert num_cores_warning(TARGET, remote=True) is None
+    assert num_cores_warning(json.loads(TARGET), remote=True) is None
+
+
 def test_more_than_one_thread_times_each_engine_alone_in_its_own_process(monkeypatch):
     """At 2+ threads a runtime's idle workers keep spinning into the next engine's calls: each
     child process gets one engine and one round, the engines take turns round by round, and

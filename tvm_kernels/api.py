@@ -111,6 +111,17 @@ def fill_host_cpu(target: dict, remote: bool) -> tuple[dict, str | None]:
                                      "(generic code was measured up to 2x slower; give \"mcpu\" to choose)")
 
 
+def num_cores_warning(target: str | dict | None, remote: bool) -> str | None:
+    """For the target as given (already valid: parse_target fills in this host's core count
+    when it names none): the fused and packed kernels split their work in `num-cores` parts,
+    which for a device behind the RPC tracker may be too few."""
+    given = json.loads(target) if isinstance(target, str) else target or {}
+    if not remote or "num-cores" in given:
+        return None
+    return (f"warning: the target names no num-cores: the kernels split their work for this host's "
+            f"{_physical_cores()} cores; add the device's \"num-cores\" to --target")
+
+
 def _physical_cores() -> int:
     import psutil
 
@@ -237,15 +248,16 @@ def model_tune(
     from .timing import ort_session
 
     progress = Progress(enabled=verbose)
-    if cpu_note is not None:
-        progress.log(cpu_note)
-        if rpc_tracker:
-            warnings.warn(cpu_note, stacklevel=2)
     tvm_target = tvm.target.Target(target_dict)
     try:
         rpc = tune.RPCTarget.parse(rpc_tracker, rpc_key) if rpc_tracker else None
     except ValueError as e:
         raise InputError(str(e)) from None
+    for note in (cpu_note, num_cores_warning(target, bool(rpc_tracker))):  # once the input is valid
+        if note is not None:
+            progress.log(note)
+            if rpc_tracker:
+                warnings.warn(note, stacklevel=2)
     os.makedirs(work_dir, exist_ok=True)
     pruned_lines = []
 
