@@ -812,12 +812,13 @@ def direct_prim_func(spec: ConvSpec, name: str = "direct") -> tvm.tirx.PrimFunc:
     @T.macro
     def segment(grid, w, bias, res, y, n, co0, oh0, v0):
         lo = T.decl_buffer((COG, ROWS, SEG), "float32")
-        hi = T.decl_buffer((COG, ROWS, SEG), "float32")
+        hi = T.decl_buffer((COG, ROWS, SEG), "float32")  # unused unless TWO
         for co in T.unroll(COG):
             for rr in T.unroll(ROWS):
                 for v in T.vectorized(SEG):
                     lo[co, rr, v] = T.float32(0)
-                    hi[co, rr, v] = T.float32(0)
+                    if TWO:
+                        hi[co, rr, v] = T.float32(0)
         for ci in range(CIN):
             for kh in T.unroll(KH):
                 for kw in T.unroll(KW):
