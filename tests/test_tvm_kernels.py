@@ -178,6 +178,33 @@ def test_empty_and_fully_dense_block_rows_every_tile():
         np.testing.assert_allclose(run_conv(spec, w, None, x, tile), ref, rtol=RTOL, atol=ATOL)
 
 
+def _workspace_allocs(prim_func) -> int:
+    """TVMBackendAllocWorkspace calls in the compiled kernel's LLVM IR (each one per iteration
+    of the loop that holds it)."""
+    src = tvm.compile(prim_func, target=tvm.target.Target(TARGET)).mod.inspect_source("ll")
+    return src.count("load ptr, ptr @__TVMBackendAllocWorkspace")
+
+
+@pytest.mark.parametrize("bsr", [4, 8])
+def test_wide_tiles_split_their_accumulators_and_match_numpy(bsr):
+    """A bsr x width accumulator of 1 KB or more is split by rows into 2 or 4 buffers under
+    1 KB (TVM's stack limit), so no tile allocates a workspace; every tile width (1, 2 and 4
+    groups at bsr 4; 1, 2, 4 at bsr 8), each loop order, the tail tile and the residual
+    epilogue against numpy."""
+    rng = np.random.default_rng(bsr)
+    ep = EPILOGUES["bias_res_relu6"][1]
+    spec = kernels.ConvSpec(1, 8, 12, 12, 16, (1, 1), bsr=bsr, epilogue=ep)
+    w = sparse_weight(rng, spec, 0.3)
+    tiles = kernels.tile_candidates(spec)
+    groups = {kernels._row_groups(bsr, t.pixels) for t in tiles}
+    assert groups == {1, 2, 4}
+    for tile in tiles:
+        check_against_numpy(spec, w, True, rng, tile=tile)
+        if not tile.packed:  # (a packed tile's pack buffer is one workspace per part)
+            nnzb = int(dense_to_bsr(conv_weight_as_matrix(w), bsr, 1).nnzb)
+            assert _workspace_allocs(kernels.bsr_matmul_prim_func(spec, nnzb, tile)) == 0, tile
+
+
 def test_unsupported_depthwise_is_explained():
     spec = kernels.ConvSpec(1, 4, 9, 9, 4, (3, 3), (2, 2), (1, 1, 1, 1))
     assert "multiple of stride" in kernels.depthwise_supported(spec)

@@ -233,12 +233,30 @@ def _lanes(width: int) -> int:
     return min(16, width & -width)
 
 
+STACK_BYTES = 1024  # TVM's kMaxStackAlloca: a buffer of this size or more is a workspace call
+
+
+def _row_groups(rows: int, width: int) -> int:
+    """Into how many accumulator buffers (at most 4) a tile of `rows` x `width` floats splits so
+    that each stays under STACK_BYTES (on the stack, in registers); 1 where no split fits."""
+    return next((g for g in (1, 2, 4) if rows % g == 0 and rows // g * width * 4 < STACK_BYTES), 1)
+
+
+def _group_shape(rows: int, width: int, group: int) -> tuple[int, int]:
+    """The shape of accumulator buffer `group` of a rows x width tile: (1, 1) where unused, so
+    that an unsplittable tile of 1 KB or more costs one workspace call, not four."""
+    groups = _row_groups(rows, width)
+    return (rows // groups, width) if group < groups else (1, 1)
+
+
 def _bsr_tile_macro(spec: ConvSpec, row_blocks: int | None = None):
     """The register tile of bsr_matmul: `width` pixels from t_p0 of the `bsr` output channels of
     block row t_br, read from xb[t_n, :, x_p0 + v] (x_p0 = t_p0 but in a packed tile), stored
     (through the epilogue) at yb[y_n, y_c0 + r, t_p0 + v]. With
     `row_blocks` (every block row holds that many blocks: row-balanced pruning) the block loop
-    has static bounds and indptr is not read."""
+    has static bounds and indptr is not read.  The bsr x width accumulators are split by rows
+    into _row_groups buffers (a 4 x 64 tile is 1 KB: one workspace call per tile, and LLVM kept
+    it in memory), each input load still feeding every row's FMA."""
     BSR, BSC = spec.bsr, spec.bsc
     ep = spec.epilogue
     RES = ep.residual
@@ -246,33 +264,67 @@ def _bsr_tile_macro(spec: ConvSpec, row_blocks: int | None = None):
     RB = row_blocks or 0
 
     @T.macro
-    def accumulate(xb, ind, wd, acc, t_n, t_p0, width, b):
+    def accumulate_rows(xb, ind, wd, acc, t_n, t_p0, width, b, j, r0, rows):
+        for r in T.unroll(rows):
+            for u in T.unroll(width // _lanes(width)):
+                for v in T.vectorized(_lanes(width)):
+                    acc[r, u * _lanes(width) + v] = acc[r, u * _lanes(width) + v] + wd[b, r0 + r, j] * xb[
+                        t_n, ind[b] * BSC + j, t_p0 + u * _lanes(width) + v]
+
+    @T.macro
+    def accumulate(xb, ind, wd, a0, a1, a2, a3, t_n, t_p0, width, b):
+        groups = T.meta_var(_row_groups(BSR, width))
+        rows = T.meta_var(BSR // _row_groups(BSR, width))
         for j in T.unroll(BSC):
-            for r in T.unroll(BSR):
-                for u in T.unroll(width // _lanes(width)):
-                    for v in T.vectorized(_lanes(width)):
-                        acc[r, u * _lanes(width) + v] = acc[r, u * _lanes(width) + v] + wd[b, r, j] * xb[
-                            t_n, ind[b] * BSC + j, t_p0 + u * _lanes(width) + v]
+            accumulate_rows(xb, ind, wd, a0, t_n, t_p0, width, b, j, 0, rows)
+            if groups > 1:
+                accumulate_rows(xb, ind, wd, a1, t_n, t_p0, width, b, j, rows, rows)
+            if groups > 2:
+                accumulate_rows(xb, ind, wd, a2, t_n, t_p0, width, b, j, 2 * rows, rows)
+                accumulate_rows(xb, ind, wd, a3, t_n, t_p0, width, b, j, 3 * rows, rows)
+
+    @T.macro
+    def zero(acc, rows, width):
+        for r in T.unroll(rows):
+            for v in T.vectorized(width):
+                acc[r, v] = T.float32(0)
+
+    @T.macro
+    def store(acc, bb, rb, yb, t_br, t_p0, width, y_n, y_c0, r0, rows):
+        for r in T.unroll(rows):
+            for v in T.vectorized(width):
+                if RES:
+                    yb[y_n, y_c0 + r0 + r, t_p0 + v] = ep.apply(
+                        acc[r, v], bb[t_br * BSR + r0 + r], rb[y_n, y_c0 + r0 + r, t_p0 + v])
+                else:
+                    yb[y_n, y_c0 + r0 + r, t_p0 + v] = ep.apply(acc[r, v], bb[t_br * BSR + r0 + r])
 
     @T.macro
     def pixel_tile(xb, ip, ind, wd, bb, rb, yb, t_n, t_br, t_p0, width, y_n, y_c0, x_p0):
-        acc = T.decl_buffer((BSR, width), "float32")
-        for r in T.unroll(BSR):
-            for v in T.vectorized(width):
-                acc[r, v] = T.float32(0)
+        groups = T.meta_var(_row_groups(BSR, width))
+        rows = T.meta_var(BSR // _row_groups(BSR, width))
+        a0 = T.decl_buffer((rows, width), "float32")
+        a1 = T.decl_buffer(_group_shape(BSR, width, 1), "float32")  # (1, 1) where unused
+        a2 = T.decl_buffer(_group_shape(BSR, width, 2), "float32")
+        a3 = T.decl_buffer(_group_shape(BSR, width, 3), "float32")
+        zero(a0, rows, width)
+        if groups > 1:
+            zero(a1, rows, width)
+        if groups > 2:
+            zero(a2, rows, width)
+            zero(a3, rows, width)
         if STATIC:
             for k in range(RB):
-                accumulate(xb, ind, wd, acc, t_n, x_p0, width, t_br * RB + k)
+                accumulate(xb, ind, wd, a0, a1, a2, a3, t_n, x_p0, width, t_br * RB + k)
         else:
             for b in range(ip[t_br], ip[t_br + 1]):
-                accumulate(xb, ind, wd, acc, t_n, x_p0, width, b)
-        for r in T.unroll(BSR):
-            for v in T.vectorized(width):
-                if RES:
-                    yb[y_n, y_c0 + r, t_p0 + v] = ep.apply(
-                        acc[r, v], bb[t_br * BSR + r], rb[y_n, y_c0 + r, t_p0 + v])
-                else:
-                    yb[y_n, y_c0 + r, t_p0 + v] = ep.apply(acc[r, v], bb[t_br * BSR + r])
+                accumulate(xb, ind, wd, a0, a1, a2, a3, t_n, x_p0, width, b)
+        store(a0, bb, rb, yb, t_br, t_p0, width, y_n, y_c0, 0, rows)
+        if groups > 1:
+            store(a1, bb, rb, yb, t_br, t_p0, width, y_n, y_c0, rows, rows)
+        if groups > 2:
+            store(a2, bb, rb, yb, t_br, t_p0, width, y_n, y_c0, 2 * rows, rows)
+            store(a3, bb, rb, yb, t_br, t_p0, width, y_n, y_c0, 3 * rows, rows)
 
     return pixel_tile
 
