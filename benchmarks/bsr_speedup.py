@@ -327,7 +327,8 @@ def run_e2e(args) -> None:
                          unread_planes=result.planes["unread"], constant_planes=result.planes["constant"],
                          sparse_tvm_ms=t["sparse TVM"].median_ms,
                          dense_tvm_ms=t["dense TVM"].median_ms if "dense TVM" in t else None,
-                         ort_ms=t["onnxruntime"].median_ms, max_abs_err=result.parity_max_abs_err))
+                         ort_ms=t["onnxruntime"].median_ms, max_abs_err=result.parity_max_abs_err,
+                         stolen=result.stolen))
         rows.sort(key=lambda r: r["sparsity"])
         _save(results_path, rows)
     with open(os.path.join(work_dir, "database_tuning_record.json")) as f:
@@ -337,8 +338,8 @@ def run_e2e(args) -> None:
              f"{threads()} threads; meta_schedule: {records} measured records in the work dir's "
              "database, shared by the dense remainder of every row and the dense-TVM baseline",
              "| sparsity | convs in BSR / depthwise kernel | planes unread / constant | sparse TVM ms "
-             "| dense TVM ms | ORT ms | vs ORT | vs dense TVM |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| dense TVM ms | ORT ms | vs ORT | vs dense TVM | CPU stolen |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         dense = r.get("dense_tvm_ms")
         lines.append(f"| {r['sparsity']} | {r['converted']} / {r['depthwise']} | "
@@ -346,7 +347,8 @@ def run_e2e(args) -> None:
                      f"{r['sparse_tvm_ms']:.3f} | "
                      + (f"{dense:.3f}" if dense else "-") + f" | {r['ort_ms']:.3f} | "
                      f"{r['ort_ms'] / r['sparse_tvm_ms']:.2f}x | "
-                     + (f"{dense / r['sparse_tvm_ms']:.2f}x" if dense else "-") + " |")
+                     + (f"{dense / r['sparse_tvm_ms']:.2f}x" if dense else "-") + " | "
+                     + (f"{100 * r['stolen']:.1f} %" if r.get("stolen") is not None else "-") + " |")
     with open(os.path.join(RESULTS, f"e2e{suffix}.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
@@ -485,6 +487,9 @@ def ab(args) -> None:
     workers, still spinning, take a core from the other (measured: onnxruntime 2.5 ms alone,
     2.5-8.8 ms timed right after a TVM library; TVM 1.0 ms alone, 1.6-2.1 ms right after
     onnxruntime)."""
+    from onnxprune.tvm_kernels.timing import cpu_ticks, stolen_fraction
+
+    before = cpu_ticks()
     if args.isolated:
         ms_, note = _ab_isolated(args), "each engine in a fresh process per round"
     else:
@@ -501,7 +506,9 @@ def ab(args) -> None:
     first = ms_[args.libs[0]]
     for path in args.libs:
         print(f"{ms_[path]:8.3f} ms  {first / ms_[path]:5.2f}x vs the first  {path}")
-    print(f"{threads()} thread(s), medians of {args.rounds} rounds, {note}")
+    stolen = stolen_fraction(before, cpu_ticks())
+    print(f"{threads()} thread(s), medians of {args.rounds} rounds, {note}"
+          + (f"; {100 * stolen:.1f} % of CPU time stolen by the hypervisor" if stolen is not None else ""))
 
 
 def _ab_isolated(args) -> dict[str, float]:

@@ -90,6 +90,9 @@ def test_model_tune_prunes_converts_checks_times_and_exports(small_onnx, tmp_pat
     assert set(result.timings) == {"sparse TVM", "dense TVM", "onnxruntime"}
     assert all(t.median_ms > 0 for t in result.timings.values())
     assert MEAN_LINE.match(result.table.splitlines()[-1])
+    if os.path.exists("/proc/stat"):  # the hypervisor's share of CPU time while timing, shown
+        assert 0.0 <= result.stolen <= 1.0
+        assert f"host: {100 * result.stolen:.1f} % of CPU time stolen" in result.table
     # the exported library is deployable on its own and computes the pruned model
     from tvm import relax
 
@@ -309,3 +312,29 @@ def test_more_than_one_thread_times_each_engine_alone_in_its_own_process(monkeyp
     per_round = timing.time_isolated(spec, "spec.json")
     assert calls == [(["sparse"], 1), (["dense"], 1), (["onnxruntime"], 1)] * 2
     assert per_round == {"sparse": [1.0, 4.0], "dense": [2.0, 5.0], "onnxruntime": [3.0, 6.0]}
+
+
+def test_stolen_cpu_time_is_read_from_proc_stat(tmp_path):
+    """cpu_ticks reads (steal, total) from /proc/stat's first line; stolen_fraction is the steal
+    share of the ticks between two readings, None when either is unknown or no time passed."""
+    from onnxprune.tvm_kernels import api, timing
+
+    stat = tmp_path / "stat"
+    stat.write_text("cpu  100 5 20 800 10 0 5 60 0 0\ncpu0 50 2 10 400 5 0 2 30 0 0\n")
+    assert timing.cpu_ticks(str(stat)) == (60, 1000)
+    assert timing.stolen_fraction((60, 1000), (90, 1200)) == pytest.approx(0.15)
+    assert timing.stolen_fraction((60, 1000), (60, 1000)) is None
+    assert timing.stolen_fraction(None, (60, 1000)) is None
+    assert timing.cpu_ticks(str(tmp_path / "missing")) is None
+    stat.write_text("intr 1 2 3\n")
+    assert timing.cpu_ticks(str(stat)) is None
+    # the table says so; a busy host gets the warning, a quiet one not, unknown no line
+    result = api.ModelTuneResult("lib.so", "{}", [], [], [], [], 0.0,
+                                 timings={"sparse TVM": api.Timing("sparse TVM", 1.0, 1.0, 0.1),
+                                          "onnxruntime": api.Timing("onnxruntime", 2.0, 2.0, 0.1)})
+    for stolen, line in ((0.097, "host: 9.7 % of CPU time stolen by the hypervisor while timing (a busy"),
+                         (0.004, "host: 0.4 % of CPU time stolen by the hypervisor while timing\n")):
+        result.stolen = stolen
+        assert line in api.format_table(result, "local")
+    result.stolen = None
+    assert "stolen" not in api.format_table(result, "local")

@@ -46,6 +46,8 @@ class ModelTuneResult:
     gemv: list[str] = field(default_factory=list)  # one line per matmul on our GEMV kernel
     direct: list[str] = field(default_factory=list)  # one line per conv on our direct kernel (a stem)
     table: str = ""
+    # share of this host's CPU time taken by the hypervisor while timing (None: unknown, or RPC)
+    stolen: float | None = None
 
 
 class Progress:
@@ -244,7 +246,7 @@ def model_tune(
     from onnxprune.parity import random_inputs
     from onnxprune.pruning.prune import prune as prune_model
 
-    from . import convert, tune
+    from . import convert, timing, tune
     from .timing import ort_session
 
     progress = Progress(enabled=verbose)
@@ -327,7 +329,9 @@ def model_tune(
                        + ("interleaved (TVM on the RPC device, onnxruntime here)" if rpc else
                           "each engine in its own process, taking turns" if threads > 1 else
                           "interleaved in one process")):
+        before = timing.cpu_ticks()
         timings = time_models(model, feeds, libraries, work_dir, threads, rounds, rpc)
+        stolen = None if rpc else timing.stolen_fraction(before, timing.cpu_ticks())
 
     result = ModelTuneResult(
         library_path=library, target=json.dumps(target_dict),
@@ -338,7 +342,7 @@ def model_tune(
         planes={k: sum(layer.counts[k] for layer in report.depthwise)
                 for k in ("computed", "unread", "constant")},
         gemv=[describe_layer(layer) for layer in report.gemv],
-        direct=[describe_layer(layer) for layer in report.direct],
+        direct=[describe_layer(layer) for layer in report.direct], stolen=stolen,
     )
     result.table = format_table(result, where=f"{rpc.key} via RPC" if rpc else "local")
     return result
@@ -428,6 +432,9 @@ def time_models(model, feeds, libraries, work_dir, threads, rounds, rpc) -> dict
                          float(np.std(t)) * 1e3) for name, t in per_round.items()}
 
 
+STOLEN_WARNING = 0.02  # from this share of stolen CPU time on, the table says the host was busy
+
+
 def format_table(result: ModelTuneResult, where: str) -> str:
     t = result.timings
     ort_ms = t["onnxruntime"].median_ms
@@ -439,6 +446,10 @@ def format_table(result: ModelTuneResult, where: str) -> str:
     if "dense TVM" in t:
         lines.append(f"sparse TVM speedup over dense TVM: "
                      f"{t['dense TVM'].median_ms / t['sparse TVM'].median_ms:.2f}x")
+    if result.stolen is not None:
+        lines.append(f"host: {100 * result.stolen:.1f} % of CPU time stolen by the hypervisor while "
+                     "timing" + (" (a busy shared VM: trust the ratios more than the times)"
+                                 if result.stolen >= STOLEN_WARNING else ""))
     lines.append(f"parity vs onnxruntime: max abs error {result.parity_max_abs_err:.2e}")
     lines.append(f"library: {result.library_path}")
     s = t["sparse TVM"]
