@@ -198,10 +198,10 @@ def test_wide_tiles_split_their_accumulators_and_match_numpy(bsr):
     tiles = kernels.tile_candidates(spec)
     groups = {kernels._row_groups(bsr, t.pixels) for t in tiles}
     assert groups == {1, 2, 4}
+    nnzb = int(dense_to_bsr(conv_weight_as_matrix(w), bsr, 1).nnzb)
     for tile in tiles:
         check_against_numpy(spec, w, True, rng, tile=tile)
         if not tile.packed:  # (a packed tile's pack buffer is one workspace per part)
-            nnzb = int(dense_to_bsr(conv_weight_as_matrix(w), bsr, 1).nnzb)
             assert _workspace_allocs(kernels.bsr_matmul_prim_func(spec, nnzb, tile)) == 0, tile
 
 
