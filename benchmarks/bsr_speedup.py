@@ -12,6 +12,7 @@
     python benchmarks/bsr_speedup.py kernels --dense-trials 48
     python benchmarks/bsr_speedup.py depthwise
     python benchmarks/bsr_speedup.py profile --sparsity 0.7    # after e2e: time per kernel
+    BENCH_THREADS=2 python benchmarks/bsr_speedup.py scaling --sparsity 0.9  # per kernel: 1 vs 2 threads
     python benchmarks/bsr_speedup.py e2e --trials 300
     python benchmarks/bsr_speedup.py balanced                  # row-balanced 1x4: static vs indptr loop
     python benchmarks/bsr_speedup.py ab before.so after.so [W/mobilenet_v2.onnx]  # side by side
@@ -458,6 +459,89 @@ def profile(args) -> None:
           "by kind (ms): " + ", ".join(f"{k} {v:.3f}" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])))
 
 
+def _kernel_times(library: str, resolution: int, runs: int = 100) -> dict[str, float]:
+    """Microseconds per call of each kernel of `library`, each timed alone in a loop on the
+    arguments one whole-model run gave it (captured by the VM's instrument hook; no Python
+    callback between the timed calls, unlike `profile`).  TVM_NUM_THREADS is the caller's."""
+    import tvm
+    from tvm import relax
+
+    vm = relax.VirtualMachine(tvm.runtime.load_module(library), tvm.cpu())
+    x = tvm.runtime.tensor(np.random.default_rng(0).standard_normal(
+        (1, 3, resolution, resolution)).astype(np.float32))
+    calls = []
+    vm.set_instrument(lambda func, name, before, _ret, *a: calls.append((name, func, a)) if before else None)
+    vm["main"](x)
+    times = {}
+    for i, (name, func, call_args) in enumerate(calls):
+        if name.startswith("vm."):
+            continue
+        for _ in range(10):
+            func(*call_args)
+        blocks = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            for _ in range(runs):
+                func(*call_args)
+            blocks.append((time.perf_counter() - t0) / runs * 1e6)
+        times[f"{i:03d} {name}"] = float(np.median(blocks))
+    return times
+
+
+def _kernel_times_child(args) -> None:
+    print(json.dumps(_kernel_times(args.libs[0], args.resolution)))
+
+
+def _kernel_times_in(library: str, n_threads: int, args, neighbour: bool = False) -> dict[str, float]:
+    """_kernel_times in a fresh process on `n_threads` threads; with `neighbour`, while a
+    second such process (1 thread) times the same kernels on the other core."""
+    env = dict(os.environ, TVM_NUM_THREADS=str(n_threads))
+    cmd = [sys.executable, __file__, "_kernel-times", library, "--resolution", str(args.resolution)]
+    procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+             for _ in range(2 if neighbour else 1)]
+    outs = [proc.communicate()[0] for proc in procs]
+    return json.loads(outs[0])
+
+
+def scaling(args) -> None:
+    """How each kernel of e2e's library scales from 1 to threads() threads, and how much a
+    1-thread kernel slows down when the same kernel runs on the other core at the same time
+    (the contention for the memory hierarchy that a second thread brings, measured apart from
+    any parallel overhead).  The three modes take turns, `--rounds` times; medians."""
+    import collections
+
+    from tqdm import tqdm
+
+    work_dir = args.work_dir or os.path.join(RESULTS, "e2e_work")
+    library = os.path.join(work_dir, f"mbv2_1x4_{args.sparsity}.so")
+    n = threads()
+    modes = {"1t": (1, False), f"{n}t": (n, False), "1t+neighbour": (1, True)}
+    runs = {mode: [] for mode in modes}
+    for _ in tqdm(range(args.rounds), desc="rounds"):
+        for mode, (t, neighbour) in modes.items():
+            runs[mode].append(_kernel_times_in(library, t, args, neighbour))
+    med = {mode: {k: float(np.median([r[k] for r in rs])) for k in rs[0]} for mode, rs in runs.items()}
+    one, many, crowded = med["1t"], med[f"{n}t"], med["1t+neighbour"]
+    kinds = collections.defaultdict(lambda: np.zeros(3))
+    print(f"| kernel | 1 thread us | {n} threads us | scaling | 1 thread, neighbour busy us | slowdown |")
+    print("|---|---|---|---|---|---|")
+    for k in one:
+        kinds[k.split()[1].rstrip("_0123456789")] += (one[k], many[k], crowded[k])
+        print(f"| {k} | {one[k]:.1f} | {many[k]:.1f} | {one[k] / many[k]:.2f}x | {crowded[k]:.1f} "
+              f"| {crowded[k] / one[k]:.2f}x |")
+    print(f"\n| kind | 1 thread us | {n} threads us | scaling | 1 thread, neighbour busy us | slowdown |")
+    print("|---|---|---|---|---|---|")
+    for kind, (a, b, c) in sorted(kinds.items(), key=lambda kv: -kv[1][0]):
+        print(f"| {kind} | {a:.0f} | {b:.0f} | {a / b:.2f}x | {c:.0f} | {c / a:.2f}x |")
+    a, b, c = (sum(m.values()) for m in (one, many, crowded))
+    print(f"| all | {a:.0f} | {b:.0f} | {a / b:.2f}x | {c:.0f} | {c / a:.2f}x |")
+    out = os.path.join(RESULTS, f"scaling_{args.sparsity}_{n}t.json")
+    with open(out + ".tmp", "w") as f:
+        json.dump(med, f, indent=1)
+    os.replace(out + ".tmp", out)
+    print(out)
+
+
 def _engine(path: str, x_np: np.ndarray):
     """(run(k) -> seconds per call, output): a library on the Relax VM, an .onnx on onnxruntime."""
     os.environ["TVM_NUM_THREADS"] = str(threads())
@@ -599,7 +683,7 @@ def plot(_args) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", choices=["kernels", "depthwise", "e2e", "profile", "ab", "plot", "balanced",
-                                    "_tune-dense"])
+                                    "scaling", "_tune-dense", "_kernel-times"])
     p.add_argument("libs", nargs="*", help="ab: exported model libraries (and .onnx models, on onnxruntime) to time side by side")
     p.add_argument("--sparsity", type=float, default=0.7, help="profile: which e2e model")
     p.add_argument("--sparsities", type=float, nargs="+", default=[0.5, 0.7, 0.9],
@@ -626,6 +710,10 @@ def main(argv=None) -> int:
         run_depthwise(args)
     elif args.what == "profile":
         profile(args)
+    elif args.what == "scaling":
+        scaling(args)
+    elif args.what == "_kernel-times":
+        _kernel_times_child(args)
     elif args.what == "e2e":
         run_e2e(args)
     elif args.what == "balanced":
