@@ -2,6 +2,7 @@
 dilations, sparsities (0, 0.5, 0.9, 1.0, empty and full block rows), block shapes, and the fused
 epilogue (bias, residual add, ReLU / ReLU6 / Clip) found in ONNX graphs."""
 
+import dataclasses
 import math
 
 import numpy as np
@@ -395,32 +396,36 @@ def test_fused_kernel_writes_every_depthwise_layout_in_place(case):
     for tile in (sizes[0], sizes[-1]):
         layer = convert.SparseConvLayer(expand, weight, kernels.kernel_arrays(weight, be),
                                         "fused", tile, dw)
-        *args, live_rows, order = layer.constant_args()
-        assert list(live_rows) == [1, 0] and list(order) == [0, 1]
-        y = _run_alone(layer, [x, *args, live_rows, order[::-1]])  # any order of block rows
+        *args, live_rows, bounds = layer.constant_args()
+        assert list(live_rows) == [1, 0] and list(bounds) == [0, batch * 2]  # (image, block row) items
+        y = _run_alone(layer, [x, *args, live_rows, bounds])
         assert np.isnan(y[:, unread]).all()
         np.testing.assert_allclose(y[:, [0, 2, 3]], ref[:, [0, 2, 3]], rtol=RTOL, atol=ATOL)
 
 
-def test_balanced_order_splits_the_cost_evenly_in_tvms_chunks():
-    """TVM's parallel loop gives thread t the items [t*step, (t+1)*step), step = ceil(n/parts):
-    the order puts equal cost into each such chunk; one part keeps the identity."""
-    def loads(costs, order, parts):
-        step = -(-len(costs) // parts)
-        return [float(np.sum(np.asarray(costs)[order[i:i + step]])) for i in range(0, len(costs), step)]
+def test_balanced_bounds_are_the_best_contiguous_split():
+    """Contiguous ranges (each part writes its own stretch of the output) whose largest load is
+    the least possible, checked against every split by brute force."""
+    from itertools import combinations_with_replacement
 
-    costs = [10, 10, 10, 10, 1, 1, 1, 1]  # contiguous halves: 40 vs 4
-    order = kernels.balanced_order(costs, 2)
-    assert sorted(order) == list(range(8)) and loads(costs, order, 2) == [22.0, 22.0]
-    assert list(kernels.balanced_order(costs, 1)) == list(range(8))
-    assert sorted(kernels.balanced_order([3, 1, 2], 4)) == [0, 1, 2]  # fewer items than parts
+    def best(costs, parts):
+        n = len(costs)
+        return min(max(sum(costs[a:b]) for a, b in zip((0, *cut), (*cut, n)))
+                   for cut in combinations_with_replacement(range(n + 1), parts - 1))
+
+    assert list(kernels.balanced_bounds([10, 10, 10, 10, 1, 1, 1, 1], 2)) == [0, 2, 8]
+    assert list(kernels.balanced_bounds([5] * 8, 1)) == [0, 8]
+    assert list(kernels.balanced_bounds([3, 1, 2], 5)) == [0, 1, 3, 3, 3, 3]  # fewer items than parts
+    assert list(kernels.balanced_bounds([0, 0, 0], 2)) == [0, 3, 3]
     rng = np.random.default_rng(0)
-    for parts in (2, 3, 8):
-        costs = rng.integers(0, 100, 37) ** 2
-        order = kernels.balanced_order(costs, parts)
-        assert sorted(order) == list(range(37))
-        assert max(loads(costs, order, parts)) <= costs.sum() / parts + costs.max()
-        assert max(loads(costs, order, parts)) <= max(loads(costs, np.arange(37), parts))
+    for parts in (2, 3, 4):
+        for _ in range(20):
+            costs = [int(c) for c in rng.integers(0, 100, int(rng.integers(1, 11))) ** 2]
+            bounds = kernels.balanced_bounds(costs, parts)
+            assert len(bounds) == parts + 1 and bounds[0] == 0 and bounds[-1] == len(costs)
+            assert all(np.diff(bounds) >= 0)
+            loads = [sum(costs[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+            assert max(loads) == best(costs, parts)
 
 
 def test_a_stem_conv_runs_direct_with_its_bias_and_clip():
@@ -571,11 +576,12 @@ def test_constant_and_unread_planes_of_the_fused_kernel():
     a = expand.arrays
     live_rows = np.any((dw.mode == kernels.COMPUTE).reshape(-1, 4), axis=1).astype(np.int32)
     assert list(live_rows) == [1, 0, 1, 1, 1, 1, 1, 1]
-    # block rows in an order balanced for 3 threads (row 1 costs nothing: it has no conv)
-    order = kernels.balanced_order(expand.row_costs(), 3)
-    assert sorted(order) == list(range(8)) and list(order) != list(range(8))
-    y = _run_alone(expand, [x, a.indptr, a.indices, a.data, a.bias, dw.weight, dw.bias,
-                            dw.mode, dw.consts, live_rows, order])
+    # block rows in 3 ranges balanced by cost (row 1 costs nothing: it has no conv)
+    bounds = kernels.balanced_bounds(expand.row_costs(), 3)
+    assert bounds[0] == 0 and bounds[-1] == 8 and len(set(bounds)) == 4
+    expand3 = dataclasses.replace(expand, threads=3)
+    y = _run_alone(expand3, [x, a.indptr, a.indices, a.data, a.bias, dw.weight, dw.bias,
+                             dw.mode, dw.consts, live_rows, bounds])
     e6 = kernels.reference_conv2d(x, we.astype(np.float32), expand.spec, a.bias)
     ref = kernels.reference_conv2d(e6, dw.weight[:, None], dw.spec, dw.bias, groups=32)
     assert np.isnan(y[:, unread]).all()

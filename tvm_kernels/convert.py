@@ -127,7 +127,7 @@ class SparseConvLayer:
     kernel_name: str
     tile: kernels.BSRTile
     depthwise: DepthwiseLayer | None = None  # the depthwise conv computed in the same kernel
-    threads: int = 1  # the parallel loop's block rows are ordered to balance this many threads
+    threads: int = 1  # the parallel loop's block rows are split in contiguous ranges balanced for this many threads
     pooled: tuple[int, ...] | None = None  # the kernel takes the global mean: its output shape
 
     def row_costs(self) -> np.ndarray:
@@ -161,7 +161,8 @@ class SparseConvLayer:
         if dw is not None:
             live_rows = np.any((dw.mode == kernels.COMPUTE).reshape(-1, self.spec.bsr), axis=1)
             args += [dw.weight, dw.bias, dw.mode, dw.consts, live_rows.astype(np.int32),
-                     kernels.balanced_order(self.row_costs(), self.threads)]
+                     kernels.balanced_bounds(np.tile(self.row_costs(), self.spec.batch),
+                                             min(self.threads, self.spec.batch * len(live_rows)))]
         return args
 
     @property
