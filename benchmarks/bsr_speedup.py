@@ -329,7 +329,7 @@ def run_e2e(args) -> None:
                          sparse_tvm_ms=t["sparse TVM"].median_ms,
                          dense_tvm_ms=t["dense TVM"].median_ms if "dense TVM" in t else None,
                          ort_ms=t["onnxruntime"].median_ms, max_abs_err=result.parity_max_abs_err,
-                         stolen=result.stolen))
+                         stolen=result.stolen, fork_join_us=result.fork_join_us))
         rows.sort(key=lambda r: r["sparsity"])
         _save(results_path, rows)
     with open(os.path.join(work_dir, "database_tuning_record.json")) as f:
@@ -339,8 +339,8 @@ def run_e2e(args) -> None:
              f"{threads()} threads; meta_schedule: {records} measured records in the work dir's "
              "database, shared by the dense remainder of every row and the dense-TVM baseline",
              "| sparsity | convs in BSR / depthwise kernel | planes unread / constant | sparse TVM ms "
-             "| dense TVM ms | ORT ms | vs ORT | vs dense TVM | CPU stolen |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| dense TVM ms | ORT ms | vs ORT | vs dense TVM | CPU stolen | cores apart |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         dense = r.get("dense_tvm_ms")
         lines.append(f"| {r['sparsity']} | {r['converted']} / {r['depthwise']} | "
@@ -349,10 +349,19 @@ def run_e2e(args) -> None:
                      + (f"{dense:.3f}" if dense else "-") + f" | {r['ort_ms']:.3f} | "
                      f"{r['ort_ms'] / r['sparse_tvm_ms']:.2f}x | "
                      + (f"{dense / r['sparse_tvm_ms']:.2f}x" if dense else "-") + " | "
-                     + (f"{100 * r['stolen']:.1f} %" if r.get("stolen") is not None else "-") + " |")
+                     + (f"{100 * r['stolen']:.1f} %" if r.get("stolen") is not None else "-") + " | "
+                     + _apart_cell(r.get("fork_join_us")) + " |")
     with open(os.path.join(RESULTS, f"e2e{suffix}.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def _apart_cell(readings) -> str:
+    """'k / n' timing processes whose fork-join reading said the two cores shared no cache
+    (timing.fork_join_us; '-' on one thread)."""
+    from onnxprune.tvm_kernels.timing import apart_readings
+
+    return f"{apart_readings(readings)} / {len(readings)}" if readings else "-"
 
 
 BALANCED_SHAPES = ((24, 56, 144), (144, 56, 24), (96, 14, 576), (576, 14, 96), (960, 7, 320),
@@ -600,7 +609,8 @@ def _ab_isolated(args) -> dict[str, float]:
     per round, the engines taking turns."""
     import tempfile
 
-    from onnxprune.tvm_kernels.timing import time_isolated
+    from onnxprune.tvm_kernels.api import fork_join_line
+    from onnxprune.tvm_kernels.timing import FORK_JOIN, time_isolated
 
     models = [p for p in args.libs if p.endswith(".onnx")]
     if len(models) > 1:
@@ -617,8 +627,28 @@ def _ab_isolated(args) -> dict[str, float]:
                 "onnx_path": models[0] if models else None, "threads": threads(),
                 "inputs_npz": inputs, "rounds": args.rounds, "rpc": None}
         per_round = time_isolated(spec, os.path.join(tmp, "spec.json"))
+    readings = per_round.pop(FORK_JOIN, [])
+    if readings:
+        print(fork_join_line(readings))
+        _print_by_placement(per_round, readings)
     per_round = {(models[0] if name == "onnxruntime" else name): t for name, t in per_round.items()}
     return {path: float(np.median(t)) * 1e3 for path, t in per_round.items()}
+
+
+def _print_by_placement(per_round: dict[str, list[float]], readings: list[float]) -> None:
+    """Each engine's median over the rounds whose timing process found the two cores sharing a
+    cache, and over those that found them apart (time_isolated's readings come one per child,
+    the engines taking turns in per_round's order)."""
+    from onnxprune.tvm_kernels.timing import APART
+
+    limit = APART * min(readings)
+    for k, (name, times) in enumerate(per_round.items()):
+        mine = readings[k::len(per_round)]
+        cells = []
+        for label, keep in (("cores together", lambda r: r < limit), ("apart", lambda r: r >= limit)):
+            sel = [t for t, r in zip(times, mine) if keep(r)]
+            cells.append(f"{label} {np.median(sel) * 1e3:.3f} ms ({len(sel)})" if sel else f"{label} -")
+        print(f"  {', '.join(cells)}  {name}")
 
 
 def _per_call(call, k: int) -> float:

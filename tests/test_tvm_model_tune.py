@@ -15,6 +15,7 @@ torch = pytest.importorskip("torch")
 
 from onnxprune.tvm_kernels import model_tune  # noqa: E402
 from onnxprune.tvm_kernels.api import ParityError, check_parity  # noqa: E402
+from onnxprune.tvm_kernels.api import fork_join_line as api_fork_join_line  # noqa: E402
 from onnxprune.tvm_kernels.cli import main  # noqa: E402
 
 pytestmark = pytest.mark.tvm
@@ -93,6 +94,9 @@ def test_model_tune_prunes_converts_checks_times_and_exports(small_onnx, tmp_pat
     if os.path.exists("/proc/stat"):  # the hypervisor's share of CPU time while timing, shown
         assert 0.0 <= result.stolen <= 1.0
         assert f"host: {100 * result.stolen:.1f} % of CPU time stolen" in result.table
+    # TARGET names 2 cores: one fork-join reading per timing process, 3 engines x 3 rounds
+    assert len(result.fork_join_us) == 9 and all(r > 0 for r in result.fork_join_us)
+    assert api_fork_join_line(result.fork_join_us) in result.table.splitlines()
     # the exported library is deployable on its own and computes the pruned model
     from tvm import relax
 
@@ -304,14 +308,51 @@ def test_more_than_one_thread_times_each_engine_alone_in_its_own_process(monkeyp
     def fake_child(spec, _path, _timeout=None):
         engines = list(spec["libraries"]) + (["onnxruntime"] if spec["onnx_path"] else [])
         calls.append((engines, spec["rounds"]))
-        return {engines[0]: [float(len(calls))]}
+        return {engines[0]: [float(len(calls))], timing.FORK_JOIN: [0.1 * len(calls)]}
 
     monkeypatch.setattr(timing, "time_in_subprocess", fake_child)
     spec = {"libraries": {"sparse": "s.so", "dense": "d.so"}, "onnx_path": "m.onnx", "threads": 2,
             "inputs_npz": "x.npz", "rounds": 2, "rpc": None}
     per_round = timing.time_isolated(spec, "spec.json")
     assert calls == [(["sparse"], 1), (["dense"], 1), (["onnxruntime"], 1)] * 2
+    fork_join = per_round.pop(timing.FORK_JOIN)  # each child's probe reading, in order
+    assert fork_join == pytest.approx([0.1, 0.2, 0.3, 0.4, 0.5, 0.6])
     assert per_round == {"sparse": [1.0, 4.0], "dense": [2.0, 5.0], "onnxruntime": [3.0, 6.0]}
+
+
+def test_fork_join_probe_runs_its_regions_in_order_on_two_threads():
+    """The probe's kernel: region r's halves each read what the other half wrote in region r-1,
+    so after R regions both hold R exactly when every region ran after the one before."""
+    from onnxprune.tvm_kernels import timing
+
+    regions = 300
+    lib = timing.fork_join_library(regions)
+    a = tvm.runtime.tensor(np.zeros((regions + 1, 2, 16), np.float32))
+    lib["main"](a)
+    out = a.numpy()
+    np.testing.assert_array_equal(out[:, 0, 0], np.arange(regions + 1))
+    np.testing.assert_array_equal(out[:, 1, 0], np.arange(regions + 1))
+    assert 0.0 < timing.fork_join_us(regions=regions, number=1) < 1e4
+
+
+def test_fork_join_line_counts_the_readings_with_the_cores_apart():
+    """Readings at APART times the fastest or more are counted as 'apart', and the table's
+    line says how many; no readings (1 thread, RPC), no line."""
+    from onnxprune.tvm_kernels import api, timing
+
+    readings = [0.8, 0.9, 1.2, 1.3, 2.0, 2.1]  # 1.6 x 0.8 = 1.28: 1.3, 2.0, 2.1 apart
+    assert timing.apart_readings(readings) == 3
+    assert timing.apart_readings([]) == 0
+    line = api.fork_join_line(readings)
+    assert line.startswith("host: 2-thread fork-join 1.25 us median (0.80-2.10 over 6 timing processes); "
+                           "3 of them at 1.6x the fastest or more: the two cores did not share a cache")
+    quiet = api.fork_join_line([0.8, 0.9])
+    assert quiet == "host: 2-thread fork-join 0.85 us median (0.80-0.90 over 2 timing processes)"
+    assert api.fork_join_line([]) == ""
+    result = api.ModelTuneResult("lib.so", "{}", [], [], [], [], 0.0, fork_join_us=readings,
+                                 timings={"sparse TVM": api.Timing("sparse TVM", 1.0, 1.0, 0.1),
+                                          "onnxruntime": api.Timing("onnxruntime", 2.0, 2.0, 0.1)})
+    assert line in api.format_table(result, "local").splitlines()
 
 
 def test_stolen_cpu_time_is_read_from_proc_stat(tmp_path):

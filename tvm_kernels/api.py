@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
+from .timing import APART, FORK_JOIN, apart_readings  # numpy only: no TVM import at load
+
 
 class InputError(ValueError):
     """Bad user input (file, target, numbers): reported as one line, exit code 2."""
@@ -48,6 +50,8 @@ class ModelTuneResult:
     table: str = ""
     # share of this host's CPU time taken by the hypervisor while timing (None: unknown, or RPC)
     stolen: float | None = None
+    # timing.fork_join_us readings, one per timing process (2+ local threads only)
+    fork_join_us: list[float] = field(default_factory=list)
 
 
 class Progress:
@@ -330,7 +334,7 @@ def model_tune(
                           "each engine in its own process, taking turns" if threads > 1 else
                           "interleaved in one process")):
         before = timing.cpu_ticks()
-        timings = time_models(model, feeds, libraries, work_dir, threads, rounds, rpc)
+        timings, fork_join = time_models(model, feeds, libraries, work_dir, threads, rounds, rpc)
         stolen = None if rpc else timing.stolen_fraction(before, timing.cpu_ticks())
 
     result = ModelTuneResult(
@@ -343,6 +347,7 @@ def model_tune(
                 for k in ("computed", "unread", "constant")},
         gemv=[describe_layer(layer) for layer in report.gemv],
         direct=[describe_layer(layer) for layer in report.direct], stolen=stolen,
+        fork_join_us=fork_join,
     )
     result.table = format_table(result, where=f"{rpc.key} via RPC" if rpc else "local")
     return result
@@ -411,9 +416,11 @@ def describe_layer(layer) -> str:
     return f"{layer.kernel_name}: {conv}, {kernel}" + "".join(f", {e}" for e in extras if e)
 
 
-def time_models(model, feeds, libraries, work_dir, threads, rounds, rpc) -> dict[str, Timing]:
+def time_models(model, feeds, libraries, work_dir, threads, rounds,
+                rpc) -> tuple[dict[str, Timing], list[float]]:
     """Interleaved medians of the libraries and onnxruntime, timed in a fresh process (on more
-    than one local thread, a fresh process per engine and round: see timing)."""
+    than one local thread, a fresh process per engine and round: see timing), and the
+    timing.fork_join_us readings taken on the way."""
     import tempfile
     from dataclasses import asdict
 
@@ -428,8 +435,21 @@ def time_models(model, feeds, libraries, work_dir, threads, rounds, rpc) -> dict
                 "rpc": asdict(rpc) if rpc else None}
         timer = time_isolated if threads > 1 and rpc is None else time_in_subprocess
         per_round = timer(spec, os.path.join(tmp, "spec.json"))
+    fork_join = per_round.pop(FORK_JOIN, [])
     return {name: Timing(name, float(np.median(t)) * 1e3, float(np.mean(t)) * 1e3,
-                         float(np.std(t)) * 1e3) for name, t in per_round.items()}
+                         float(np.std(t)) * 1e3) for name, t in per_round.items()}, fork_join
+
+
+def fork_join_line(readings: list[float]) -> str:
+    """The table's line on the timing.fork_join_us readings ('' without any)."""
+    if not readings:
+        return ""
+    apart = apart_readings(readings)
+    return (f"host: 2-thread fork-join {np.median(readings):.2f} us median ({min(readings):.2f}-"
+            f"{max(readings):.2f} over {len(readings)} timing processes)"
+            + (f"; {apart} of them at {APART}x the fastest or more: the two cores did not share a "
+               "cache part of the time, and 2-thread times move with that (medians of many rounds)"
+               if apart else ""))
 
 
 STOLEN_WARNING = 0.02  # from this share of stolen CPU time on, the table says the host was busy
@@ -450,6 +470,8 @@ def format_table(result: ModelTuneResult, where: str) -> str:
         lines.append(f"host: {100 * result.stolen:.1f} % of CPU time stolen by the hypervisor while "
                      "timing" + (" (a busy shared VM: trust the ratios more than the times)"
                                  if result.stolen >= STOLEN_WARNING else ""))
+    if result.fork_join_us:
+        lines.append(fork_join_line(result.fork_join_us))
     lines.append(f"parity vs onnxruntime: max abs error {result.parity_max_abs_err:.2e}")
     lines.append(f"library: {result.library_path}")
     s = t["sparse TVM"]

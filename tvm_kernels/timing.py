@@ -7,6 +7,9 @@ thread each engine gets its own child per round (time_isolated): a runtime's idl
 spinning after a call and take a core from whichever engine runs next in the same process
 (measured on 2 cores: onnxruntime 2.5 ms alone, 8.4-8.8 ms timed after a TVM library; TVM
 1.0 ms alone, 1.6-2.1 ms after onnxruntime), so an interleaved 2-thread ratio was noise.
+On more than one local thread each child also takes a fork_join_us reading after it has timed:
+on a cloud VM it says whether the two cores shared a cache at the time, the largest cause of
+2-thread variation measured here (2.6x for our library, 1.8x for onnxruntime).
 """
 
 from __future__ import annotations
@@ -41,6 +44,48 @@ def stolen_fraction(before: tuple[int, int] | None, after: tuple[int, int] | Non
     if before is None or after is None or after[1] <= before[1]:
         return None
     return (after[0] - before[0]) / (after[1] - before[1])
+
+
+# run_spec's and time_isolated's key for the fork_join_us readings, next to the engines' times
+FORK_JOIN = "fork-join us"
+APART = 1.6  # a reading this many times the fastest of a run: the two cores were apart then
+
+
+def fork_join_us(regions: int = 2000, number: int = 5) -> float:
+    """Microseconds per 2-thread TVM parallel region whose two halves each read what the other
+    wrote in the region before: the price of a cross-core handshake, which every parallel
+    kernel pays and the activations passed between kernels pay again.  On a 2-vCPU cloud VM it
+    says where the hypervisor has put the vCPUs, which it changes every few seconds: measured on
+    a Zen 4 VM, 0.76-1.0 us while they shared an L3 (a cache-line round trip between them
+    55 ns) and 1.8-2.1 us while they did not (350 ns); the same sparse MobileNetV2 library ran
+    1.6 ms and 4.2 ms at 2 threads in those two states, onnxruntime 5.0 and 8.3-9.4 ms."""
+    import tvm
+
+    lib = fork_join_library(regions)
+    a = tvm.runtime.tensor(np.zeros((regions + 1, 2, 16), np.float32))
+    lib["main"](a)  # warm: the thread pool starts
+    return float(lib.mod.time_evaluator("main", tvm.cpu(), number=number, repeat=1)(a).mean) / regions * 1e6
+
+
+def fork_join_library(regions: int):
+    """fork_join_us's kernel: a[r + 1, t] = a[r, 1 - t] + 1 for r < regions, t in parallel
+    (one cache line per half, so the halves share nothing but the handshake and that value)."""
+    import tvm
+    from tvm.script import tirx as T
+
+    @T.prim_func(s_tir=True)
+    def fork_join(a: T.Buffer((regions + 1, 2, 16), "float32")):
+        for r in range(regions):
+            for t in T.parallel(2):
+                a[r + 1, t, 0] = a[r, 1 - t, 0] + T.float32(1)
+
+    return tvm.compile(tvm.IRModule({"main": fork_join}), target="llvm")
+
+
+def apart_readings(readings: list[float]) -> int:
+    """How many fork_join_us readings of one run say the two cores were apart (APART times the
+    fastest reading or more)."""
+    return sum(r >= APART * min(readings) for r in readings) if readings else 0
 
 
 def _calls_per_round(run, budget_s: float) -> int:
@@ -116,7 +161,10 @@ def run_spec(spec: dict) -> dict[str, list[float]]:
                for name, path in spec["libraries"].items()}
     if spec.get("onnx_path"):
         engines["onnxruntime"] = _ort_engine(spec["onnx_path"], feeds, spec["threads"])
-    return time_interleaved(engines, spec["rounds"])
+    per_round = time_interleaved(engines, spec["rounds"])
+    if spec["threads"] > 1 and remote is None:  # after the engines: TVM's workers spin a while
+        per_round[FORK_JOIN] = [fork_join_us()]  # after a call and would slow onnxruntime's
+    return per_round
 
 
 def time_in_subprocess(spec: dict, spec_path: str, timeout_s: float = 1800) -> dict:
@@ -140,7 +188,8 @@ def time_isolated(spec: dict, spec_path: str, timeout_s: float = 1800) -> dict:
             alone = {**spec, "rounds": 1,
                      "libraries": {k: v for k, v in spec["libraries"].items() if k == name},
                      "onnx_path": spec["onnx_path"] if name == "onnxruntime" else None}
-            per_round[name] += time_in_subprocess(alone, spec_path, timeout_s)[name]
+            for key, times in time_in_subprocess(alone, spec_path, timeout_s).items():
+                per_round.setdefault(key, []).extend(times)  # FORK_JOIN: one reading per child
     return per_round
 
 
