@@ -160,9 +160,9 @@ class SparseConvLayer:
         dw = self.depthwise
         if dw is not None:
             live_rows = np.any((dw.mode == kernels.COMPUTE).reshape(-1, self.spec.bsr), axis=1)
+            costs = np.tile(self.row_costs(), self.spec.batch)  # per (image, block row)
             args += [dw.weight, dw.bias, dw.mode, dw.consts, live_rows.astype(np.int32),
-                     kernels.balanced_bounds(np.tile(self.row_costs(), self.spec.batch),
-                                             min(self.threads, self.spec.batch * len(live_rows)))]
+                     kernels.balanced_bounds(costs, kernels.fused_parts(len(costs), self.threads))]
         return args
 
     @property

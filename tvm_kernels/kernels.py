@@ -741,7 +741,7 @@ def expand_depthwise_prim_func(expand: ConvSpec, depthwise: ConvSpec, nnzb: int,
     NTA = NTILES + (1 if TAIL else 0)  # the last tile ends at the span's end
     pixel_tile = _bsr_tile_macro(expand, row_blocks)
     constant_plane = _constant_plane_macro(depthwise)
-    PARTS = max(1, min(threads, N * NBR))
+    PARTS = fused_parts(N * NBR, threads)
 
     @T.macro
     def block_row(grid, indptr, indices, data, bias, w, dw_bias, mode, consts, live_rows, y, n, br,
@@ -789,6 +789,12 @@ def expand_depthwise_prim_func(expand: ConvSpec, depthwise: ConvSpec, nnzb: int,
                                   live_rows, y, it // NBR, it % NBR, mid, xs)
 
     return _scheduled(expand_depthwise, name)
+
+
+def fused_parts(items: int, threads: int) -> int:
+    """How many parts expand_depthwise_prim_func runs its `items` (image, block row) pairs in:
+    its `bounds` argument has this many ranges."""
+    return max(1, min(threads, items))
 
 
 def balanced_bounds(costs, parts: int) -> np.ndarray:
