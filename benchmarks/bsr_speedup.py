@@ -639,14 +639,14 @@ def _print_by_placement(per_round: dict[str, list[float]], readings: list[float]
     """Each engine's median over the rounds whose timing process found the two cores sharing a
     cache, and over those that found them apart (time_isolated's readings come one per child,
     the engines taking turns in per_round's order)."""
-    from onnxprune.tvm_kernels.timing import APART
+    from onnxprune.tvm_kernels.timing import apart_flags
 
-    limit = APART * min(readings)
+    flags = apart_flags(readings)
     for k, (name, times) in enumerate(per_round.items()):
-        mine = readings[k::len(per_round)]
+        mine = flags[k::len(per_round)]
         cells = []
-        for label, keep in (("cores together", lambda r: r < limit), ("apart", lambda r: r >= limit)):
-            sel = [t for t, r in zip(times, mine) if keep(r)]
+        for label, apart in (("cores together", False), ("apart", True)):
+            sel = [t for t, a in zip(times, mine) if a == apart]
             cells.append(f"{label} {np.median(sel) * 1e3:.3f} ms ({len(sel)})" if sel else f"{label} -")
         print(f"  {', '.join(cells)}  {name}")
 
